@@ -1,0 +1,36 @@
+"""Communication for sample parallelism: the only module of `pipeline` that talks to torch.distributed.
+
+Ranks of one sample group see the same minibatch and each holds K_local of the K importance samples.
+Everything the estimators need across samples is a logsumexp over the K dimension, so one stable
+reduction serves normalized weights, ESS and the log-likelihood estimate.
+"""
+
+import torch
+import torch.distributed as dist
+
+
+def group_size(group: dist.ProcessGroup | None) -> int:
+    """Number of ranks in `group`; 1 when there is no group or no initialized process group."""
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def sharded_logsumexp(log_weights: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """logsumexp over dim 0 of the samples held by every rank of `group`: [K_local, B] -> [B].
+
+    Stable: all-reduce the MAX of the (detached) per-point maxima, then the SUM of the shifted
+    exponentials, so each rank sends 2 floats per data point, never its samples. A point whose
+    log-weights are all -inf gets -inf. Without a group (or with one rank) this is
+    `torch.logsumexp(log_weights, 0)`, differentiable; across ranks the result is detached, as the
+    estimators only use it for constants (normalized weights) and reported quantities.
+    """
+    if group_size(group) == 1:
+        return torch.logsumexp(log_weights, 0)
+    log_weights = log_weights.detach()
+    shift = log_weights.amax(0)  # [B]
+    dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))  # all -inf: exp gives 0, log gives -inf
+    total = torch.exp(log_weights - shift).sum(0)  # [B]
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return shift + torch.log(total)

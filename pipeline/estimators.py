@@ -1,0 +1,153 @@
+"""Reweighted Wake-Sleep estimators as small pure functions of log-probabilities.
+
+For a data point x and K samples h_k ~ Q(h | x) (Bornschein & Bengio, 2015, Sec. 2-3):
+
+    log-weights         lw_k = log p(x, h_k) - log q(h_k | x)                      (Eq. 4)
+    normalized weights  w_k  = exp(lw_k) / sum_j exp(lw_j)                          (Eq. 5)
+    log-likelihood      log p(x) ~= logsumexp_k lw_k - log K  (unbiased in p(x))    (Eq. 4)
+    wake P update       sum_k w_k grad log p(x, h_k)                                (Eq. 6)
+    wake Q update       sum_k w_k grad log q(h_k | x)    (descends KL(P(h|x) || Q)) (Eq. 7)
+    sleep Q update      grad log q(h | x), (x, h) ~ P    (the classical sleep phase)
+
+Samples are discrete, so no gradient flows through them: each loss below is a surrogate whose
+gradient is the update, with the weights held constant. Every reduction over samples goes through
+`sharded_logsumexp`, so the same functions work when the K samples are spread over a sample group.
+
+References: [1] Reweighted Wake-Sleep, Bornschein & Bengio, ICLR 2015 (arXiv 1406.2751).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.distributed import ProcessGroup
+
+from pipeline.distributed import group_size, sharded_logsumexp
+from pipeline.models import HelmholtzMachine
+
+Q_UPDATES = ("wake", "sleep", "wake-sleep")
+
+# Activation floats per log-prob pass that `log_likelihood` aims for when it picks a chunk size.
+_CHUNK_BUDGET_FLOATS = 2**25
+
+
+def log_weights(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """lw_k = log p(x, h_k) - log q(h_k | x): [K, B]."""
+    return log_p - log_q
+
+
+def normalized_weights(log_weights: torch.Tensor, sample_group: ProcessGroup | None = None) -> torch.Tensor:
+    """w_k = softmax_k(lw_k), detached: [K, B]. A point whose log-weights are all -inf gets w = 0."""
+    log_weights = log_weights.detach()
+    log_total = sharded_logsumexp(log_weights, sample_group)  # [B]
+    weights = torch.exp(log_weights - log_total)
+    return torch.where(torch.isfinite(log_total), weights, torch.zeros_like(weights))
+
+
+def effective_sample_size(log_weights: torch.Tensor, sample_group: ProcessGroup | None = None) -> torch.Tensor:
+    """ESS = 1 / sum_k w_k^2 = exp(2 logsumexp(lw) - logsumexp(2 lw)): [B], in [1, K] (0 if all -inf)."""
+    log_weights = log_weights.detach()
+    log_ess = 2 * sharded_logsumexp(log_weights, sample_group) - sharded_logsumexp(2 * log_weights, sample_group)
+    return torch.where(torch.isfinite(log_ess), torch.exp(log_ess), torch.zeros_like(log_ess))
+
+
+def log_likelihood_estimate(
+    log_weights: torch.Tensor, num_samples: int, sample_group: ProcessGroup | None = None
+) -> torch.Tensor:
+    """log p(x) ~= logsumexp_k lw_k - log K over all `num_samples` samples of the group: [B]."""
+    return sharded_logsumexp(log_weights, sample_group) - math.log(num_samples)
+
+
+def wake_p_loss(log_p: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Surrogate whose gradient is -mean_b sum_k w_k grad log p(x_b, h_k) (Eq. 6). Scalar."""
+    return -(weights.detach() * log_p).sum(0).mean()
+
+
+def wake_q_loss(log_q: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Surrogate whose gradient is -mean_b sum_k w_k grad log q(h_k | x_b) (Eq. 7). Scalar."""
+    return -(weights.detach() * log_q).sum(0).mean()
+
+
+def sleep_q_loss(model: HelmholtzMachine, num_draws: int) -> torch.Tensor:
+    """Surrogate whose gradient is -mean over (x, h) ~ P of grad log q(h | x). Scalar.
+
+    Cost: one ancestral pass through P and one log-prob pass through Q for `num_draws` draws.
+    """
+    x, hs = model.sample_p(num_draws)  # [N, D], L x [N, H_l]
+    return -model.log_q(hs, x).mean()
+
+
+@dataclass
+class RWSSurrogates:
+    """What one RWS step needs: two losses to backpropagate and two diagnostics per data point."""
+
+    p_loss: torch.Tensor  # scalar, gradient only on P's parameters
+    q_loss: torch.Tensor  # scalar, gradient only on Q's parameters
+    log_likelihood: torch.Tensor  # [B], the K-sample estimate of log p(x), detached
+    ess: torch.Tensor  # [B], effective sample size of the normalized weights
+
+
+def rws_surrogates(
+    model: HelmholtzMachine,
+    x: torch.Tensor,
+    num_samples: int,
+    q_update: str = "wake-sleep",
+    sample_group: ProcessGroup | None = None,
+) -> RWSSurrogates:
+    """The RWS losses for a batch x [B, D] with K = `num_samples` samples from Q per data point.
+
+    `q_update` picks Q's update: 'wake' (Eq. 7), 'sleep' (one draw from P per data point) or
+    'wake-sleep' (their sum, the paper's best). K=1 with 'sleep' is classical wake-sleep.
+    Cost: one sampling pass through Q, one log-prob pass through P and Q for K x B samples, plus
+    for sleep one ancestral pass through P and a log-prob pass through Q for B draws.
+    """
+    if q_update not in Q_UPDATES:
+        raise ValueError(f"q_update must be one of {Q_UPDATES}, got {q_update!r}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    hs = model.sample_q(x, num_samples)  # L x [K, B, H_l]
+    log_p = model.log_p(x, hs)  # [K, B]
+    log_q = model.log_q(hs, x)  # [K, B]
+    lw = log_weights(log_p, log_q).detach()  # [K, B]
+    weights = normalized_weights(lw, sample_group)  # [K, B]
+    q_loss = log_q.new_zeros(())
+    if q_update in ("wake", "wake-sleep"):
+        q_loss = q_loss + wake_q_loss(log_q, weights)
+    if q_update in ("sleep", "wake-sleep"):
+        q_loss = q_loss + sleep_q_loss(model, x.shape[0])
+    return RWSSurrogates(
+        p_loss=wake_p_loss(log_p, weights),
+        q_loss=q_loss,
+        log_likelihood=log_likelihood_estimate(lw, num_samples * group_size(sample_group), sample_group),
+        ess=effective_sample_size(lw, sample_group),
+    )
+
+
+def default_chunk_size(model: HelmholtzMachine, batch_size: int) -> int:
+    """Samples per chunk so that one chunk's log-prob pass holds about 2**25 activation floats."""
+    return max(1, _CHUNK_BUDGET_FLOATS // (batch_size * model.floats_per_sample()))
+
+
+@torch.no_grad()
+def log_likelihood(
+    model: HelmholtzMachine,
+    x: torch.Tensor,
+    num_samples: int,
+    chunk_size: int | None = None,
+    sample_group: ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Importance-sampling estimate of log p(x) with K = `num_samples` samples: [B].
+
+    The samples are drawn `chunk_size` at a time and folded into a running logsumexp, so memory
+    does not grow with K (K = 100000 fits in a few hundred MB). With a `sample_group`,
+    `num_samples` is this rank's share and the estimate covers the whole group's samples.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    chunk_size = chunk_size or default_chunk_size(model, x.shape[0])
+    log_total = x.new_full((x.shape[0],), -math.inf, dtype=model.p_prior.bias.dtype)  # [B]
+    for start in range(0, num_samples, chunk_size):
+        hs = model.sample_q(x, min(chunk_size, num_samples - start))
+        lw = log_weights(model.log_p(x, hs), model.log_q(hs, x))  # [k, B]
+        log_total = torch.logaddexp(log_total, torch.logsumexp(lw, 0))
+    return log_likelihood_estimate(log_total.unsqueeze(0), num_samples * group_size(sample_group), sample_group)
