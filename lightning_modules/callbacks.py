@@ -1,0 +1,70 @@
+"""Callbacks: readable progress lines, sample grids in TensorBoard, and a CPU-time budget."""
+
+import time
+
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_info
+
+from pipeline.images import image_grid
+
+
+class PrintValidation(pl.Callback):
+    """At each epoch end, print one line with the validation log-likelihood and the train diagnostics."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if "val/log_likelihood" not in trainer.callback_metrics:
+            return
+        metrics = trainer.callback_metrics
+        line = f"epoch {trainer.current_epoch} step {trainer.global_step}: val/log_likelihood {metrics['val/log_likelihood']:.3f} nats"
+        if "train/log_likelihood_epoch" in metrics:
+            line += f", train/log_likelihood {metrics['train/log_likelihood_epoch']:.3f}, train/ess {metrics['train/ess_epoch']:.2f}"
+        rank_zero_info(line)
+
+
+class SampleGrid(pl.Callback):
+    """After each validation, log a grid of `num` model samples x ~ P to TensorBoard.
+
+    Args:
+        num: number of samples in the grid.
+    """
+
+    def __init__(self, num: int = 64):
+        self.num = num
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or not trainer.is_global_zero or not isinstance(trainer.logger, TensorBoardLogger):
+            return
+        x, _ = pl_module.model.sample_p(self.num)
+        side = int(round(x.shape[1] ** 0.5))
+        if side * side != x.shape[1]:
+            return  # not square images: nothing sensible to draw
+        grid = image_grid(x, (side, side))
+        trainer.logger.experiment.add_image("samples", grid, trainer.global_step, dataformats="HW")
+
+
+class CPUTimeBudget(pl.Callback):
+    """Stop training at the end of the first epoch after `seconds` of this process's CPU time.
+
+    CPU time, unlike wall time, is not stretched by other jobs on the machine, so two runs given
+    the same budget get the same compute. Checked at epoch ends, after validation, so the last
+    epoch is validated and checkpointed. `seconds=None` disables the budget.
+
+    Args:
+        seconds: CPU seconds of training, or None.
+    """
+
+    def __init__(self, seconds: float | None = None):
+        self.seconds = seconds
+        self.start = 0.0
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = time.process_time()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.seconds is None:
+            return
+        spent = time.process_time() - self.start
+        if trainer.strategy.reduce_boolean_decision(spent >= self.seconds, all=False):
+            rank_zero_info(f"CPU-time budget reached: {spent:.0f} s >= {self.seconds:.0f} s, stopping")
+            trainer.should_stop = True

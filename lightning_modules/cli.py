@@ -1,0 +1,76 @@
+"""The `rws` command: `fit`/`validate`/`test` through LightningCLI, plus `eval` and `sample`.
+
+    rws fit --config configs/sbn_200_200_10.yaml [--model.num_samples 10 ...]
+    rws eval --checkpoint PATH --num-samples 5000 --split test [--json]
+    rws sample --checkpoint PATH --num 64 --out samples.png
+"""
+
+import sys
+
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+from lightning_modules.callbacks import CPUTimeBudget, PrintValidation, SampleGrid
+from lightning_modules.datamodule import BinarizedMNISTDataModule
+from lightning_modules.evaluate import eval_main, sample_main
+from lightning_modules.module import RWSModule
+
+TOOLS = {"eval": eval_main, "sample": sample_main}
+
+USAGE = """usage: rws {fit,validate,test,eval,sample} ...
+
+Reweighted Wake-Sleep training of Helmholtz machines.
+
+commands:
+  fit        train a model (LightningCLI: --config configs/NAME.yaml, --model.*, --data.*, --trainer.*)
+  validate   run validation on a checkpoint (--ckpt_path)
+  test       run the test split on a checkpoint (--ckpt_path)
+  eval       estimate log p(x) of a checkpoint with many importance samples
+  sample     write a grid image of model samples
+
+`rws COMMAND --help` shows a command's options."""
+
+
+class RWSLightningCLI(LightningCLI):
+    """LightningCLI with the project's callbacks always present and configurable."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/log_likelihood",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-{epoch}-{step}",
+            }
+        )
+        parser.add_lightning_class_args(PrintValidation, "print_validation")
+        parser.add_lightning_class_args(SampleGrid, "sample_grid")
+        parser.add_lightning_class_args(CPUTimeBudget, "cpu_time_budget")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `rws` console script; `argv` defaults to the command line."""
+    args = argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if argv[0] in TOOLS:
+        try:
+            return TOOLS[argv[0]](argv[1:])
+        except (FileNotFoundError, ValueError, KeyError) as error:
+            print(f"rws {argv[0]}: error: {error}", file=sys.stderr)
+            return 2
+    RWSLightningCLI(
+        RWSModule,
+        BinarizedMNISTDataModule,
+        args=args,  # None: LightningCLI reads sys.argv itself (and warns if given both)
+        seed_everything_default=1234,
+        trainer_defaults={"default_root_dir": "runs", "log_every_n_steps": 50},
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

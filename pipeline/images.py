@@ -1,0 +1,34 @@
+"""Image grids of binary samples, for `rws sample` and TensorBoard."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def image_grid(
+    images: torch.Tensor, image_shape: tuple[int, int] = (28, 28), nrow: int | None = None, padding: int = 2
+) -> np.ndarray:
+    """Tile N flat images [N, H*W] with values in [0, 1] into one uint8 grayscale array [rows, cols].
+
+    `nrow` images per row (default: a square-ish grid); tiles are separated by `padding` gray pixels.
+    """
+    height, width = image_shape
+    images = images.detach().float().cpu().reshape(-1, height, width).clamp(0, 1)
+    num = images.shape[0]
+    nrow = nrow or math.ceil(math.sqrt(num))
+    ncol = math.ceil(num / nrow)
+    grid = np.full((ncol * (height + padding) + padding, nrow * (width + padding) + padding), 128, np.uint8)
+    pixels = (images.numpy() * 255).round().astype(np.uint8)
+    for i in range(num):
+        top, left = padding + (i // nrow) * (height + padding), padding + (i % nrow) * (width + padding)
+        grid[top : top + height, left : left + width] = pixels[i]
+    return grid
+
+
+def save_png(grid: np.ndarray, path: str | Path) -> None:
+    """Write a uint8 grayscale array as a PNG file."""
+    from PIL import Image  # why here: only `rws sample` needs Pillow, not the training hot path
+
+    Image.fromarray(grid, mode="L").save(path)
