@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         BinarizedMNISTDataModule,
         args=args,  # None: LightningCLI reads sys.argv itself (and warns if given both)
         seed_everything_default=1234,
-        trainer_defaults={"default_root_dir": "runs", "log_every_n_steps": 50},
+        # The DataModule splits data by data-parallel rank itself, so Lightning must not add a sampler.
+        trainer_defaults={"default_root_dir": "runs", "log_every_n_steps": 50, "use_distributed_sampler": False},
     )
     return 0
 

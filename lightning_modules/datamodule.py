@@ -1,8 +1,10 @@
 """DataModule for binarized MNIST held in memory (the embedded default, `.amat` files or `.npz`)."""
 
+import os
+
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from pipeline.data import load_binarized_mnist
 
@@ -30,11 +32,31 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
         if not self.splits:
             self.splits = load_binarized_mnist(self.hparams.path)
 
+    def data_parallel_layout(self) -> tuple[int, int]:
+        """(rank, size) of this process among the data-parallel groups.
+
+        Ranks of one sample group must see the same minibatches, so data is split by data-parallel
+        rank, never by global rank; the LightningModule owns the process layout.
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        layout = getattr(trainer.lightning_module, "data_parallel_layout", None)
+        return layout() if layout is not None else (trainer.global_rank, trainer.world_size)
+
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        dataset = TensorDataset(self.splits[split])
+        rank, size = self.data_parallel_layout()
+        sampler = None
+        if size > 1:
+            # Why the global seed, not torch's: every rank must shuffle alike, and rank RNGs may differ.
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            sampler = DistributedSampler(dataset, size, rank, shuffle=shuffle, seed=seed, drop_last=shuffle)
         return DataLoader(
-            TensorDataset(self.splits[split]),
+            dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             drop_last=shuffle,  # equal batch shapes in training; evaluation keeps every point
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
