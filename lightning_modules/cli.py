@@ -5,6 +5,7 @@
     rws sample --checkpoint PATH --num 64 --out samples.png
 """
 
+import os
 import sys
 
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -50,26 +51,33 @@ class RWSLightningCLI(LightningCLI):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `rws` console script; `argv` defaults to the command line."""
+    """Entry point of the `rws` console script; `argv` defaults to the command line.
+
+    Bad input (a wrong config value, a missing or corrupt file) ends with one line naming the key
+    or file and exit code 2; set RWS_TRACEBACK=1 to see the traceback instead.
+    """
     args = argv
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
-    if argv[0] in TOOLS:
-        try:
+    try:
+        if argv[0] in TOOLS:
             return TOOLS[argv[0]](argv[1:])
-        except (FileNotFoundError, ValueError, KeyError) as error:
-            print(f"rws {argv[0]}: error: {error}", file=sys.stderr)
-            return 2
-    RWSLightningCLI(
-        RWSModule,
-        BinarizedMNISTDataModule,
-        args=args,  # None: LightningCLI reads sys.argv itself (and warns if given both)
-        seed_everything_default=1234,
-        # The DataModule splits data by data-parallel rank itself, so Lightning must not add a sampler.
-        trainer_defaults={"default_root_dir": "runs", "log_every_n_steps": 50, "use_distributed_sampler": False},
-    )
+        RWSLightningCLI(
+            RWSModule,
+            BinarizedMNISTDataModule,
+            args=args,  # None: LightningCLI reads sys.argv itself (and warns if given both)
+            seed_everything_default=1234,
+            # The DataModule splits data by data-parallel rank itself, so Lightning must not add a sampler.
+            trainer_defaults={"default_root_dir": "runs", "log_every_n_steps": 50, "use_distributed_sampler": False},
+        )
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        if os.environ.get("RWS_TRACEBACK"):
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"rws {argv[0]}: error: {message}", file=sys.stderr)
+        return 2
     return 0
 
 

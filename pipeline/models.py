@@ -14,17 +14,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pipeline.layers import BernoulliLayer, make_layer
+from pipeline.layers import LAYER_TYPES, BernoulliLayer, make_layer
 
 LayerSpec = str | Sequence[str]
 
 
 def _per_layer(spec: LayerSpec, count: int, name: str) -> list[str]:
-    if isinstance(spec, str):
-        return [spec] * count
-    spec = list(spec)
+    spec = [spec] * count if isinstance(spec, str) else list(spec)
     if len(spec) != count:
         raise ValueError(f"{name} lists {len(spec)} layer types, but this model has {count} {name} layers")
+    unknown = [kind for kind in spec if kind not in LAYER_TYPES]
+    if unknown:
+        raise ValueError(f"{name}: unknown layer type {unknown[0]!r}; choose one of {sorted(LAYER_TYPES)}")
     return spec
 
 

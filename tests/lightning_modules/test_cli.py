@@ -1,0 +1,115 @@
+"""End-to-end: `rws fit` -> `rws eval` -> `rws sample` through the real command line, and its errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from lightning_modules.checkpoints import load_checkpoint
+
+CONFIGS = Path(__file__).parents[2] / "configs"
+
+
+def rws(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_modules.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """A tiny debug model trained for 2 short epochs on the embedded data."""
+    run_dir = tmp_path_factory.mktemp("run")
+    result = rws(
+        "fit", "--config", str(CONFIGS / "debug.yaml"), "--trainer.max_epochs", "2",
+        "--trainer.limit_train_batches", "20", "--trainer.limit_val_batches", "2",
+        "--trainer.enable_progress_bar", "false", "--model.layer_sizes", "[784, 20, 5]",
+        "--trainer.default_root_dir", str(run_dir / "runs"), cwd=run_dir,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if "val/log_likelihood" in line]
+    assert len(lines) == 2, "one validation line per epoch"
+    return run_dir
+
+
+def test_fit_writes_checkpoints_with_finite_parameters(trained_run):
+    checkpoints = sorted(p.name for p in (trained_run / "runs").rglob("*.ckpt"))
+    assert "last.ckpt" in checkpoints and any(name.startswith("best-") for name in checkpoints)
+    module, data_hparams = load_checkpoint(trained_run / "runs")
+    assert module.model.layer_sizes == [784, 20, 5]
+    assert data_hparams["path"] is None  # trained on the embedded default
+
+
+def test_eval_json(trained_run):
+    result = rws("eval", "--checkpoint", "runs", "--num-samples", "20", "--max-points", "50", "--json", cwd=trained_run)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["num_samples"] == 20 and report["num_points"] == 50 and report["split"] == "test"
+    assert -784 * 0.7 < report["log_likelihood"] < 0  # better than uniform pixels (-543 nats), a probability
+    assert 0 < report["stderr"] < 20
+
+
+def test_eval_table_and_progress(trained_run):
+    result = rws("eval", "--checkpoint", "runs", "--num-samples", "5", "--max-points", "10", "--split", "valid", cwd=trained_run)
+    assert result.returncode == 0, result.stderr
+    assert "log_likelihood" in result.stdout and "num_points" in result.stdout
+    assert "rws eval K=5" in result.stderr  # the progress bar goes to stderr, keeping stdout clean
+
+
+def test_sample_writes_png(trained_run, tmp_path):
+    out = tmp_path / "grid.png"
+    result = rws("sample", "--checkpoint", "runs", "--num", "16", "--out", str(out), cwd=trained_run)
+    assert result.returncode == 0, result.stderr
+    image = Image.open(out)
+    assert image.size == (4 * 30 + 2, 4 * 30 + 2)  # 4x4 tiles of 28 pixels, 2 pixels of padding
+
+
+def test_eval_errors_name_the_file(trained_run, tmp_path):
+    missing = rws("eval", "--checkpoint", str(tmp_path / "nope.ckpt"), cwd=tmp_path)
+    assert missing.returncode == 2 and "nope.ckpt" in missing.stderr and "Traceback" not in missing.stderr
+
+    last = next((trained_run / "runs").rglob("last.ckpt"))
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(last.read_bytes()[:2000])
+    result = rws("eval", "--checkpoint", str(truncated), cwd=tmp_path)
+    assert result.returncode == 2 and "truncated.ckpt" in result.stderr and "not a readable checkpoint" in result.stderr
+
+    checkpoint = torch.load(last, weights_only=True)
+    name = next(iter(checkpoint["state_dict"]))
+    checkpoint["state_dict"][name] = torch.full_like(checkpoint["state_dict"][name], float("nan"))
+    poisoned = tmp_path / "nan.ckpt"
+    torch.save(checkpoint, poisoned)
+    result = rws("eval", "--checkpoint", str(poisoned), cwd=tmp_path)
+    assert result.returncode == 2 and "nan.ckpt" in result.stderr and name in result.stderr
+
+    result = rws("eval", "--checkpoint", str(last), "--data-path", str(tmp_path / "data.npz"), cwd=tmp_path)
+    assert result.returncode == 2 and "data.npz" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--model.num_samples", "0"], "num_samples"),
+        (["--model.q_update", "dream"], "q_update"),
+        (["--model.p_layer", "rbm"], "p_layer: unknown layer type 'rbm'"),
+        (["--data.path", "/nonexistent/mnist.npz"], "/nonexistent/mnist.npz"),
+    ],
+)
+def test_fit_rejects_bad_config_values(tmp_path, override, message):
+    result = rws(
+        "fit", "--config", str(CONFIGS / "debug.yaml"), "--trainer.max_epochs", "1",
+        "--trainer.limit_train_batches", "1", "--trainer.default_root_dir", str(tmp_path), *override, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_top_level_help_lists_commands(tmp_path):
+    result = rws("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for command in ("fit", "eval", "sample"):
+        assert f"\n  {command} " in result.stdout
