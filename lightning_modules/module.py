@@ -5,11 +5,13 @@ optimizers and learning rates, and metrics are logged as `split/metric`.
 """
 
 import math
+import os
 from typing import Literal
 
 import pytorch_lightning as pl
 import torch
 
+from pipeline.distributed import init_sample_parallel_mesh
 from pipeline.estimators import log_likelihood, rws_surrogates
 from pipeline.models import HelmholtzMachine
 
@@ -32,6 +34,9 @@ class RWSModule(pl.LightningModule):
         lr_decay: per-epoch factor of the exponential schedule.
         val_num_samples: K for the validation log-likelihood estimate.
         val_chunk_size: samples per chunk in validation (None: chosen from a memory budget).
+        sample_parallel: S, ranks that share each minibatch and split its K samples (and the
+            validation samples) between them; the world size must be a multiple of S, and the
+            remaining factor is data parallelism. K must be divisible by S.
     """
 
     def __init__(
@@ -48,6 +53,7 @@ class RWSModule(pl.LightningModule):
         lr_decay: float = 0.99,
         val_num_samples: int = 100,
         val_chunk_size: int | None = None,
+        sample_parallel: int = 1,
     ):
         super().__init__()
         if num_samples < 1 or val_num_samples < 1:
@@ -55,9 +61,37 @@ class RWSModule(pl.LightningModule):
         for name, lr in (("model.p_lr", p_lr), ("model.q_lr", q_lr)):
             if not (lr > 0 and math.isfinite(lr)):
                 raise ValueError(f"{name} must be a positive number, got {lr}")
+        if sample_parallel < 1 or num_samples % sample_parallel:
+            raise ValueError(
+                f"model.num_samples ({num_samples}) must be divisible by model.sample_parallel ({sample_parallel}), "
+                "so that every rank of a sample group draws the same number of samples"
+            )
         self.save_hyperparameters()
+        self.mesh = None  # the ("data", "sample") DeviceMesh, built in setup() once the processes exist
         self.model = HelmholtzMachine(layer_sizes, p_layer, q_layer, nade_hidden)
         self.automatic_optimization = False  # two optimizers, one backward: the losses touch disjoint parameters
+
+    def setup(self, stage: str):
+        world_size = self.trainer.world_size
+        if world_size > 1:
+            self.mesh = init_sample_parallel_mesh(self.hparams.sample_parallel, self.trainer.strategy.root_device.type)
+        elif self.hparams.sample_parallel != 1:
+            raise ValueError(f"model.sample_parallel={self.hparams.sample_parallel} needs that many ranks; this run has 1")
+        # Why reseed: Lightning seeds every rank alike, but each rank must draw its own samples.
+        # Parameters are already initialized (and DDP broadcasts rank 0's), so only sampling changes.
+        seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+        torch.manual_seed(seed + 1_000_003 * self.trainer.global_rank)
+
+    @property
+    def sample_group(self):
+        """The process group of this rank's sample group, or None without sample parallelism."""
+        return self.mesh["sample"].get_group() if self.mesh is not None and self.hparams.sample_parallel > 1 else None
+
+    def data_parallel_layout(self) -> tuple[int, int]:
+        """(rank, size) among data-parallel groups: the DataModule splits data by it."""
+        if self.mesh is None:
+            return 0, 1
+        return self.mesh["data"].get_local_rank(), self.mesh["data"].size()
 
     def configure_optimizers(self):
         optimizers = [
@@ -79,7 +113,7 @@ class RWSModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x = self._data(batch)
-        surrogates = rws_surrogates(self.model, x, self.hparams.num_samples, self.hparams.q_update)
+        surrogates = rws_surrogates(self.model, x, self.hparams.num_samples, self.hparams.q_update, self.sample_group)
         p_optimizer, q_optimizer = self.optimizers()
         p_optimizer.zero_grad()
         q_optimizer.zero_grad()
@@ -104,7 +138,9 @@ class RWSModule(pl.LightningModule):
 
     def _evaluate(self, batch, split: str):
         x = self._data(batch)
-        estimate = log_likelihood(self.model, x, self.hparams.val_num_samples, self.hparams.val_chunk_size)
+        estimate = log_likelihood(
+            self.model, x, self.hparams.val_num_samples, self.hparams.val_chunk_size, self.sample_group
+        )
         self.log(f"{split}/log_likelihood", estimate.mean(), prog_bar=True, sync_dist=True, batch_size=x.shape[0])
 
     def validation_step(self, batch, batch_idx):

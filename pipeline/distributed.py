@@ -7,6 +7,7 @@ reduction serves normalized weights, ESS and the log-likelihood estimate.
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
 def group_size(group: dist.ProcessGroup | None) -> int:
@@ -34,3 +35,26 @@ def sharded_logsumexp(log_weights: torch.Tensor, group: dist.ProcessGroup | None
     total = torch.exp(log_weights - shift).sum(0)  # [B]
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     return shift + torch.log(total)
+
+
+def init_sample_parallel_mesh(sample_parallel: int, device_type: str = "cpu") -> DeviceMesh | None:
+    """The 2-D layout world = data x sample, as a DeviceMesh with dims ("data", "sample").
+
+    Ranks r = d * S + s: the S ranks of one sample group are consecutive (usually one node), since
+    they reduce log-weights every step, while gradients are averaged over the whole world.
+    Returns None when torch.distributed is not initialized (a single process). Collective: every
+    rank must call it, in the same order.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        if sample_parallel != 1:
+            raise ValueError(f"sample_parallel={sample_parallel} needs a distributed run with a multiple of {sample_parallel} ranks")
+        return None
+    world_size = dist.get_world_size()
+    if sample_parallel < 1 or world_size % sample_parallel:
+        raise ValueError(f"sample_parallel={sample_parallel} must divide the world size {world_size}")
+    return init_device_mesh(device_type, (world_size // sample_parallel, sample_parallel), mesh_dim_names=("data", "sample"))
+
+
+def split_evenly(total: int, parts: int, index: int) -> int:
+    """How many of `total` items part `index` of `parts` gets: sizes differ by at most one."""
+    return total // parts + (index < total % parts)

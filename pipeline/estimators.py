@@ -20,9 +20,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from pipeline.distributed import group_size, sharded_logsumexp
+from pipeline.distributed import group_size, sharded_logsumexp, split_evenly
 from pipeline.models import HelmholtzMachine
 
 Q_UPDATES = ("wake", "sleep", "wake-sleep")
@@ -68,21 +69,23 @@ def wake_q_loss(log_q: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return -(weights.detach() * log_q).sum(0).mean()
 
 
-def sleep_q_loss(model: HelmholtzMachine, num_draws: int) -> torch.Tensor:
-    """Surrogate whose gradient is -mean over (x, h) ~ P of grad log q(h | x). Scalar.
+def sleep_q_loss(model: HelmholtzMachine, num_draws: int, batch_size: int | None = None) -> torch.Tensor:
+    """Surrogate whose gradient is -(1 / batch_size) sum over `num_draws` draws (x, h) ~ P of grad log q(h | x).
 
+    `batch_size` defaults to `num_draws` (a mean); a rank holding part of a sample group's draws
+    passes the group's total so that the ranks' losses add up to the mean. Scalar.
     Cost: one ancestral pass through P and one log-prob pass through Q for `num_draws` draws.
     """
     x, hs = model.sample_p(num_draws)  # [N, D], L x [N, H_l]
-    return -model.log_q(hs, x).mean()
+    return -model.log_q(hs, x).sum() / (batch_size or num_draws)
 
 
 @dataclass
 class RWSSurrogates:
     """What one RWS step needs: two losses to backpropagate and two diagnostics per data point."""
 
-    p_loss: torch.Tensor  # scalar, gradient only on P's parameters
-    q_loss: torch.Tensor  # scalar, gradient only on Q's parameters
+    p_loss: torch.Tensor  # scalar, gradient only on P's parameters (x S under sample parallelism)
+    q_loss: torch.Tensor  # scalar, gradient only on Q's parameters (x S under sample parallelism)
     log_likelihood: torch.Tensor  # [B], the K-sample estimate of log p(x), detached
     ess: torch.Tensor  # [B], effective sample size of the normalized weights
 
@@ -100,12 +103,22 @@ def rws_surrogates(
     'wake-sleep' (their sum, the paper's best). K=1 with 'sleep' is classical wake-sleep.
     Cost: one sampling pass through Q, one log-prob pass through P and Q for K x B samples, plus
     for sleep one ancestral pass through P and a log-prob pass through Q for B draws.
+
+    Sample parallelism: with a `sample_group` of S ranks that hold the same x, the K samples and
+    the B sleep draws are split across the ranks (sizes differ by at most one), each rank drawing
+    its own share. The weights are normalized over the whole group, so rank r's wake loss gives
+    the partial sum g_r of the single-process gradient G = sum_r g_r over its own samples, and its
+    sleep loss likewise. Training wraps the model in DDP over the world of D data-parallel groups
+    x S ranks, which averages: (1 / (D S)) sum_d sum_r g_{d,r} = (1 / S) * (1 / D) sum_d G_d.
+    The losses are therefore multiplied by S, and after DDP's averaging the update is the mean
+    over data groups of the single-process update, exactly as with K samples on one process.
     """
     if q_update not in Q_UPDATES:
         raise ValueError(f"q_update must be one of {Q_UPDATES}, got {q_update!r}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    hs = model.sample_q(x, num_samples)  # L x [K, B, H_l]
+    group_ranks, rank = _group_position(sample_group)
+    if num_samples < group_ranks:
+        raise ValueError(f"num_samples must be >= 1 per rank of the sample group, got {num_samples} for {group_ranks} ranks")
+    hs = model.sample_q(x, split_evenly(num_samples, group_ranks, rank))  # L x [K_local, B, H_l]
     log_p = model.log_p(x, hs)  # [K, B]
     log_q = model.log_q(hs, x)  # [K, B]
     lw = log_weights(log_p, log_q).detach()  # [K, B]
@@ -114,13 +127,20 @@ def rws_surrogates(
     if q_update in ("wake", "wake-sleep"):
         q_loss = q_loss + wake_q_loss(log_q, weights)
     if q_update in ("sleep", "wake-sleep"):
-        q_loss = q_loss + sleep_q_loss(model, x.shape[0])
+        batch_size = x.shape[0]
+        q_loss = q_loss + sleep_q_loss(model, split_evenly(batch_size, group_ranks, rank), batch_size)
     return RWSSurrogates(
-        p_loss=wake_p_loss(log_p, weights),
-        q_loss=q_loss,
-        log_likelihood=log_likelihood_estimate(lw, num_samples * group_size(sample_group), sample_group),
+        p_loss=group_ranks * wake_p_loss(log_p, weights),
+        q_loss=group_ranks * q_loss,
+        log_likelihood=log_likelihood_estimate(lw, num_samples, sample_group),
         ess=effective_sample_size(lw, sample_group),
     )
+
+
+def _group_position(sample_group: ProcessGroup | None) -> tuple[int, int]:
+    """(number of ranks, this rank's index) in the sample group; (1, 0) without one."""
+    size = group_size(sample_group)
+    return size, dist.get_rank(sample_group) if size > 1 else 0
 
 
 def default_chunk_size(model: HelmholtzMachine, batch_size: int) -> int:
@@ -139,15 +159,17 @@ def log_likelihood(
     """Importance-sampling estimate of log p(x) with K = `num_samples` samples: [B].
 
     The samples are drawn `chunk_size` at a time and folded into a running logsumexp, so memory
-    does not grow with K (K = 100000 fits in a few hundred MB). With a `sample_group`,
-    `num_samples` is this rank's share and the estimate covers the whole group's samples.
+    does not grow with K (K = 100000 fits in a few hundred MB). With a `sample_group`, each rank
+    draws its share of the K samples and every rank gets the estimate over all of them.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    group_ranks, rank = _group_position(sample_group)
+    local_samples = split_evenly(num_samples, group_ranks, rank)
     chunk_size = chunk_size or default_chunk_size(model, x.shape[0])
     log_total = x.new_full((x.shape[0],), -math.inf, dtype=model.p_prior.bias.dtype)  # [B]
-    for start in range(0, num_samples, chunk_size):
-        hs = model.sample_q(x, min(chunk_size, num_samples - start))
+    for start in range(0, local_samples, chunk_size):
+        hs = model.sample_q(x, min(chunk_size, local_samples - start))
         lw = log_weights(model.log_p(x, hs), model.log_q(hs, x))  # [k, B]
         log_total = torch.logaddexp(log_total, torch.logsumexp(lw, 0))
-    return log_likelihood_estimate(log_total.unsqueeze(0), num_samples * group_size(sample_group), sample_group)
+    return log_likelihood_estimate(log_total.unsqueeze(0), num_samples, sample_group)
