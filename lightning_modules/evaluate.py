@@ -3,10 +3,12 @@
 import argparse
 import json
 import math
+import os
 import sys
 import time
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from lightning_modules.checkpoints import load_checkpoint
@@ -17,13 +19,28 @@ from pipeline.images import image_grid, save_png
 
 def _device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":  # one GPU per rank under torchrun
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(name)
+
+
+def _join_launched_ranks(device: torch.device) -> tuple[dist.ProcessGroup | None, int]:
+    """Under torchrun (WORLD_SIZE > 1), join the process group: all ranks split the K samples."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None, 0
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.group.WORLD, dist.get_rank()
 
 
 def eval_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="rws eval", description="Estimate log p(x) of a trained model with K importance samples per point."
+        prog="rws eval",
+        description="Estimate log p(x) of a trained model with K importance samples per point. "
+        "Launched on several ranks (torchrun --nproc-per-node N), the ranks split the K samples.",
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (newest last.ckpt)")
     parser.add_argument("--num-samples", type=int, default=5000, help="K samples from Q per data point (default 5000)")
@@ -46,15 +63,19 @@ def eval_main(argv: list[str]) -> int:
     points = load_binarized_mnist(data_path, splits=(args.split,))[args.split][: args.max_points]
     device = _device(args.device)
     model = module.model.to(device)
-    torch.manual_seed(args.seed)
+    sample_group, rank = _join_launched_ranks(device)
+    torch.manual_seed(args.seed + 1_000_003 * rank)  # every rank draws its own share of the K samples
 
     start = time.perf_counter()
     estimates = []
-    with tqdm(total=len(points), desc=f"rws eval K={args.num_samples}", unit="pt", file=sys.stderr) as progress:
+    desc = f"rws eval K={args.num_samples}"
+    with tqdm(total=len(points), desc=desc, unit="pt", file=sys.stderr, disable=rank != 0) as progress:
         for batch in points.split(args.batch_size):
             x = batch.to(device=device, dtype=torch.float32)
-            estimates.append(log_likelihood(model, x, args.num_samples, args.chunk_size).cpu())
+            estimates.append(log_likelihood(model, x, args.num_samples, args.chunk_size, sample_group).cpu())
             progress.update(len(batch))
+    if rank != 0:
+        return 0  # every rank holds the same estimates; one prints them
     estimates = torch.cat(estimates).double()  # [N]
     result = {
         "log_likelihood": estimates.mean().item(),
