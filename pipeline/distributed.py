@@ -17,24 +17,53 @@ def group_size(group: dist.ProcessGroup | None) -> int:
     return dist.get_world_size(group)
 
 
+def _shifted_exp(log_weights: torch.Tensor, group: dist.ProcessGroup | None) -> tuple[torch.Tensor, ...]:
+    """(shift [B], exp(lw - shift) [K_local, B], total [B]) with shift the max over the group's samples.
+
+    Shifting by the maximum keeps lw - shift exact in float32 (both are close, Sterbenz), where a
+    rounded logsumexp would cost ~1e-3 absolute at |lw| ~ 1e4. A point whose log-weights are all
+    -inf gets shift 0, so its exponentials and total are 0 rather than NaN.
+    """
+    shift = log_weights.amax(0)  # [B]
+    if group_size(group) > 1:
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    scaled = torch.exp(log_weights - shift)  # [K_local, B]
+    return shift, scaled, sharded_sum(scaled.sum(0), group)
+
+
+def sharded_sum(values: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum of `values` over the ranks of `group` (detached; `values` itself without a group)."""
+    if group_size(group) == 1:
+        return values
+    values = values.detach().clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
+    return values
+
+
 def sharded_logsumexp(log_weights: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """logsumexp over dim 0 of the samples held by every rank of `group`: [K_local, B] -> [B].
 
-    Stable: all-reduce the MAX of the (detached) per-point maxima, then the SUM of the shifted
-    exponentials, so each rank sends 2 floats per data point, never its samples. A point whose
-    log-weights are all -inf gets -inf. Without a group (or with one rank) this is
-    `torch.logsumexp(log_weights, 0)`, differentiable; across ranks the result is detached, as the
-    estimators only use it for constants (normalized weights) and reported quantities.
+    Stable: all-reduce the MAX of the per-point maxima, then the SUM of the shifted exponentials,
+    so each rank sends 2 floats per data point, never its samples. A point whose log-weights are
+    all -inf gets -inf. Without a group (or with one rank) this is `torch.logsumexp(log_weights, 0)`,
+    differentiable; across ranks the result is detached, as the estimators only use it for
+    constants (normalized weights) and reported quantities.
     """
     if group_size(group) == 1:
         return torch.logsumexp(log_weights, 0)
-    log_weights = log_weights.detach()
-    shift = log_weights.amax(0)  # [B]
-    dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
-    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))  # all -inf: exp gives 0, log gives -inf
-    total = torch.exp(log_weights - shift).sum(0)  # [B]
-    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    shift, _, total = _shifted_exp(log_weights.detach(), group)
     return shift + torch.log(total)
+
+
+def sharded_softmax(log_weights: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """softmax over dim 0 of the samples held by every rank of `group`, detached: [K_local, B].
+
+    Each rank gets the normalized weights of its own samples; a point whose log-weights are all
+    -inf gets weights 0. Same communication as `sharded_logsumexp`.
+    """
+    _, scaled, total = _shifted_exp(log_weights.detach(), group)
+    return scaled / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def init_sample_parallel_mesh(sample_parallel: int, device_type: str = "cpu") -> DeviceMesh | None:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from pipeline.distributed import group_size, sharded_logsumexp, split_evenly
+from pipeline.distributed import group_size, sharded_logsumexp, sharded_softmax, sharded_sum, split_evenly
 from pipeline.models import HelmholtzMachine
 
 Q_UPDATES = ("wake", "sleep", "wake-sleep")
@@ -39,17 +39,13 @@ def log_weights(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 def normalized_weights(log_weights: torch.Tensor, sample_group: ProcessGroup | None = None) -> torch.Tensor:
     """w_k = softmax_k(lw_k), detached: [K, B]. A point whose log-weights are all -inf gets w = 0."""
-    log_weights = log_weights.detach()
-    log_total = sharded_logsumexp(log_weights, sample_group)  # [B]
-    weights = torch.exp(log_weights - log_total)
-    return torch.where(torch.isfinite(log_total), weights, torch.zeros_like(weights))
+    return sharded_softmax(log_weights, sample_group)
 
 
 def effective_sample_size(log_weights: torch.Tensor, sample_group: ProcessGroup | None = None) -> torch.Tensor:
-    """ESS = 1 / sum_k w_k^2 = exp(2 logsumexp(lw) - logsumexp(2 lw)): [B], in [1, K] (0 if all -inf)."""
-    log_weights = log_weights.detach()
-    log_ess = 2 * sharded_logsumexp(log_weights, sample_group) - sharded_logsumexp(2 * log_weights, sample_group)
-    return torch.where(torch.isfinite(log_ess), torch.exp(log_ess), torch.zeros_like(log_ess))
+    """ESS = 1 / sum_k w_k^2: [B], in [1, K] (0 for a point whose log-weights are all -inf)."""
+    sum_squares = sharded_sum((normalized_weights(log_weights, sample_group) ** 2).sum(0), sample_group)  # [B]
+    return torch.where(sum_squares > 0, 1 / sum_squares, torch.zeros_like(sum_squares))
 
 
 def log_likelihood_estimate(

@@ -120,10 +120,11 @@ class NADELayer(BernoulliLayer):
         return self.hidden_cond_weight(cond) + self.hidden_bias
 
     def logits(self, h, cond):
+        base = self.cond_logits(cond)  # first: it checks that `cond` matches the layer's role
         contributions = h.unsqueeze(-1) * self.input_weight  # [..., size, hidden]
         preceding = contributions.cumsum(-2) - contributions  # exclusive: unit i sees h_<i
         hidden = torch.sigmoid(self.hidden_offset(cond).unsqueeze(-2) + preceding)
-        return self.cond_logits(cond) + (hidden * self.output_weight).sum(-1)
+        return base + (hidden * self.output_weight).sum(-1)
 
     def _sample(self, base, cond):
         activation = self.hidden_offset(cond).expand(*base.shape[:-1], self.hidden_size).clone()
