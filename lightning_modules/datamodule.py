@@ -1,36 +1,113 @@
-"""DataModule for binarized MNIST held in memory (the embedded default, `.amat` files or `.npz`)."""
+"""DataModule for binarized MNIST: held in memory (embedded default, `.amat`, `.npz`) or streamed from shards.
 
+With `shards` unset, every split is loaded whole into memory, as before. With `shards` set (a
+directory written by `rws data prepare`, a brace pattern, or URLs), training streams WebDataset
+shards through `pipeline.shards.StreamingLoader`; validation and test read their `valid`/`test`
+shards into memory (they are small and must see every point), or fall back to `path`.
+"""
+
+import logging
 import os
+from typing import Literal
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from pipeline.data import load_binarized_mnist
+from pipeline.shards import ShardError, ShardLocation, StreamingLoader, check_local_shards, locate_shards, read_split
+
+log = logging.getLogger(__name__)
+
+_EVAL_SPLITS = {"fit": ("valid",), "validate": ("valid",), "test": ("test",), "predict": (), None: ("valid", "test")}
+_POSITION_KEYS = ("epoch", "batches_consumed")
 
 
 class BinarizedMNISTDataModule(pl.LightningDataModule):
-    """Binarized MNIST, loaded whole into memory.
+    """Binarized MNIST, loaded whole into memory or streamed from WebDataset shards.
 
     Args:
         path: a directory with Larochelle's `binarized_mnist_{train,valid,test}.amat`, or an `.npz`
             with arrays `train`, `valid`, `test` (packed with np.packbits or 0/1). None: the small
-            subset of the standard binarization embedded in the package (10k/1k/1k).
+            subset of the standard binarization embedded in the package (10k/1k/1k). With `shards`
+            set, used only for a validation/test split that has no shards.
         batch_size: training minibatch size.
         eval_batch_size: minibatch size of validation and test (their K samples multiply it).
         num_workers: DataLoader worker processes.
+        shards: stream training data from WebDataset shards written by `rws data prepare`: their
+            directory (holding index.json), an index URL, or a brace pattern such as
+            `DIR/train-{000000..000049}.tar`; `file://`, `http(s)://` and `pipe:COMMAND` URLs work
+            too (the index must sit next to the shards). Each data-parallel rank gets exactly
+            floor(N / (ranks * batch_size)) batches per epoch; validation/test use the `valid`/
+            `test` shards of the same index if present, else `path`. None: in-memory data.
+        shuffle_buffer: streaming only: samples held by each loader's shuffle buffer (after the
+            shards are shuffled); larger mixes better and costs ~130 bytes per sample.
+        on_error: streaming only: what a missing, truncated or corrupt shard does. 'raise': stop
+            with an error naming the shard and the reason. 'skip': skip it, count it and log it,
+            and fill its batches from the following shards, so training goes on.
     """
 
-    def __init__(self, path: str | None = None, batch_size: int = 100, eval_batch_size: int = 100, num_workers: int = 0):
+    def __init__(
+        self,
+        path: str | None = None,
+        batch_size: int = 100,
+        eval_batch_size: int = 100,
+        num_workers: int = 0,
+        shards: str | None = None,
+        shuffle_buffer: int = 10_000,
+        on_error: Literal["raise", "skip"] = "raise",
+    ):
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError(f"data.batch_size and data.eval_batch_size must be >= 1, got {batch_size}, {eval_batch_size}")
+        if shuffle_buffer < 0 or num_workers < 0:
+            raise ValueError(f"data.shuffle_buffer and data.num_workers must be >= 0, got {shuffle_buffer}, {num_workers}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
         self.save_hyperparameters()
         self.splits: dict[str, torch.Tensor] = {}
+        self._location: ShardLocation | None = None
+        self._train_loader: StreamingLoader | None = None
+        self._resume: dict | None = None  # a stream position loaded from a checkpoint
+        self.skipped_shards: dict[str, str] = {}  # url -> reason, for validation/test shards (training: see below)
+
+    @property
+    def streaming(self) -> bool:
+        return self.hparams.shards is not None
 
     def setup(self, stage: str | None = None):
-        if not self.splits:
-            self.splits = load_binarized_mnist(self.hparams.path)
+        if not self.streaming:
+            if not self.splits:
+                self.splits = load_binarized_mnist(self.hparams.path)
+            return
+        if self._location is None:
+            self._location = locate_shards(self.hparams.shards)
+            self._check_train_shards()
+        missing = [split for split in _EVAL_SPLITS.get(stage, ("valid", "test")) if split not in self.splits]
+        fallback = []
+        for split in missing:
+            shards = self._location.split(split)
+            if shards is None:
+                fallback.append(split)
+                continue
+            self.splits[split], skipped = read_split(shards, self.hparams.on_error)
+            self.skipped_shards.update(skipped)
+        if fallback:
+            self.splits.update(load_binarized_mnist(self.hparams.path, fallback))
+
+    def _check_train_shards(self) -> None:
+        # Every rank runs this cheap check before training, so a missing or truncated local shard
+        # fails on all ranks at once (a failure inside one rank's epoch would leave the others
+        # waiting in DDP's all-reduce).
+        problems = check_local_shards(self._location.train())
+        if not problems:
+            return
+        if self.hparams.on_error == "raise":
+            url, reason = problems[0]
+            more = f" (and {len(problems) - 1} more bad shard(s))" if len(problems) > 1 else ""
+            raise ShardError(f"{url}: {reason}{more}; pass --data.on_error skip to train without it")
+        for url, reason in problems:
+            log.warning("bad shard, will be skipped: %s: %s", url, reason)
 
     def data_parallel_layout(self) -> tuple[int, int]:
         """(rank, size) of this process among the data-parallel groups.
@@ -44,18 +121,24 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
         layout = getattr(trainer.lightning_module, "data_parallel_layout", None)
         return layout() if layout is not None else (trainer.global_rank, trainer.world_size)
 
+    @staticmethod
+    def _seed() -> int:
+        # Why the global seed, not torch's: every rank must shuffle alike, and rank RNGs may differ.
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         dataset = TensorDataset(self.splits[split])
         rank, size = self.data_parallel_layout()
         sampler = None
-        if size > 1:
-            # Why the global seed, not torch's: every rank must shuffle alike, and rank RNGs may differ.
-            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-            sampler = DistributedSampler(dataset, size, rank, shuffle=shuffle, seed=seed, drop_last=shuffle)
+        if size > 1 or shuffle:
+            # Why a seeded sampler even for one data-parallel group: DataLoader(shuffle=True) draws
+            # from the rank's torch RNG, which differs between the ranks of a sample group (each
+            # draws its own importance samples), but they must see the same minibatches.
+            # Lightning calls its set_epoch, so each epoch has its own order.
+            sampler = DistributedSampler(dataset, size, rank, shuffle=shuffle, seed=self._seed(), drop_last=shuffle)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle and sampler is None,
             sampler=sampler,
             drop_last=shuffle,  # equal batch shapes in training; evaluation keeps every point
             num_workers=self.hparams.num_workers,
@@ -63,10 +146,67 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self):
-        return self._loader("train", self.hparams.batch_size, shuffle=True)
+        if not self.streaming:
+            return self._loader("train", self.hparams.batch_size, shuffle=True)
+        if self._location is None:
+            self.setup("fit")
+        rank, size = self.data_parallel_layout()
+        trainer = getattr(self, "trainer", None)
+        self._train_loader = StreamingLoader(
+            self._location.train(),
+            batch_size=self.hparams.batch_size,
+            dp_rank=rank,
+            dp_size=size,
+            seed=self._seed(),
+            shuffle_buffer=self.hparams.shuffle_buffer,
+            num_workers=self.hparams.num_workers,
+            on_error=self.hparams.on_error,
+            # Under a trainer the epoch is the trainer's (right after a resume too), and a batch
+            # counts as consumed when it reaches the step, not when Lightning prefetches it.
+            epoch_fn=(lambda: trainer.current_epoch) if trainer is not None else None,
+            count_on_yield=trainer is None,
+        )
+        if self._resume is not None:
+            self._train_loader.resume(self._resume)
+            self._resume = None
+        return self._train_loader
 
     def val_dataloader(self):
         return self._loader("valid", self.hparams.eval_batch_size, shuffle=False)
 
     def test_dataloader(self):
         return self._loader("test", self.hparams.eval_batch_size, shuffle=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        trainer = getattr(self, "trainer", None)
+        if self._train_loader is not None and trainer is not None and trainer.training:
+            self._train_loader.mark_consumed()
+        return batch
+
+    @property
+    def training_skipped_shards(self) -> dict[str, str]:
+        """url -> reason of every training shard this rank skipped so far (on_error='skip')."""
+        return dict(self._train_loader.skipped) if self._train_loader is not None else {}
+
+    def state_dict(self) -> dict:
+        """The training stream position {epoch, batches_consumed, ...}; {} for in-memory data.
+
+        Lightning stores it in checkpoints; `load_state_dict` makes the next epoch of that number
+        skip the batches already consumed, so a mid-epoch resume continues the same sample order.
+        """
+        if not self.streaming:
+            return {}
+        if self._train_loader is not None:
+            return self._train_loader.position()
+        return dict(self._resume) if self._resume is not None else {"epoch": 0, "batches_consumed": 0}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not state_dict:
+            return
+        missing = [key for key in _POSITION_KEYS if key not in state_dict]
+        if missing:
+            raise ValueError(f"data state_dict lacks {', '.join(missing)}; expected a stream position {_POSITION_KEYS}")
+        if self._train_loader is not None:
+            self._train_loader.resume(state_dict)
+        else:
+            self._resume = dict(state_dict)
