@@ -1,20 +1,31 @@
-"""Reading training checkpoints back into a model, with errors that name the file."""
+"""Reading training checkpoints back into a model, with errors that name the file.
+
+Three kinds are read: Lightning `.ckpt` files, single-file `.pt` checkpoints written by `rws
+checkpoint consolidate`, and sharded checkpoint directories written by `rws fit` (DCP, with a
+COMPLETE marker; verified with sha256 before loading). Nothing is unpickled beyond tensors and
+plain values (torch.load(weights_only=True), and DCP's metadata through an allow-list).
+"""
 
 from pathlib import Path
 
 import torch
 
 from lightning_modules.module import RWSModule
+from pipeline import checkpoint as ckpt
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or for a directory (e.g. `runs/`) the newest `last.ckpt` under it."""
+    """A checkpoint file or directory; for another directory (e.g. `runs/`) the newest checkpoint
+    under it: a complete sharded checkpoint directory or a `last*.ckpt` file, whichever is newer."""
     path = Path(path)
     if path.is_dir():
-        candidates = sorted(path.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if (path / ckpt.MARKER).is_file():
+            return path
+        candidates = [(p.stat().st_mtime, p) for p in path.rglob("last*.ckpt")]
+        candidates += [((info.path / ckpt.MARKER).stat().st_mtime, info.path) for info in ckpt.find_checkpoints(path)]
         if not candidates:
-            raise FileNotFoundError(f"no last*.ckpt checkpoint under directory {path}")
-        return candidates[-1]
+            raise FileNotFoundError(f"no checkpoint (last*.ckpt or a complete checkpoint directory) under directory {path}")
+        return max(candidates)[1]
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     return path
@@ -27,10 +38,13 @@ def load_checkpoint(path: str | Path) -> tuple[RWSModule, dict]:
     checkpoint (empty if none), so evaluation can default to the data the model was trained on.
     """
     path = resolve_checkpoint(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for truncated or foreign files
-        raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from error
+    if path.is_dir():
+        checkpoint = ckpt.load(path, ranks=[], no_dist=True).shared  # sha256-verified first; no per-rank state needed
+    else:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises many types for truncated or foreign files
+            raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from error
     for key in ("hyper_parameters", "state_dict"):
         if key not in checkpoint:
             raise ValueError(f"{path} is not an rws checkpoint: key {key!r} is missing")

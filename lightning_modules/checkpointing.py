@@ -1,0 +1,359 @@
+"""Lightning glue for the sharded DCP checkpoints of `pipeline.checkpoint`.
+
+- `DistributedCheckpoint` (a Checkpoint callback, `--dcp.*` on the command line): at the end of
+  every `every_n_epochs`-th training epoch, on ALL ranks, it builds Lightning's checkpoint dict
+  (model, both optimizers, LR schedulers, loops, callbacks, hyperparameters), moves the per-rank
+  parts (the DataModule's stream position) next to this rank's RNG states, and saves collectively
+  to `<dirpath>/epochEEEE-stepSSSSSSSSS/` (dirpath defaults to `<default_root_dir>/checkpoints`),
+  keeping the last `keep_last` plus the best by `monitor`. It saves after the LightningModule's
+  `on_train_epoch_end` (LR schedulers stepped), as Lightning runs Checkpoint callbacks last.
+- `DCPCheckpointIO`: Lightning's CheckpointIO for `trainer.fit(ckpt_path=...)`: a checkpoint
+  directory is read with DCP on all ranks (any world size: DCP reshards) back into Lightning's
+  dict format; a file (`.ckpt` or a consolidated `.pt`) is read with torch.load(weights_only=True).
+  Saving files (Lightning's ModelCheckpoint) is passed to the wrapped CheckpointIO. The callback
+  installs it in `setup`, so no `--trainer.plugins` is needed.
+- `resolve_resume(...)`: `rws fit --resume auto|PATH` -> the `ckpt_path` to pass to fit.
+
+Resuming with the same world size and layout restores every rank's RNG states when Lightning
+hands the loaded checkpoint to the callbacks: after the module's `setup` (which reseeds every
+rank), before the sanity check (which runs under `isolate_rng`) and before the fit loop creates
+the DataLoader iterator of the resumed epoch (which draws from torch's RNG ahead of
+`on_train_start`), so training continues bitwise as if never stopped. With another world size or sample-parallel layout the
+model, optimizers and loops still load; each rank keeps its fresh seed and rank 0 says once that
+the random streams differ (the data position is taken from the same rank if it existed, else
+from rank 0).
+
+Fault hooks, read only here and only meant for tests (values are `STEP[:...]` strings):
+
+- `RWS_FAULT_KILL_AT_STEP=STEP[:RANK]`: SIGKILL this process (only rank RANK, if given) at the
+  end of the first training batch with global_step >= STEP.
+- `RWS_FAULT_KILL_IN_SAVE=STEP[:STAGE]`: SIGKILL rank 0 in the save of global_step STEP at STAGE
+  ("data_written", the default, or "marker_written"; see `pipeline.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from pipeline import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+
+_VERIFIED: set[str] = set()  # checkpoint directories sha256-checked in this process (by resolve_resume)
+RESUME_KEY = "rws_resume"  # added to a loaded checkpoint dict: this rank's per-rank state and the saved layout
+_COMBINED_LOADER = ("loops", "fit_loop", "state_dict", "combined_loader")
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    return f"epoch{epoch:04d}-step{step:09d}"
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _pop_path(tree: dict, path: tuple) -> Any:
+    node = tree
+    for key in path[:-1]:
+        node = node.get(key) if isinstance(node, dict) else None
+        if node is None:
+            return None
+    return node.pop(path[-1], None) if isinstance(node, dict) else None
+
+
+def _put_path(tree: dict, path: list, value: Any) -> None:
+    node = tree
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+
+
+def split_per_rank(checkpoint: dict, datamodule_key: str | None) -> dict:
+    """Move the per-rank entries out of Lightning's checkpoint dict (in place); returns this rank's state.
+
+    Per rank: the DataModule's state (e.g. a data-stream position; Lightning stores it under the
+    DataModule's class name), a stateful train loader's state, and the RNG states. Everything left
+    is the same on every rank.
+    """
+    restore = []
+    for path in [(datamodule_key,)] * (datamodule_key is not None) + [_COMBINED_LOADER]:
+        value = _pop_path(checkpoint, path)
+        if value is not None:
+            restore.append([list(path), value])
+    return {"rng": ckpt.rng_state(), "restore": restore}
+
+
+def to_lightning(shared: dict, rank_state: dict | None, info: dict, source_rank: int | None, path: str) -> dict:
+    """A checkpoint read back (shared dict + one rank's state) in Lightning's dict format.
+
+    The per-rank entries go back where Lightning expects them (e.g. the DataModule's state under
+    its class name); the RNG states and the saved layout go under RESUME_KEY for the callback.
+    """
+    checkpoint = dict(shared)
+    rank_state = rank_state or {}
+    for entry_path, value in rank_state.get("restore", []):
+        _put_path(checkpoint, list(entry_path), value)
+    checkpoint[RESUME_KEY] = {
+        "path": path,
+        "rng": rank_state.get("rng"),
+        "source_rank": source_rank,
+        "world_size": info.get("world_size"),
+        "sample_parallel": (info.get("meta") or {}).get("sample_parallel", 1),
+    }
+    return checkpoint
+
+
+class DCPCheckpointIO(CheckpointIO):
+    """Reads DCP checkpoint directories (collectively) and files (weights_only); writes files via `inner`."""
+
+    def __init__(self, inner: CheckpointIO | None = None):
+        self.inner = inner if inner is not None else TorchCheckpointIO()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+
+    def remove_checkpoint(self, path) -> None:
+        self.inner.remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        self.inner.teardown()
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(path)
+        rank, _ = _rank_and_world()
+        if path.is_dir():
+            check = str(path.resolve()) not in _VERIFIED
+            marker = ckpt.verify(path) if check else ckpt.read_marker(path)
+            source = rank if rank < marker["world_size"] else 0
+            loaded = ckpt.load(path, ranks=[source], check=False)
+            return to_lightning(loaded.shared, loaded.ranks[source], loaded.marker, source, str(path))
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises many types for truncated or foreign files
+            raise ckpt.CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from error
+        ranks = checkpoint.pop(ckpt.CONSOLIDATED_RANKS, None)
+        info = checkpoint.pop(ckpt.CONSOLIDATED_INFO, None)
+        if ranks is None or info is None:
+            return checkpoint  # a plain Lightning .ckpt: no per-rank state
+        source = rank if f"rank{rank}" in ranks else 0
+        return to_lightning(checkpoint, ranks.get(f"rank{source}"), info, source, str(path))
+
+
+def _env_fault(name: str) -> list[str] | None:
+    value = os.environ.get(name)
+    return value.split(":") if value else None
+
+
+class DistributedCheckpoint(Checkpoint):
+    """Sharded, atomic DCP checkpoints of the whole training state, written by all ranks.
+
+    Args:
+        dirpath: directory of the checkpoints (None: `<trainer.default_root_dir>/checkpoints`);
+            `rws fit --resume auto` looks there.
+        every_n_epochs: save at the end of every N-th training epoch (0: never).
+        keep_last: keep the newest N complete checkpoints, plus the best by `monitor`
+            (None: keep all).
+        async_save: copy the state to CPU memory and write it in a background thread while
+            training goes on; the checkpoint becomes visible when all ranks are done.
+        monitor: the metric recorded with each checkpoint (the best one is kept).
+        mode: 'max' or 'min': which value of `monitor` is best.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        every_n_epochs: int = 1,
+        keep_last: int | None = 3,
+        async_save: bool = False,
+        monitor: str = "val/log_likelihood",
+        mode: str = "max",
+    ):
+        if every_n_epochs < 0 or (keep_last is not None and keep_last < 1):
+            raise ValueError(f"dcp.every_n_epochs must be >= 0 and dcp.keep_last >= 1, got {every_n_epochs}, {keep_last}")
+        if mode not in ("max", "min"):
+            raise ValueError(f"dcp.mode must be 'max' or 'min', got {mode!r}")
+        self.dirpath = dirpath
+        self.every_n_epochs = every_n_epochs
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self.monitor = monitor
+        self.mode = mode
+        self._group = None  # a gloo group of all ranks, for saving (background thread when async)
+        self._pending: ckpt.PendingSave | None = None
+        self._warned_layout = False
+        self._failed = False
+        self.last_saved: Path | None = None
+
+    # -- where and with whom
+
+    def resolve_dirpath(self, trainer: pl.Trainer) -> Path:
+        return Path(self.dirpath) if self.dirpath is not None else Path(trainer.default_root_dir) / "checkpoints"
+
+    @staticmethod
+    def _layout(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        hparams = getattr(pl_module, "hparams", {}) or {}
+        return {"world_size": trainer.world_size, "sample_parallel": int(hparams.get("sample_parallel", 1))}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        strategy = trainer.strategy
+        if not isinstance(strategy.checkpoint_io, DCPCheckpointIO):
+            strategy.checkpoint_io = DCPCheckpointIO(strategy.checkpoint_io)
+        # Why a group of our own: async saves run collectives from a background thread, which must
+        # not interleave with the training collectives on the default group. Collective: every
+        # rank runs setup, in the same order.
+        if stage == "fit" and self._group is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self._group = dist.new_group(backend="gloo")
+
+    # -- resuming
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        resume = checkpoint.get(RESUME_KEY)
+        if resume is None or trainer.state.fn != "fit":
+            return
+        saved = {"world_size": resume.get("world_size"), "sample_parallel": resume.get("sample_parallel", 1)}
+        now = self._layout(trainer, pl_module)
+        if saved == now and resume.get("rng") is not None:
+            # Why here: Lightning restores callbacks after the module's setup() (which reseeds every
+            # rank) and before the sanity check (run under isolate_rng, so it consumes nothing) and
+            # before the fit loop creates the resumed epoch's DataLoader iterator (which draws from
+            # torch's RNG, ahead of on_train_start).
+            ckpt.set_rng_state(resume["rng"])
+            return
+        if not self._warned_layout:
+            self._warned_layout = True
+            rank_zero_warn(
+                f"resuming {resume.get('path')}: written by {saved['world_size']} rank(s) with sample_parallel="
+                f"{saved['sample_parallel']}, now {now['world_size']} rank(s) with sample_parallel={now['sample_parallel']}. "
+                "Model, optimizers and loops are restored (DCP reshards), but the RNG streams differ: every rank keeps "
+                "its fresh seed, so this run will not repeat the random draws of an uninterrupted one."
+            )
+
+    # -- saving
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        fault = _env_fault("RWS_FAULT_KILL_AT_STEP")
+        if fault and trainer.global_step >= int(fault[0]) and (len(fault) < 2 or int(fault[1]) == trainer.global_rank):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0 and not trainer.sanity_checking:
+            self.save(trainer, pl_module)
+
+    def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ckpt.PendingSave:
+        """Save now, collectively (every rank must call it)."""
+        self.wait()
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        datamodule = trainer.datamodule
+        per_rank = split_per_rank(checkpoint, type(datamodule).__qualname__ if datamodule is not None else None)
+        score = trainer.callback_metrics.get(self.monitor)
+        score = float(score) if score is not None else None
+        step, epoch = trainer.global_step, trainer.current_epoch
+        self._pending = ckpt.save(
+            self.resolve_dirpath(trainer),
+            checkpoint_name(epoch, step),
+            checkpoint,
+            per_rank,
+            step=step,
+            epoch=epoch,
+            score=score,
+            meta={**self._layout(trainer, pl_module), "monitor": self.monitor},
+            keep_last=self.keep_last,
+            mode=self.mode,
+            process_group=self._group,
+            async_save=self.async_save,
+            fault_hook=self._fault_hook(step, trainer.global_rank),
+        )
+        if not self.async_save:
+            self.last_saved = self._pending.wait()
+            self._pending = None
+        return self._pending
+
+    @staticmethod
+    def _fault_hook(step: int, rank: int):
+        fault = _env_fault("RWS_FAULT_KILL_IN_SAVE")
+        if not fault or int(fault[0]) != step or rank != 0:
+            return None
+        stage = fault[1] if len(fault) > 1 else "data_written"
+
+        def hook(at: str, path: Path) -> None:
+            if at == stage:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        return hook
+
+    def wait(self) -> None:
+        """Block until a pending async save is committed (raises its error)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self.last_saved = pending.wait()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.wait()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self._failed:
+            self.wait()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._failed = True
+        if self._pending is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return  # other ranks may be gone: waiting could hang; the save stays a .partial directory
+        try:
+            self.wait()
+        except Exception as error:  # noqa: BLE001 - the original exception matters more
+            log.warning("pending checkpoint save failed: %s", error)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+
+def resolve_resume(resume: str | None, dirpath: Path) -> str | None:
+    """The `ckpt_path` for `rws fit --resume RESUME`.
+
+    'auto': the newest complete checkpoint under `dirpath` that passes its sha256 check; a damaged
+    newer one is skipped with a message; None (fresh start, with a message) when there is none.
+    A PATH: that checkpoint directory (verified: a damaged one is an error naming the file), a
+    directory of checkpoints (its newest complete one, no fallback), or a checkpoint file.
+    """
+    if resume is None:
+        return None
+    if resume == "auto":
+
+        def skipped(info: ckpt.CheckpointInfo, error: ckpt.CheckpointError) -> None:
+            rank_zero_warn(f"--resume auto: skipping damaged checkpoint {info.path} ({error}); falling back to the previous complete one")
+
+        info = ckpt.latest_complete(dirpath, check=True, on_skip=skipped)
+        if info is None:
+            rank_zero_info(f"--resume auto: no complete checkpoint under {dirpath}; starting fresh")
+            return None
+        rank_zero_info(f"--resume auto: resuming from {info.path} (epoch {info.epoch}, step {info.step})")
+        _VERIFIED.add(str(info.path.resolve()))
+        return str(info.path)
+    path = Path(resume)
+    if path.is_dir() and not (path / ckpt.MARKER).exists() and not path.name.endswith(ckpt.PARTIAL):
+        infos = ckpt.list_complete(path) or ckpt.list_complete(path / "checkpoints")
+        if not infos:
+            raise FileNotFoundError(f"--resume {path}: no complete checkpoint in this directory")
+        path = infos[-1].path
+    if path.is_dir():
+        ckpt.verify(path)
+        _VERIFIED.add(str(path.resolve()))
+    elif not path.is_file():
+        raise FileNotFoundError(f"--resume: checkpoint not found: {path}")
+    return str(path)

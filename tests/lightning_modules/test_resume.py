@@ -1,0 +1,252 @@
+"""Sharded checkpoints end to end through `rws fit`: kill -9 and resume bitwise, crashes mid-save,
+corrupt shards, resharding 2 ranks -> 1, and `rws eval`/`rws checkpoint` on the results.
+
+Every training is a subprocess (`python -m lightning_modules.cli`): Lightning's "ddp" re-executes
+sys.argv, and a SIGKILL must not take pytest with it. An epoch is 5 batches = 10 optimizer steps
+(global_step counts the P and the Q steps), so N = 10 steps is one epoch and 2N two. The fault
+hooks are environment variables read by lightning_modules/checkpointing.py.
+"""
+
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_modules.checkpointing import RESUME_KEY, DCPCheckpointIO, split_per_rank
+from lightning_modules.cli import main
+from pipeline import checkpoint as ckpt
+
+CONFIGS = Path(__file__).parents[2] / "configs"
+N = 10  # steps per epoch
+_ports = itertools.count(29500 + os.getpid() % 400 * 10)
+
+TINY = [
+    "--config", str(CONFIGS / "debug.yaml"), "--model.layer_sizes", "[784, 20, 5]",
+    "--trainer.limit_train_batches", "5", "--trainer.limit_val_batches", "2", "--model.val_num_samples", "10",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    "--model.lr_schedule", "exponential",  # scheduler state must survive the resume too
+    "--dcp.keep_last", "10",
+]  # fmt: skip
+
+
+def fit(run: Path, *args: str, env: dict | None = None, devices: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`rws fit` of the tiny model in run directory `run`; 2 devices: Lightning DDP on CPU (gloo)."""
+    command = [sys.executable, "-m", "lightning_modules.cli", "fit", *TINY, "--trainer.default_root_dir", str(run)]
+    if devices > 1:
+        command += ["--trainer.strategy", "ddp", "--trainer.devices", str(devices)]
+    full_env = {**os.environ, "MASTER_PORT": str(next(_ports)), "PYTHONUNBUFFERED": "1", **(env or {})}
+    process = subprocess.Popen(
+        [*command, *args], cwd=run.parent, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # so a hung DDP peer can be killed with its process group
+    )  # fmt: skip
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"rws fit timed out after {timeout} s:\n{output[-3000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, output, "")
+
+
+def checkpoints(run: Path) -> list[ckpt.CheckpointInfo]:
+    return ckpt.list_complete(run / "checkpoints")
+
+
+def steps(run: Path) -> list[int]:
+    return [info.step for info in checkpoints(run)]
+
+
+def epoch_lines(output: str) -> list[str]:
+    return [line.split(":")[0] for line in output.splitlines() if line.startswith("epoch ") and "val/log_likelihood" in line]
+
+
+def training_state(path: Path, world_size: int) -> dict:
+    """What must be bitwise equal after a resume: model, both optimizers, schedulers, loops, every rank's RNG."""
+    loaded = ckpt.load(path, ranks=range(world_size))
+    shared = loaded.shared
+    return {
+        "state_dict": shared["state_dict"],
+        "optimizer_states": shared["optimizer_states"],
+        "lr_schedulers": shared["lr_schedulers"],
+        "loops": shared["loops"]["fit_loop"],
+        "global_step": shared["global_step"],
+        "rng": {rank: state["rng"] for rank, state in loaded.ranks.items()},
+    }
+
+
+def assert_bitwise_equal(a, b, where: str = "") -> None:
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_bitwise_equal(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise_equal(x, y, f"{where}/{i}")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), f"{where} differs"  # bits, not values
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """2N steps without interruption: the reference."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    result = fit(run, "--trainer.max_epochs", "2")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert steps(run) == [N, 2 * N]
+    return run
+
+
+def test_kill_9_after_n_steps_then_resume_auto_is_bitwise_identical(straight, tmp_path):
+    run = tmp_path / "run"
+    killed = fit(run, "--trainer.max_epochs", "2", "--resume", "auto", env={"RWS_FAULT_KILL_AT_STEP": str(N + 2)})
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
+    assert "no complete checkpoint" in killed.stdout and "starting fresh" in killed.stdout
+    assert steps(run) == [N]  # killed mid-epoch 1, after the step-N checkpoint
+
+    resumed = fit(run, "--trainer.max_epochs", "2", "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"resuming from {run / 'checkpoints' / 'epoch0000-step000000010'}" in resumed.stdout
+    assert epoch_lines(resumed.stdout) == [f"epoch 1 step {2 * N}"]  # continued, did not start over
+    assert steps(run) == [N, 2 * N]
+    assert_bitwise_equal(training_state(checkpoints(straight)[-1].path, 1), training_state(checkpoints(run)[-1].path, 1))
+
+
+@pytest.mark.slow  # the crash itself is tested without Lightning in tests/pipeline/test_checkpoint.py
+def test_kill_during_save_keeps_previous_checkpoint_and_training_goes_on(straight, tmp_path):
+    run = tmp_path / "run"
+    # SIGKILL inside the save of step 2N, after COMPLETE is written in the .partial directory, before the rename.
+    killed = fit(run, "--trainer.max_epochs", "2", env={"RWS_FAULT_KILL_IN_SAVE": f"{2 * N}:marker_written"})
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
+    partial = run / "checkpoints" / "epoch0001-step000000020.partial"
+    assert (partial / ckpt.MARKER).is_file()  # fully written, but never made visible
+    assert steps(run) == [N]
+
+    resumed = fit(run, "--trainer.max_epochs", "2", "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "resuming from" in resumed.stdout and "epoch0000-step000000010" in resumed.stdout
+    assert not partial.exists()  # the stale .partial directory was removed by the next save
+    assert steps(run) == [N, 2 * N]
+    assert_bitwise_equal(training_state(checkpoints(straight)[-1].path, 1), training_state(checkpoints(run)[-1].path, 1))
+
+
+def test_corrupt_shard_is_an_error_with_path_and_a_fallback_with_auto(straight, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(straight / "checkpoints", run / "checkpoints")
+    newest = checkpoints(run)[-1].path
+    shard = newest / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+    # In process (it stops before training): the error names the damaged file.
+    code = main(["fit", *TINY, "--trainer.default_root_dir", str(run), "--resume", str(newest)])
+    assert code == 2
+    assert f"rws fit: error: {shard}: sha256 differs" in capsys.readouterr().err
+
+    auto = fit(run, "--trainer.max_epochs", "2", "--resume", "auto")
+    assert auto.returncode == 0, auto.stdout[-3000:]
+    assert f"skipping damaged checkpoint {newest}" in auto.stdout and str(shard) in auto.stdout
+    assert "epoch0000-step000000010" in auto.stdout and epoch_lines(auto.stdout) == [f"epoch 1 step {2 * N}"]
+    ckpt.verify(newest)  # rewritten by the resumed run, whole again
+    assert_bitwise_equal(training_state(checkpoints(straight)[-1].path, 1), training_state(newest, 1))
+
+
+def test_eval_sample_and_consolidate_read_sharded_checkpoints(straight, tmp_path, capsys):
+    def rws(*args):  # in process: these tools start no training
+        capsys.readouterr()
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+    newest = checkpoints(straight)[-1].path
+    out = tmp_path / "model.pt"
+    result = rws("checkpoint", "consolidate", str(straight / "checkpoints"), str(out))
+    assert result.returncode == 0 and f"from {newest}" in result.stdout, result.stderr
+    single = torch.load(out, weights_only=True)
+    assert_bitwise_equal(single["state_dict"], ckpt.load(newest).shared["state_dict"])
+    assert single["rws_ranks"]["rank0"]["rng"]["torch"].dtype == torch.uint8
+
+    estimates = set()
+    for source in (newest, out, straight):  # a checkpoint directory, the consolidated file, a run directory
+        result = rws("eval", "--checkpoint", str(source), "--num-samples", "5", "--max-points", "10", "--json")
+        assert result.returncode == 0, result.stderr
+        estimates.add(result.stdout.split('"log_likelihood": ')[1].split(",")[0])
+    assert len(estimates) == 1  # the same model, read three ways
+    assert rws("sample", "--checkpoint", str(newest), "--num", "4", "--out", str(tmp_path / "s.png")).returncode == 0
+
+    broken = tmp_path / "broken"
+    shutil.copytree(newest, broken)
+    (broken / "__0_0.distcp").write_bytes((broken / "__0_0.distcp").read_bytes()[:100])
+    result = rws("eval", "--checkpoint", str(broken))
+    assert result.returncode == 2 and f"{broken / '__0_0.distcp'}: 100 bytes" in result.stderr
+
+
+def test_per_rank_entries_go_to_rank_state_and_come_back(tmp_path):
+    """The DataModule's stream position (and a stateful loader's state) is saved per rank and restored in place."""
+    checkpoint = {
+        "state_dict": {"w": torch.ones(2)},
+        "BinarizedMNISTDataModule": {"epoch": 3, "batches_consumed": 7},
+        "loops": {"fit_loop": {"state_dict": {"combined_loader": [{"position": 1}]}}},
+    }
+    per_rank = split_per_rank(checkpoint, "BinarizedMNISTDataModule")
+    assert "BinarizedMNISTDataModule" not in checkpoint and checkpoint["loops"]["fit_loop"]["state_dict"] == {}
+    path = ckpt.save(tmp_path, "x", checkpoint, per_rank, step=1, meta={"sample_parallel": 1}).wait()
+    io = DCPCheckpointIO()
+    for source in (path, ckpt.consolidate(path, tmp_path / "x.pt")):  # a directory and a consolidated file
+        loaded = io.load_checkpoint(source)
+        assert loaded["BinarizedMNISTDataModule"] == {"epoch": 3, "batches_consumed": 7}
+        assert loaded["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"position": 1}]
+        assert torch.equal(loaded[RESUME_KEY]["rng"]["torch"], per_rank["rng"]["torch"])
+        assert loaded[RESUME_KEY]["world_size"] == 1 and loaded[RESUME_KEY]["sample_parallel"] == 1
+
+
+# ---- two processes (Lightning DDP on CPU): slow
+
+
+@pytest.fixture(scope="module")
+def straight_ddp(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("straight_ddp") / "run"
+    result = fit(run, "--trainer.max_epochs", "2", devices=2)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert steps(run) == [N, 2 * N] and checkpoints(run)[-1].marker["world_size"] == 2
+    return run
+
+
+@pytest.mark.slow
+def test_ddp_kill_one_rank_then_resume_auto_is_bitwise_identical(straight_ddp, tmp_path):
+    run = tmp_path / "run"
+    # SIGKILL rank 1 only, mid-epoch 1: rank 0 then fails in its next all-reduce and the job ends.
+    killed = fit(run, "--trainer.max_epochs", "2", "--resume", "auto", devices=2, env={"RWS_FAULT_KILL_AT_STEP": f"{N + 2}:1"})
+    assert killed.returncode != 0, killed.stdout[-3000:]
+    assert steps(run) == [N]
+    resumed = fit(run, "--trainer.max_epochs", "2", "--resume", "auto", devices=2)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "epoch0000-step000000010" in resumed.stdout and epoch_lines(resumed.stdout) == [f"epoch 1 step {2 * N}"]
+    assert_bitwise_equal(training_state(checkpoints(straight_ddp)[-1].path, 2), training_state(checkpoints(run)[-1].path, 2))
+
+
+@pytest.mark.slow
+def test_two_rank_checkpoint_resumes_on_one_rank(straight_ddp, tmp_path):
+    run = tmp_path / "run"
+    source = checkpoints(straight_ddp)[0].path  # step N, written by 2 ranks
+    result = fit(run, "--trainer.max_epochs", "2", "--resume", str(source))
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert result.stdout.count("RNG streams differ") == 1  # said once
+    assert "written by 2 rank(s)" in result.stdout and "now 1 rank(s)" in result.stdout
+    assert epoch_lines(result.stdout) == [f"epoch 1 step {2 * N}"]
+    final = checkpoints(run)[-1]
+    assert final.step == 2 * N and final.marker["world_size"] == 1
+    # Resharded: the model and optimizers continued from the 2-rank state (Adam's step count went on).
+    state = ckpt.load(final.path).shared
+    assert state["optimizer_states"][0]["state"][0]["step"].item() == 2 * N / 2

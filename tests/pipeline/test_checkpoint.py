@@ -1,0 +1,309 @@
+"""pipeline.checkpoint: sharded DCP checkpoints, atomic commits, verification, retention, safety."""
+
+import io
+import json
+import os
+import pickle
+import random
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pipeline import checkpoint as ckpt
+
+
+def nested_state() -> dict:
+    """Everything a Lightning checkpoint holds: int dict keys, tuples, None, inf, odd key characters."""
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "epoch": 3,
+        "state_dict": {"layer.weight": torch.randn(4, 3, generator=generator), "layer.bias": torch.zeros(4, dtype=torch.float64)},
+        "optimizer_states": [
+            {
+                "state": {0: {"step": torch.tensor(7.0), "exp_avg": torch.randn(4, 3, generator=generator)}},
+                "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "foreach": None, "params": [0]}],
+            }
+        ],
+        "callbacks": {"ModelCheckpoint{'monitor': 'val/ll'}": {"best_model_score": torch.tensor(-90.5), "path": "a/b.ckpt"}},
+        "extras": {"inf": float("inf"), "flag": True, "empty": torch.empty(0, 5), "bytes": torch.arange(5, dtype=torch.uint8),
+                   "half": torch.ones(2, dtype=torch.bfloat16), "mask": torch.tensor([True, False]), "nested": [[1, 2], ()]},
+    }  # fmt: skip
+
+
+def assert_same(a, b, where="") -> None:
+    assert type(a) is type(b), f"{where}: {type(a)} vs {type(b)}"
+    if isinstance(a, dict):
+        assert list(a) == list(b), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}/{i}")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, float) and np.isnan(a):
+        assert np.isnan(b), where
+    else:
+        assert a == b, where
+
+
+def test_round_trip_keeps_structure_types_and_bits(tmp_path):
+    state = nested_state()
+    per_rank = {"rng": ckpt.rng_state(), "data": {"epoch": 2, "batches_consumed": 17}}
+    path = ckpt.save(tmp_path, "step000000010", state, per_rank, step=10, epoch=3, score=-90.5).wait()
+    assert path == tmp_path / "step000000010"
+    loaded = ckpt.load(path)
+    assert_same(loaded.shared, state)
+    assert_same(loaded.ranks[0]["data"], per_rank["data"])
+    assert loaded.marker["step"] == 10 and loaded.marker["epoch"] == 3 and loaded.marker["score"] == -90.5
+    assert set(loaded.marker["files"]) == {".metadata", "__0_0.distcp", "tree.json", "rank0.json"}
+
+
+def test_rng_state_restores_torch_numpy_python():
+    state = ckpt.rng_state()
+    first = (torch.rand(3), np.random.rand(2), random.random())
+    ckpt.set_rng_state(state)
+    second = (torch.rand(3), np.random.rand(2), random.random())
+    assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1]) and first[2] == second[2]
+
+
+@pytest.mark.parametrize("value, type_name", [(Path("x"), "PosixPath"), ({1, 2}, "set"), (np.float32(1.0), "float32")])
+def test_unsupported_values_are_errors_naming_the_key(tmp_path, value, type_name):
+    with pytest.raises(ckpt.CheckpointError, match=rf"callbacks/cb/odd.*{type_name}"):
+        ckpt.save(tmp_path, "bad", {"callbacks": {"cb": {"odd": value}}}, step=1)
+    assert not ckpt.list_complete(tmp_path)
+
+
+def test_shared_keys_may_not_look_like_rank_keys(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="rank3"):
+        ckpt.save(tmp_path, "bad", {"rank3": 1}, step=1)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("stage", ["data_written", "marker_written"])
+def test_crash_mid_save_leaves_previous_checkpoint_latest(tmp_path, stage):
+    ckpt.save(tmp_path, "step000000010", {"w": torch.ones(3)}, step=10)
+
+    def fault(at, path):
+        if at == stage:
+            raise Crash(f"killed at {at}")
+
+    with pytest.raises(Crash):
+        ckpt.save(tmp_path, "step000000020", {"w": torch.full((3,), 2.0)}, step=20, fault_hook=fault)
+    assert (tmp_path / "step000000020.partial").is_dir()  # the interrupted save, invisible
+    assert not (tmp_path / "step000000020").exists()
+    assert (tmp_path / "step000000020.partial" / ckpt.MARKER).exists() == (stage == "marker_written")
+    assert [info.step for info in ckpt.list_complete(tmp_path)] == [10]
+    latest = ckpt.latest_complete(tmp_path)
+    assert latest.step == 10 and torch.equal(ckpt.load(latest.path).shared["w"], torch.ones(3))
+    # The next save clears the stale .partial directory.
+    ckpt.save(tmp_path, "step000000030", {"w": torch.full((3,), 3.0)}, step=30)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step000000010", "step000000030"]
+
+
+@pytest.fixture()
+def two_checkpoints(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (10, 20):
+        ckpt.save(root, f"step{step:09d}", {"w": torch.randn(1000)}, {"r": torch.arange(3)}, step=step)
+    return root
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_verify_names_the_damaged_shard_and_auto_falls_back(two_checkpoints, damage):
+    shard = two_checkpoints / "step000000020" / "__0_0.distcp"
+    if damage == "flip":
+        _flip_byte(shard)
+        message = "sha256 differs"
+    elif damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:100])
+        message = "truncated"
+    else:
+        shard.unlink()
+        message = "missing"
+    with pytest.raises(ckpt.CheckpointError, match=rf"{shard}.*{message}"):
+        ckpt.verify(shard.parent)
+    with pytest.raises(ckpt.CheckpointError, match=str(shard)):
+        ckpt.load(shard.parent)
+    skipped = []
+    latest = ckpt.latest_complete(two_checkpoints, on_skip=lambda info, error: skipped.append((info.step, str(error))))
+    assert latest.step == 10
+    assert skipped[0][0] == 20 and str(shard) in skipped[0][1]
+
+
+def test_corrupt_marker_and_json_are_named(two_checkpoints):
+    marker = two_checkpoints / "step000000020" / ckpt.MARKER
+    marker.write_text("{not json")
+    with pytest.raises(ckpt.CheckpointError, match=str(marker)):
+        ckpt.verify(marker.parent)
+    assert [info.step for info in ckpt.list_complete(two_checkpoints)] == [10]  # no valid marker: not listed
+    tree = two_checkpoints / "step000000010" / "tree.json"
+    tree.write_text(tree.read_text().replace("@t", "@x"))
+    with pytest.raises(ckpt.CheckpointError, match="tree.json"):
+        ckpt.verify(tree.parent)
+
+
+def test_retention_keeps_last_n_and_the_best(tmp_path):
+    scores = {10: -100.0, 20: -80.0, 30: -95.0, 40: -90.0, 50: -85.0}
+    for step, score in scores.items():
+        ckpt.save(tmp_path, f"step{step:09d}", {"w": torch.zeros(1)}, step=step, score=score, keep_last=2)
+    assert [info.step for info in ckpt.list_complete(tmp_path)] == [20, 40, 50]  # the best (20) + the last two
+    ckpt.apply_retention(tmp_path, keep_last=1, mode="min")
+    assert [info.step for info in ckpt.list_complete(tmp_path)] == [40, 50]  # mode=min: 40 (-90) is the lowest left
+    assert not any(p.name.endswith((ckpt.DELETING, ckpt.PARTIAL)) for p in tmp_path.iterdir())
+
+
+def test_async_save_snapshots_the_state_before_returning(tmp_path):
+    weights = torch.randn(100, 100)
+    expected = weights.clone()
+    pending = ckpt.save(tmp_path, "step000000001", {"w": weights}, step=1, async_save=True)
+    weights.add_(1.0)  # training goes on while the background thread writes
+    path = pending.wait()
+    assert torch.equal(ckpt.load(path).shared["w"], expected)
+
+
+def test_consolidate_is_a_weights_only_file(two_checkpoints, tmp_path):
+    source = two_checkpoints / "step000000020"
+    out = ckpt.consolidate(source, tmp_path / "out" / "model.pt")
+    single = torch.load(out, weights_only=True)
+    loaded = ckpt.load(source, ranks=[0])
+    assert torch.equal(single["w"], loaded.shared["w"])
+    assert torch.equal(single[ckpt.CONSOLIDATED_RANKS]["rank0"]["r"], torch.arange(3))
+    assert single[ckpt.CONSOLIDATED_INFO]["step"] == 20 and "files" not in single[ckpt.CONSOLIDATED_INFO]
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['RWS_TEST_PWNED']}",))
+
+
+def _reseal(path: Path) -> None:
+    """Recompute COMPLETE's hashes, as an attacker would: the reader itself must refuse the file."""
+    marker = json.loads((path / ckpt.MARKER).read_text())
+    for name in marker["files"]:
+        marker["files"][name] = {"size": (path / name).stat().st_size, "sha256": ckpt.sha256_file(path / name)}
+    (path / ckpt.MARKER).write_text(json.dumps(marker))
+
+
+def _shard_items(path: Path):
+    """(metadata, [(file, offset, length)]) of a checkpoint's tensor data."""
+    metadata = ckpt.SafeFileSystemReader(path).read_metadata()
+    return metadata, [(info.relative_path, info.offset, info.length) for info in metadata.storage_data.values()]
+
+
+def test_loading_never_runs_pickled_code(two_checkpoints, tmp_path, monkeypatch):
+    path = two_checkpoints / "step000000020"
+    for name in ("tree.json", "rank0.json", ckpt.MARKER):
+        json.loads((path / name).read_text())  # plain JSON
+    _, items = _shard_items(path)
+    for name, offset, length in items:  # every item of the shards is a tensor that weights_only reads
+        data = (path / name).read_bytes()[offset : offset + length]
+        assert isinstance(torch.load(io.BytesIO(data), weights_only=True), torch.Tensor)
+
+    pwned = tmp_path / "pwned"
+    monkeypatch.setenv("RWS_TEST_PWNED", str(pwned))
+    (path / ".metadata").write_bytes(pickle.dumps(_Payload()))
+    _reseal(path)
+    with pytest.raises(ckpt.CheckpointError, match=r"\.metadata.*refusing to load posix\.system"):
+        ckpt.load(path)
+    assert not pwned.exists()
+
+    # A shard item that pickles code (the metadata pointing at it) is refused by DCP's weights_only read.
+    path = two_checkpoints / "step000000010"
+    metadata, _ = _shard_items(path)
+    buffer = io.BytesIO()
+    torch.save(_Payload(), buffer)
+    (path / "__0_0.distcp").write_bytes(buffer.getvalue())
+    for info in metadata.storage_data.values():
+        info.offset, info.length = 0, len(buffer.getvalue())
+    (path / ".metadata").write_bytes(pickle.dumps(metadata))
+    _reseal(path)
+    with pytest.raises(ckpt.CheckpointError, match="Weights only load failed"):
+        ckpt.load(path)
+    assert not pwned.exists()
+
+
+def test_bytes_entries_in_metadata_are_refused(tmp_path):
+    # DCP would torch.load a bytes entry without weights_only: this format never has one.
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"w": torch.zeros(2), "blob": io.BytesIO(b"anything")}, storage_writer=dcp.FileSystemWriter(tmp_path), no_dist=True)
+    with pytest.raises(ckpt.CheckpointError, match="refusing to load .*BytesStorageMetadata"):
+        ckpt.SafeFileSystemReader(tmp_path).read_metadata()
+
+
+def test_list_and_find_ignore_partial_deleting_and_foreign_dirs(two_checkpoints):
+    (two_checkpoints / "step000000030.partial").mkdir()
+    (two_checkpoints / "step000000005.deleting").mkdir()
+    (two_checkpoints / "notes").mkdir()
+    assert [info.step for info in ckpt.list_complete(two_checkpoints)] == [10, 20]
+    assert [info.step for info in ckpt.find_checkpoints(two_checkpoints.parent)] == [10, 20]
+    assert ckpt.find_checkpoints(two_checkpoints / "step000000010")[0].step == 10
+    assert ckpt.latest_complete(two_checkpoints / "nothing-here") is None
+
+
+# ---- two processes: per-rank keys, replicated tensors written once, resharding to one process
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_rank_save(rank: int, root: str, port: int) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(100 + rank)  # every rank has its own RNG stream
+        shared = {"model": {"w": torch.arange(12.0).reshape(3, 4), "big": torch.ones(1000)}, "step": 5}
+        per_rank = {"rng": ckpt.rng_state(), "data": {"batches_consumed": 10 + rank}, "marker": torch.full((2,), float(rank))}
+        group = dist.new_group(backend="gloo")
+        ckpt.save(root, "step000000005", shared, per_rank, step=5, process_group=group, async_save=rank == 1).wait()
+        # Collective load on the same layout: every rank gets its own state back.
+        loaded = ckpt.load(Path(root) / "step000000005")
+        assert loaded.ranks[rank]["data"]["batches_consumed"] == 10 + rank
+        assert torch.equal(loaded.ranks[rank]["rng"]["torch"], per_rank["rng"]["torch"])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_write_in_parallel_per_rank_keys_and_reshard_to_one(tmp_path):
+    mp.start_processes(_two_rank_save, args=(str(tmp_path), _free_port()), nprocs=2, join=True, start_method="fork")
+    path = tmp_path / "step000000005"
+    marker = ckpt.verify(path)
+    assert marker["world_size"] == 2
+    assert {"__0_0.distcp", "__1_0.distcp", "rank0.json", "rank1.json"} <= set(marker["files"])
+    metadata = ckpt.SafeFileSystemReader(path).read_metadata()
+    files = {index.fqn: info.relative_path for index, info in metadata.storage_data.items()}
+    assert {key for key in files if key.startswith("rank0/")} == {"rank0/rng/torch", "rank0/rng/numpy/keys", "rank0/rng/python/state", "rank0/marker"}
+    assert files["rank0/marker"] == "__0_0.distcp" and files["rank1/marker"] == "__1_0.distcp"  # each rank writes its own
+    assert len([index for index in metadata.storage_data if index.fqn == "model/big"]) == 1  # replicated: written once
+    # One process reads both ranks' states (e.g. to consolidate, or a 2 -> 1 resume).
+    loaded = ckpt.load(path, ranks=[0, 1])
+    assert loaded.shared["step"] == 5 and torch.equal(loaded.shared["model"]["w"], torch.arange(12.0).reshape(3, 4))
+    assert [loaded.ranks[r]["data"]["batches_consumed"] for r in (0, 1)] == [10, 11]
+    assert [loaded.ranks[r]["marker"][0].item() for r in (0, 1)] == [0.0, 1.0]
+    assert not torch.equal(loaded.ranks[0]["rng"]["torch"], loaded.ranks[1]["rng"]["torch"])  # not de-duplicated
+    assert ckpt.load(path).ranks.keys() == {0}  # one process, default: rank 0's state
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
