@@ -12,13 +12,16 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from lightning_modules.callbacks import CPUTimeBudget, PrintValidation, SampleGrid
+from lightning_modules.checkpoint_cli import checkpoint_main
+from lightning_modules.checkpointing import DistributedCheckpoint, resolve_resume
+from lightning_modules.data_cli import data_main
 from lightning_modules.datamodule import BinarizedMNISTDataModule
 from lightning_modules.evaluate import eval_main, sample_main
 from lightning_modules.module import RWSModule
 
-TOOLS = {"eval": eval_main, "sample": sample_main}
+TOOLS = {"eval": eval_main, "sample": sample_main, "data": data_main, "checkpoint": checkpoint_main}
 
-USAGE = """usage: rws {fit,validate,test,eval,sample} ...
+USAGE = """usage: rws {fit,validate,test,eval,sample,data,checkpoint} ...
 
 Reweighted Wake-Sleep training of Helmholtz machines.
 
@@ -28,8 +31,11 @@ commands:
   test       run the test split on a checkpoint (--ckpt_path)
   eval       estimate log p(x) of a checkpoint with many importance samples
   sample     write a grid image of model samples
+  data       dataset tools: `rws data prepare` writes WebDataset shards (see docs/data.md)
+  checkpoint checkpoint tools: `rws checkpoint consolidate DIR OUT.pt`, `verify DIR`, `list DIR`
 
-`rws COMMAND --help` shows a command's options."""
+`rws COMMAND --help` shows a command's options; `rws fit ... --dry-run` prints the resolved
+config and process layout without training (see docs/cluster.md)."""
 
 
 class RWSLightningCLI(LightningCLI):
@@ -48,6 +54,33 @@ class RWSLightningCLI(LightningCLI):
         parser.add_lightning_class_args(PrintValidation, "print_validation")
         parser.add_lightning_class_args(SampleGrid, "sample_grid")
         parser.add_lightning_class_args(CPUTimeBudget, "cpu_time_budget")
+        parser.add_lightning_class_args(DistributedCheckpoint, "dcp")
+        parser.add_argument(
+            "--resume", type=str | None, default=None,
+            help="fit only: 'auto' (the newest complete checkpoint in --dcp.dirpath, default DEFAULT_ROOT_DIR/checkpoints; "
+            "a fresh start if none) or a checkpoint directory or file",
+        )  # fmt: skip
+
+    def before_fit(self) -> None:
+        """`--resume auto|PATH` -> fit's ckpt_path (on every rank: they see the same files)."""
+        config = self.config_init[self.subcommand]
+        if config.get("resume") is None:
+            return
+        if config.get("ckpt_path") is not None:
+            raise ValueError("give either --resume or --ckpt_path, not both")
+        callback = next(cb for cb in self.trainer.callbacks if isinstance(cb, DistributedCheckpoint))
+        config["ckpt_path"] = resolve_resume(config["resume"], callback.resolve_dirpath(self.trainer))
+
+
+def cli_kwargs() -> dict:
+    """The constructor arguments of `rws fit/validate/test`, shared with `rws fit --dry-run`."""
+    return dict(
+        model_class=RWSModule,
+        datamodule_class=BinarizedMNISTDataModule,
+        seed_everything_default=1234,
+        # The DataModule splits data by data-parallel rank itself, so Lightning must not add a sampler.
+        trainer_defaults={"default_root_dir": "runs", "log_every_n_steps": 50, "use_distributed_sampler": False},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,14 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[0] in TOOLS:
             return TOOLS[argv[0]](argv[1:])
-        RWSLightningCLI(
-            RWSModule,
-            BinarizedMNISTDataModule,
-            args=args,  # None: LightningCLI reads sys.argv itself (and warns if given both)
-            seed_everything_default=1234,
-            # The DataModule splits data by data-parallel rank itself, so Lightning must not add a sampler.
-            trainer_defaults={"default_root_dir": "runs", "log_every_n_steps": 50, "use_distributed_sampler": False},
-        )
+        if argv[0] == "fit" and "--dry-run" in argv:
+            from lightning_modules.launch import dry_run  # config and process layout, no training
+
+            return dry_run(argv)
+        RWSLightningCLI(args=args, **cli_kwargs())  # args None: LightningCLI reads sys.argv itself
     except (FileNotFoundError, ValueError, KeyError) as error:
         if os.environ.get("RWS_TRACEBACK"):
             raise
