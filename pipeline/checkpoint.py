@@ -38,7 +38,6 @@ A hook that raises or kills the process simulates a crash at that point.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -63,6 +62,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 
+from pipeline.fileio import atomic_write, sha256_file
+
 FORMAT = "rws-dcp/1"
 MARKER = "COMPLETE"
 SHARED_TREE = "tree.json"
@@ -70,7 +71,6 @@ PARTIAL = ".partial"
 DELETING = ".deleting"
 _RANK_TREE = "rank{}.json"
 _RANK_KEY = re.compile(r"rank\d+")
-_HASH_CHUNK = 1 << 20
 
 FaultHook = Callable[[str, Path], None]
 
@@ -295,12 +295,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as stream:
-        json.dump(data, stream)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data).encode())
 
 
 def _read_json(path: Path) -> Any:
@@ -312,12 +307,6 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: unreadable or corrupt ({type(error).__name__}: {error})") from error
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_marker(path: str | os.PathLike) -> dict:
@@ -745,12 +734,7 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     result = {**loaded.shared, CONSOLIDATED_RANKS: {f"rank{r}": s for r, s in loaded.ranks.items()}, CONSOLIDATED_INFO: info}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     buffer = io.BytesIO()
     torch.save(result, buffer)
-    with open(tmp, "wb") as stream:
-        stream.write(buffer.getvalue())
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, out)
+    atomic_write(out, buffer.getvalue())
     return out

@@ -65,6 +65,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 
 from pipeline.data import NUM_PIXELS, SPLITS, _read_amat, load_binarized_mnist
+from pipeline.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -399,15 +400,8 @@ def read_local_index(out_dir: str | os.PathLike) -> dict:
 
 
 def _write_index(out: Path, index: dict) -> None:
-    # Why write-then-rename: readers (a training job, another prepare) see the old or the new
-    # index, never a half-written one; fsync makes the rename durable only after the content.
-    tmp = out / f".{INDEX_NAME}.{os.getpid()}.tmp"
-    with open(tmp, "w") as file:
-        json.dump(index, file, indent=1, sort_keys=True)
-        file.write("\n")
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, out / INDEX_NAME)
+    # Atomic: readers (a training job, another prepare) see the old or the new index, never a torn one.
+    atomic_write(out / INDEX_NAME, (json.dumps(index, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _parse_index(data: bytes, where: str) -> dict:
