@@ -19,7 +19,10 @@ class PrintValidation(pl.Callback):
         line = f"epoch {trainer.current_epoch} step {trainer.global_step}: val/log_likelihood {metrics['val/log_likelihood']:.3f} nats"
         if "train/log_likelihood_epoch" in metrics:
             line += f", train/log_likelihood {metrics['train/log_likelihood_epoch']:.3f}, train/ess {metrics['train/ess_epoch']:.2f}"
-        rank_zero_info(line)
+        if trainer.progress_bar_callback is not None and trainer.is_global_zero:
+            trainer.progress_bar_callback.print(line)  # below the bar, not glued to its last line
+        else:
+            rank_zero_info(line)
 
 
 class SampleGrid(pl.Callback):
