@@ -1,0 +1,297 @@
+"""Training throughput of RWS against Pyro's ReweightedWakeSleep, and against this machine's roofline.
+
+    python benchmarks/throughput.py [--threads N] [--steps N] [--models sbn,darn,nade] [--no-append]
+
+Times the full training step as `lightning_modules/module.py` runs it (sample Q, log-probs, both
+surrogates, backward of p_loss + q_loss, two Adam steps) on batch 100 of real binarized MNIST rows,
+q_update wake-sleep, K in 1, 5, 10, 50, and reports the median step time over --steps steps after
+warm-up as data points x samples per second (B * K / step time).
+
+Side by side, the same SBN 784-200-200-10 (same initial weights) is trained by Pyro's
+`pyro.infer.ReweightedWakeSleep` through `pyro.infer.SVI`: model = top-down Bernoulli layers with
+`pyro.module` for P, guide = bottom-up Bernoulli layers with Q, `num_particles=K`,
+`vectorize_particles=True`, `insomnia=0.5` with `num_sleep_particles=1` (wake-phi + sleep-phi on
+B sleep draws, the direction of RWS's wake-sleep Q update; Pyro averages where RWS adds the two,
+which Adam hardly sees), `pyro.optim.Adam` lr 1e-3. Pyro's validation is disabled (its checks
+are not part of the algorithm). Note: Pyro's RWS sums the log-probs over the batch before
+normalizing the weights ("mini-batch training is not supported yet"), so its estimator treats the
+batch as one data point; its compute per step is the same as RWS's, which is what is compared.
+
+Roofline: the dense float32 matmul peak is measured with `torch.mm` (2048 x 2048, median of 15
+runs, same threads, before and after the steps; the higher median is used) and the SBN step's
+unavoidable matmul FLOPs are counted (see `sbn_step_flops`); the achieved fraction is (FLOPs / peak) / step time. RWS and Pyro steps alternate during timing, so that
+both see the same machine conditions (this 2-core VM drifts by tens of percent between runs).
+
+The table is printed and appended to benchmarks/RESULTS.md under "## Training throughput (issue 8)".
+"""
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.data import load_binarized_mnist  # noqa: E402
+from pipeline.estimators import rws_surrogates  # noqa: E402
+from pipeline.models import HelmholtzMachine  # noqa: E402
+
+BATCH = 100
+KS = (1, 5, 10, 50)
+SBN_SIZES = [784, 200, 200, 10]
+LR = 1e-3
+HEADING = "## Training throughput (issue 8)"
+DATA = Path("/work/shared/data/binarized_mnist.npz")
+
+MODELS = {
+    "sbn": {"layer_sizes": SBN_SIZES, "p_layer": "sbn", "q_layer": "sbn"},
+    "darn": {"layer_sizes": [784, 200], "p_layer": "darn", "q_layer": "sbn"},
+    "nade": {"layer_sizes": [784, 200], "p_layer": "nade", "q_layer": "nade", "nade_hidden": 200},
+}
+LABELS = {
+    "sbn": "SBN 784-200-200-10",
+    "darn": "DARN 784-200 (P darn, Q sbn)",
+    "nade": "NADE 784-200 (nade/nade, hidden 200)",
+}
+
+
+def load_batch() -> tuple[torch.Tensor, str]:
+    """The first BATCH rows of the binarized MNIST training split (uint8 [B, 784])."""
+    try:
+        train = load_binarized_mnist(DATA, splits=("train",))["train"]
+        source = str(DATA)
+    except FileNotFoundError:
+        train = load_binarized_mnist(None, splits=("train",))["train"]
+        source = "embedded default subset"
+    return train[:BATCH], source
+
+
+def sbn_step_flops(sizes: list[int], batch: int, k: int) -> int:
+    """Unavoidable matmul FLOPs of one RWS wake-sleep step on an SBN [D, H_1, ..., H_L].
+
+    A matmul [rows, n_in] x [n_in, n_out] costs 2 * rows * n_in * n_out FLOPs. Elementwise work
+    (sigmoid, BCE, sampling, softmax, Adam) is not counted. No input gradients are needed anywhere:
+    every layer's input is data or a discrete sample, so the backward pass is weight gradients only.
+
+    Wake phase, K x B samples h ~ Q(h | x):
+      * Q: the logits of q(h_1 | x) and its weight gradient are computed once per x (B rows, not
+        K x B), because x is the same for all K samples (the K-fold gradient is summed over K
+        before the weight-gradient matmul); the logits computed while sampling Q are the ones its
+        log-prob needs, so each Q layer's forward counts once. Layers 2..L: K x B rows forward +
+        K x B rows weight gradient.
+      * P: every conditional p(h_{l-1} | h_l): K x B rows forward + K x B rows weight gradient
+        (the prior has no matmul).
+    Sleep phase, B draws (x, h) ~ P:
+      * P's ancestral sampling: B rows forward through every conditional (no gradient);
+      * Q's log-prob: B rows forward + B rows weight gradient through every Q layer.
+    """
+    pairs = list(zip(sizes[:-1], sizes[1:]))  # (lower, upper) per latent layer, bottom-up
+    mm = [2 * lo * up for lo, up in pairs]  # FLOPs per row of each layer's [lo x up] weight
+    kb = k * batch
+    q_wake = 2 * batch * mm[0] + sum(2 * kb * f for f in mm[1:])  # forward + weight gradient
+    p_wake = sum(2 * kb * f for f in mm)  # forward + weight gradient
+    p_sleep = sum(batch * f for f in mm)  # ancestral sampling, forward only
+    q_sleep = sum(2 * batch * f for f in mm)  # log-prob forward + weight gradient
+    return q_wake + p_wake + p_sleep + q_sleep
+
+
+def matmul_peak(n: int = 2048, runs: int = 15) -> float:
+    """Dense float32 matmul FLOP/s: median over `runs` torch.mm of n x n by n x n."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    for _ in range(3):
+        torch.mm(a, b, out=out)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)
+
+
+def time_steps(steps_fns, steps: int, warmup: int, budget_s: float) -> list[tuple[float, int]]:
+    """Median seconds of each function in `steps_fns` over up to `steps` calls (at least 3) within
+    `budget_s` per function, after `warmup` calls each. With several functions the calls alternate
+    (a, b, a, b, ...), so that both see the same machine conditions and drift cancels in their ratio."""
+    for fn in steps_fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in steps_fns]
+    begin = time.perf_counter()
+    while len(times[0]) < steps and (len(times[0]) < 3 or time.perf_counter() - begin < budget_s * len(steps_fns)):
+        for fn, ts in zip(steps_fns, times):
+            start = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - start)
+    return [(statistics.median(ts), len(ts)) for ts in times]
+
+
+def rws_step_fn(model: HelmholtzMachine, x: torch.Tensor, k: int):
+    """The module's training step: surrogates, one backward, two Adam steps."""
+    p_opt = torch.optim.Adam(model.p_parameters(), lr=LR)
+    q_opt = torch.optim.Adam(model.q_parameters(), lr=LR)
+
+    def step():
+        s = rws_surrogates(model, x, k, "wake-sleep")
+        p_opt.zero_grad()
+        q_opt.zero_grad()
+        (s.p_loss + s.q_loss).backward()
+        p_opt.step()
+        q_opt.step()
+
+    return step
+
+
+def pyro_step_fn(model: HelmholtzMachine, x: torch.Tensor, k: int):
+    """The same SBN trained by pyro.infer.ReweightedWakeSleep through SVI."""
+    import pyro
+    import pyro.distributions as dist
+
+    pyro.clear_param_store()
+    p_conds, p_prior, q_conds = model.p_conditionals, model.p_prior, model.q_conditionals
+    num_latent = len(q_conds)
+
+    def pyro_model(x, observations=None):
+        pyro.module("p_conditionals", p_conds)
+        pyro.module("p_prior", p_prior)
+        with pyro.plate("data", x.shape[0]):
+            top = p_prior.bias.expand(x.shape[0], p_prior.size)
+            h = pyro.sample(f"h{num_latent}", dist.Bernoulli(logits=top).to_event(1))
+            for l in reversed(range(num_latent)):  # p(h_l | h_{l+1}), h_0 = x observed
+                logits = p_conds[l].cond_logits(h)
+                name, obs = ("x", x) if l == 0 else (f"h{l}", None)
+                h = pyro.sample(name, dist.Bernoulli(logits=logits).to_event(1), obs=obs)
+
+    def pyro_guide(x, observations=None):
+        if observations is not None:  # sleep phase: x is the model's draw
+            x = observations["x"]
+        pyro.module("q_conditionals", q_conds)
+        with pyro.plate("data", x.shape[0]):
+            cond = x
+            for l in range(num_latent):  # q(h_{l+1} | h_l), h_0 = x
+                logits = q_conds[l].cond_logits(cond)
+                cond = pyro.sample(f"h{l + 1}", dist.Bernoulli(logits=logits).to_event(1))
+
+    loss = pyro.infer.ReweightedWakeSleep(
+        num_particles=k, insomnia=0.5, num_sleep_particles=1, vectorize_particles=True, max_plate_nesting=1
+    )
+    svi = pyro.infer.SVI(pyro_model, pyro_guide, pyro.optim.Adam({"lr": LR}), loss=loss)
+    xf = x.float()
+    return lambda: svi.step(xf)
+
+
+def load_average() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: torch's default here)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per configuration (median)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--budget", type=float, default=20.0, help="max seconds of timed steps per configuration")
+    parser.add_argument("--models", default="sbn,darn,nade", help="comma-separated subset of sbn,darn,nade")
+    parser.add_argument("--ks", default=",".join(map(str, KS)))
+    parser.add_argument("--no-pyro", action="store_true")
+    parser.add_argument("--no-append", action="store_true")
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    ks = [int(k) for k in args.ks.split(",")]
+    models = [m for m in args.models.split(",") if m]
+    load_before = load_average()
+    x, source = load_batch()
+    pyro_version = "not run"
+    if not args.no_pyro:
+        import pyro
+
+        pyro.enable_validation(False)
+        pyro_version = pyro.__version__
+
+    peak = matmul_peak()
+    print(f"torch {torch.__version__}, pyro {pyro_version}, threads {torch.get_num_threads()}, "
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s, data: {source}", flush=True)
+
+    peak_before = peak
+    rows = []  # markdown table rows
+    for name in models:
+        for k in ks:
+            torch.manual_seed(0)
+            base = HelmholtzMachine(**MODELS[name])
+            rws_step = rws_step_fn(copy.deepcopy(base), x, k)
+            with_pyro = name == "sbn" and not args.no_pyro and k > 1
+            fns = [rws_step, pyro_step_fn(copy.deepcopy(base), x, k)] if with_pyro else [rws_step]
+            timings = time_steps(fns, args.steps, args.warmup, args.budget)
+            t_rws, n_rws = timings[0]
+            rate_rws = BATCH * k / t_rws
+            pyro_cells = ["-", "-", "-"]
+            roof = "-"
+            if name == "sbn":
+                flops = sbn_step_flops(SBN_SIZES, BATCH, k)
+                roof = (flops, t_rws)  # rendered once both peak measurements are in
+                if not args.no_pyro and k == 1:
+                    pyro_cells = ["n/a (Pyro's RWS asserts K > 1)", "-", "-"]
+                elif with_pyro:
+                    t_pyro, n_pyro = timings[1]
+                    rate_pyro = BATCH * k / t_pyro
+                    pyro_cells = [f"{1e3 * t_pyro:.2f} (n={n_pyro})", f"{rate_pyro:,.0f}", f"{t_pyro / t_rws:.2f}x"]
+            row = [LABELS[name], str(k), f"{1e3 * t_rws:.2f} (n={n_rws})", f"{rate_rws:,.0f}", *pyro_cells, roof]
+            rows.append(row)
+            print("| " + " | ".join(row[:-1]) + " |", flush=True)
+
+    peak_after = matmul_peak()
+    load_after = load_average()
+    peak = max(peak_before, peak_after)  # the higher median: the conservative roofline
+    for row in rows:
+        if row[-1] != "-":
+            flops, t_rws = row[-1]
+            row[-1] = f"{100 * flops / peak / t_rws:.1f}% ({flops / 1e9:.3f} GFLOP)"
+    rows = ["| " + " | ".join(row) + " |" for row in rows]
+    header = (
+        "| model | K | rws step ms (median, n) | rws points x samples/s | Pyro RWS step ms (median, n) "
+        "| Pyro points x samples/s | rws speed-up over Pyro | roofline fraction (step FLOPs) |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
+    table = header + "\n" + "\n".join(rows)
+    print()
+    print(table)
+    meta = (
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n"
+        f"- machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {cpu_model()}\n"
+        f"- torch {torch.__version__}, pyro-ppl {pyro_version}, python {platform.python_version()}\n"
+        f"- torch threads: {torch.get_num_threads()}\n"
+        f"- float32 matmul peak (torch.mm 2048x2048, median of 15 runs): {peak_before / 1e9:.1f} GFLOP/s before the "
+        f"steps, {peak_after / 1e9:.1f} after; the roofline column uses the higher\n"
+        f"- load average (1/5/15 min) before: {load_before}; after: {load_after}\n"
+        f"- data: batch of {BATCH} rows from {source}; q_update wake-sleep; Adam lr {LR} for P and Q\n"
+        f"- command: `python {shlex.join(['benchmarks/throughput.py', *(argv if argv is not None else sys.argv[1:])])}`\n"
+    )
+    print(meta)
+    if not args.no_append:
+        with open(args.results, "a") as f:
+            f.write(f"\n{HEADING}\n\n{meta}\n{table}\n")
+        print(f"appended to {args.results}")
+
+
+if __name__ == "__main__":
+    main()
