@@ -44,7 +44,12 @@ def normalized_weights(log_weights: torch.Tensor, sample_group: ProcessGroup | N
 
 def effective_sample_size(log_weights: torch.Tensor, sample_group: ProcessGroup | None = None) -> torch.Tensor:
     """ESS = 1 / sum_k w_k^2: [B], in [1, K] (0 for a point whose log-weights are all -inf)."""
-    sum_squares = sharded_sum((normalized_weights(log_weights, sample_group) ** 2).sum(0), sample_group)  # [B]
+    return _effective_sample_size_of(normalized_weights(log_weights, sample_group), sample_group)
+
+
+def _effective_sample_size_of(weights: torch.Tensor, sample_group: ProcessGroup | None) -> torch.Tensor:
+    """ESS from normalized weights [K, B], so a caller that has them does not normalize twice."""
+    sum_squares = sharded_sum((weights**2).sum(0), sample_group)  # [B]
     return torch.where(sum_squares > 0, 1 / sum_squares, torch.zeros_like(sum_squares))
 
 
@@ -129,7 +134,7 @@ def rws_surrogates(
         p_loss=group_ranks * wake_p_loss(log_p, weights),
         q_loss=group_ranks * q_loss,
         log_likelihood=log_likelihood_estimate(lw, num_samples, sample_group),
-        ess=effective_sample_size(lw, sample_group),
+        ess=_effective_sample_size_of(weights, sample_group),
     )
 
 
