@@ -6,7 +6,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 
-from pipeline.images import image_grid
+from pipeline.images import image_grid, square_shape
 
 
 class PrintValidation(pl.Callback):
@@ -39,10 +39,10 @@ class SampleGrid(pl.Callback):
         if trainer.sanity_checking or not trainer.is_global_zero or not isinstance(trainer.logger, TensorBoardLogger):
             return
         x, _ = pl_module.model.sample_p(self.num)
-        side = int(round(x.shape[1] ** 0.5))
-        if side * side != x.shape[1]:
+        shape = square_shape(x.shape[1])
+        if shape is None:
             return  # not square images: nothing sensible to draw
-        grid = image_grid(x, (side, side))
+        grid = image_grid(x, shape)
         trainer.logger.experiment.add_image("samples", grid, trainer.global_step, dataformats="HW")
 
 

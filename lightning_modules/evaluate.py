@@ -14,7 +14,8 @@ from tqdm import tqdm
 from lightning_modules.checkpoints import load_checkpoint
 from pipeline.data import SPLITS, load_binarized_mnist
 from pipeline.estimators import log_likelihood
-from pipeline.images import image_grid, save_png
+from pipeline.distributed import rank_seed
+from pipeline.images import image_grid, save_png, square_shape
 
 
 def _device(name: str) -> torch.device:
@@ -64,7 +65,7 @@ def eval_main(argv: list[str]) -> int:
     device = _device(args.device)
     model = module.model.to(device)
     sample_group, rank = _join_launched_ranks(device)
-    torch.manual_seed(args.seed + 1_000_003 * rank)  # every rank draws its own share of the K samples
+    torch.manual_seed(rank_seed(args.seed, rank))  # every rank draws its own share of the K samples
 
     start = time.perf_counter()
     estimates = []
@@ -109,8 +110,7 @@ def sample_main(argv: list[str]) -> int:
     module, _ = load_checkpoint(args.checkpoint)
     torch.manual_seed(args.seed)
     x, _ = module.model.sample_p(args.num)
-    side = int(round(math.sqrt(x.shape[1])))
-    shape = (side, side) if side * side == x.shape[1] else (1, x.shape[1])
+    shape = square_shape(x.shape[1]) or (1, x.shape[1])  # non-square data: one row of pixels each
     save_png(image_grid(x, shape, args.nrow), args.out)
     print(f"wrote {args.num} samples to {args.out}")
     return 0

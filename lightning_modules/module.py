@@ -11,7 +11,7 @@ from typing import Literal
 import pytorch_lightning as pl
 import torch
 
-from pipeline.distributed import init_sample_parallel_mesh
+from pipeline.distributed import init_sample_parallel_mesh, rank_seed
 from pipeline.estimators import log_likelihood, rws_surrogates
 from pipeline.models import HelmholtzMachine
 
@@ -80,7 +80,7 @@ class RWSModule(pl.LightningModule):
         # Why reseed: Lightning seeds every rank alike, but each rank must draw its own samples.
         # Parameters are already initialized (and DDP broadcasts rank 0's), so only sampling changes.
         seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
-        torch.manual_seed(seed + 1_000_003 * self.trainer.global_rank)
+        torch.manual_seed(rank_seed(seed, self.trainer.global_rank))
 
     @property
     def sample_group(self):

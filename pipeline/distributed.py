@@ -84,6 +84,11 @@ def init_sample_parallel_mesh(sample_parallel: int, device_type: str = "cpu") ->
     return init_device_mesh(device_type, (world_size // sample_parallel, sample_parallel), mesh_dim_names=("data", "sample"))
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of `rank`'s sampling stream: distinct per rank, reproducible from `seed`."""
+    return seed + 1_000_003 * rank
+
+
 def split_evenly(total: int, parts: int, index: int) -> int:
     """How many of `total` items part `index` of `parts` gets: sizes differ by at most one."""
     return total // parts + (index < total % parts)

@@ -7,6 +7,12 @@ import numpy as np
 import torch
 
 
+def square_shape(num_pixels: int) -> tuple[int, int] | None:
+    """(side, side) if `num_pixels` is a perfect square (28 x 28 for MNIST), else None."""
+    side = int(round(math.sqrt(num_pixels)))
+    return (side, side) if side * side == num_pixels else None
+
+
 def image_grid(
     images: torch.Tensor, image_shape: tuple[int, int] = (28, 28), nrow: int | None = None, padding: int = 2
 ) -> np.ndarray:
