@@ -102,7 +102,7 @@ def rws_surrogates(
 
     `q_update` picks Q's update: 'wake' (Eq. 7), 'sleep' (one draw from P per data point) or
     'wake-sleep' (their sum, the paper's best). K=1 with 'sleep' is classical wake-sleep.
-    Cost: one sampling pass through Q, one log-prob pass through P and Q for K x B samples, plus
+    Cost: one pass through Q that samples and scores, one log-prob pass through P for K x B samples, plus
     for sleep one ancestral pass through P and a log-prob pass through Q for B draws.
 
     Sample parallelism: with a `sample_group` of S ranks that hold the same x, the K samples and
@@ -119,9 +119,8 @@ def rws_surrogates(
     group_ranks, rank = _group_position(sample_group)
     if num_samples < group_ranks:
         raise ValueError(f"num_samples must be >= 1 per rank of the sample group, got {num_samples} for {group_ranks} ranks")
-    hs = model.sample_q(x, split_evenly(num_samples, group_ranks, rank))  # L x [K_local, B, H_l]
+    hs, log_q = model.sample_q_with_log_q(x, split_evenly(num_samples, group_ranks, rank))  # L x [K, B, H_l], [K, B]
     log_p = model.log_p(x, hs)  # [K, B]
-    log_q = model.log_q(hs, x)  # [K, B]
     lw = log_weights(log_p, log_q).detach()  # [K, B]
     weights = normalized_weights(lw, sample_group)  # [K, B]
     q_loss = log_q.new_zeros(())
@@ -170,7 +169,7 @@ def log_likelihood(
     chunk_size = chunk_size or default_chunk_size(model, x.shape[0])
     log_total = x.new_full((x.shape[0],), -math.inf, dtype=model.p_prior.bias.dtype)  # [B]
     for start in range(0, local_samples, chunk_size):
-        hs = model.sample_q(x, min(chunk_size, local_samples - start))
-        lw = log_weights(model.log_p(x, hs), model.log_q(hs, x))  # [k, B]
+        hs, log_q = model.sample_q_with_log_q(x, min(chunk_size, local_samples - start))
+        lw = log_weights(model.log_p(x, hs), log_q)  # [k, B]
         log_total = torch.logaddexp(log_total, torch.logsumexp(lw, 0))
     return log_likelihood_estimate(log_total.unsqueeze(0), num_samples, sample_group)

@@ -5,9 +5,11 @@ another binary vector `cond` (the layer above in P, the layer below in Q). A lay
 conditioning input (`cond_size=0`) is a top prior. All layers share one contract, so P and Q can
 mix them freely:
 
-    logits(h, cond)             -> [..., size]  logit of p(h_i = 1 | h_<i, cond), teacher-forced
-    log_prob(h, cond)           -> [...]        log p(h | cond), summed over units
-    sample(cond, sample_shape)  -> [*sample_shape, *cond.shape[:-1], size]
+    cond_logits(cond)                      -> [..., size]  the part of the logits that depends on cond only
+    logits(h, cond, base)                  -> [..., size]  logit of p(h_i = 1 | h_<i, cond), teacher-forced
+    log_prob(h, cond)                      -> [...]        log p(h | cond), summed over units
+    sample(cond, sample_shape)             -> [*sample_shape, *cond.shape[:-1], size]
+    sample_with_log_prob(cond, sample_shape) -> (h, log p(h | cond)), one cond_logits pass for both
 
 Three layer types, as in Bornschein & Bengio (2015), Sec. 3:
     SBN  - sigmoid belief layer: units independent given `cond`.
@@ -23,6 +25,41 @@ conditioning term is computed once and broadcast, so Q's first layer does no K-f
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class SoftplusSum(torch.autograd.Function):
+    """sum_i softplus(l_i) over the last dimension, the normalizer of a Bernoulli log-prob: [...].
+
+    Why not F.softplus(l).sum(-1): the log-prob of P's bottom layer evaluates it on [K, B, D] logits
+    every step, and it costs one log per element forward plus a broadcast-gradient pass backward.
+    Here softplus(l) = relu(l) - log sigmoid(|l|) with sigmoid(|l|) in [1/2, 1], so the logs are
+    taken of products over groups of at most 100 units (>= 2^-100, no underflow in float32):
+    one exp per element. The error is a few float32 ulps of the sum, like the direct form.
+    Backward: d/dl_i = sigmoid(l_i), in one pass.
+    """
+
+    generate_vmap_rule = True  # works under torch.func transforms (the exact-gradient tests use them)
+
+    @staticmethod
+    def forward(logits: torch.Tensor) -> torch.Tensor:
+        size = logits.shape[-1]
+        group = max(g for g in range(1, min(size, 100) + 1) if size % g == 0)
+        magnitude = logits.abs()
+        sigmoids = torch.sigmoid(magnitude).unflatten(-1, (size // group, group))  # [..., size / group, group]
+        log_sigmoid_sum = sigmoids.prod(-1).log().sum(-1)
+        return (logits.sum(-1) + magnitude.sum(-1)) / 2 - log_sigmoid_sum  # sum relu(l) - sum log sigmoid(|l|)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (logits,) = ctx.saved_tensors
+        return torch.sigmoid(logits) * grad.unsqueeze(-1)
+
+
+softplus_sum = SoftplusSum.apply
 
 
 class BernoulliLayer(nn.Module):
@@ -44,40 +81,71 @@ class BernoulliLayer(nn.Module):
             return self.bias
         if cond is None:
             raise ValueError(f"{type(self).__name__} needs a conditioning input of size {self.cond_size}")
-        return self.cond_weight(cond) + self.bias
+        return F.linear(cond, self.cond_weight.weight, self.bias)  # one fused multiply-add, no extra pass
 
-    def log_prob(self, h: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """log p(h | cond) = sum_i [h_i log s(l_i) + (1 - h_i) log s(-l_i)], via BCE with logits."""
-        logits = self.logits(h, cond)
-        logits, h = torch.broadcast_tensors(logits, h)
-        return -F.binary_cross_entropy_with_logits(logits, h, reduction="none").sum(-1)
+    def log_prob(
+        self, h: torch.Tensor, cond: torch.Tensor | None = None, base: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """log p(h | cond) = sum_i [h_i l_i - softplus(l_i)] with l the teacher-forced logits: [...].
+
+        This is sum_i [h_i log s(l_i) + (1 - h_i) log s(-l_i)] written so that a logit enters one
+        transcendental (softplus) and one product; `base` = cond_logits(cond) when the caller has it.
+        """
+        logits = self.logits(h, cond, self.cond_logits(cond) if base is None else base)
+        return (h * logits).sum(-1) - softplus_sum(logits)
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor | None = None, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
         """Draw h ~ p(h | cond): shape [*sample_shape, *cond.shape[:-1], size]."""
+        return self._sample(self.cond_logits(cond), cond, sample_shape)
+
+    def sample_with_log_prob(
+        self, cond: torch.Tensor | None = None, sample_shape: tuple[int, ...] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw h ~ p(h | cond) and return (h, log p(h | cond)) from one evaluation of cond_logits.
+
+        The draw is detached; the log-prob carries the gradient. Sharing `base` between the two
+        saves the layer's matmul that a separate sample() and log_prob() would each pay.
+        """
         base = self.cond_logits(cond)
-        return self._sample(base.expand(*sample_shape, *base.shape), cond)
+        with torch.no_grad():
+            h = self._sample(base.detach(), cond, sample_shape)
+        return h, self.log_prob(h, cond, base)
 
-    def logits(self, h: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, cond: torch.Tensor | None, base: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits of p(h_i = 1 | h_<i, cond) given `base` = cond_logits(cond)."""
         raise NotImplementedError
 
-    def _sample(self, base: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        """Draw h given `base` = cond_logits(cond), already expanded to the output shape."""
+    def _sample(self, base: torch.Tensor, cond: torch.Tensor | None, sample_shape: tuple[int, ...]) -> torch.Tensor:
+        """Draw h of shape [*sample_shape, *base.shape] given `base` = cond_logits(cond)."""
         raise NotImplementedError
 
 
-def _bernoulli(logits: torch.Tensor) -> torch.Tensor:
-    return (torch.rand_like(logits) < torch.sigmoid(logits)).to(logits.dtype)
+def _bernoulli(logits: torch.Tensor, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
+    """Bernoulli(sigmoid(logits)) draws of shape [*sample_shape, *logits.shape].
+
+    The sigmoid is taken before broadcasting, so logits shared by all samples cost one pass."""
+    probs = torch.sigmoid(logits)
+    return (torch.rand((*sample_shape, *logits.shape), dtype=logits.dtype) < probs).to(logits.dtype)
 
 
 class SBNLayer(BernoulliLayer):
     """Sigmoid belief layer: p(h_i = 1 | cond) = sigmoid(b_i + W_i . cond), units independent."""
 
-    def logits(self, h, cond):
-        return self.cond_logits(cond)
+    def logits(self, h, cond, base):
+        return base
 
-    def _sample(self, base, cond):
-        return _bernoulli(base)
+    def log_prob(self, h, cond=None, base=None):
+        """As the base class, but when h is shared by all samples of `cond` (x [B, D] against the K
+        samples of h_1 [K, B, H] in log p(x | h_1)), sum_i h_i l_i = (h W) . cond + h . b: h W is
+        computed once per data point ([B, H]), not once per sample ([K, B, D] products)."""
+        if base is None and cond is not None and h.dim() < cond.dim():
+            linear = (cond * (h @ self.cond_weight.weight)).sum(-1) + h @ self.bias  # [K, B]
+            return linear - softplus_sum(self.cond_logits(cond))
+        return super().log_prob(h, cond, base)
+
+    def _sample(self, base, cond, sample_shape):
+        return _bernoulli(base, sample_shape)
 
 
 class DARNLayer(BernoulliLayer):
@@ -88,10 +156,11 @@ class DARNLayer(BernoulliLayer):
         self.autoregressive_weight = nn.Parameter(torch.zeros(size, size))
         self.register_buffer("mask", torch.ones(size, size).tril(-1), persistent=False)
 
-    def logits(self, h, cond):
-        return self.cond_logits(cond) + h @ (self.autoregressive_weight * self.mask).T
+    def logits(self, h, cond, base):
+        return base + h @ (self.autoregressive_weight * self.mask).T
 
-    def _sample(self, base, cond):
+    def _sample(self, base, cond, sample_shape):
+        base = base.expand(*sample_shape, *base.shape)
         h = torch.zeros_like(base)
         weight = self.autoregressive_weight
         for i in range(self.size):  # sequential by definition: unit i depends on the units before it
@@ -117,16 +186,16 @@ class NADELayer(BernoulliLayer):
     def hidden_offset(self, cond):
         if self.hidden_cond_weight is None:
             return self.hidden_bias
-        return self.hidden_cond_weight(cond) + self.hidden_bias
+        return F.linear(cond, self.hidden_cond_weight.weight, self.hidden_bias)
 
-    def logits(self, h, cond):
-        base = self.cond_logits(cond)  # first: it checks that `cond` matches the layer's role
+    def logits(self, h, cond, base):
         contributions = h.unsqueeze(-1) * self.input_weight  # [..., size, hidden]
         preceding = contributions.cumsum(-2) - contributions  # exclusive: unit i sees h_<i
         hidden = torch.sigmoid(self.hidden_offset(cond).unsqueeze(-2) + preceding)
         return base + (hidden * self.output_weight).sum(-1)
 
-    def _sample(self, base, cond):
+    def _sample(self, base, cond, sample_shape):
+        base = base.expand(*sample_shape, *base.shape)
         activation = self.hidden_offset(cond).expand(*base.shape[:-1], self.hidden_size).clone()
         h = torch.zeros_like(base)
         for i in range(self.size):  # running sum: add unit i's contribution once it is drawn

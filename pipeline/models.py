@@ -81,13 +81,21 @@ class HelmholtzMachine(nn.Module):
     @torch.no_grad()
     def sample_q(self, x: torch.Tensor, num_samples: int) -> list[torch.Tensor]:
         """Draw K samples h ~ Q(h | x) for x [B, D]: a list of L tensors [K, B, H_l], h_1 first."""
-        x = x.to(self.p_prior.bias.dtype)
-        hs, cond, sample_shape = [], x, (num_samples,)
+        return self.sample_q_with_log_q(x, num_samples)[0]
+
+    def sample_q_with_log_q(self, x: torch.Tensor, num_samples: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """K samples h ~ Q(h | x) and their log Q(h | x) [K, B], from one pass through Q.
+
+        Each layer's logits serve both its draw and its log-prob, so Q's matmuls are paid once; the
+        draws are detached and the log-prob carries the gradient into Q.
+        """
+        hs, log_q, cond, sample_shape = [], 0, x.to(self.p_prior.bias.dtype), (num_samples,)
         for layer in self.q_conditionals:
-            cond = layer.sample(cond, sample_shape)
+            cond, log_prob = layer.sample_with_log_prob(cond, sample_shape)
             hs.append(cond)
+            log_q = log_q + log_prob
             sample_shape = ()  # only the first layer adds the K dimension
-        return hs
+        return hs, log_q
 
     def log_q(self, hs: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """log Q(h | x) = sum_l log q(h_l | h_{l-1}): [K, B] for x [B, D] or [K, B, D]."""

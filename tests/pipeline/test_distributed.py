@@ -9,7 +9,7 @@ a process without any process group. What is proved:
     (the other all -inf, or finite but ~1e4 nats lower), magnitudes of +-1e4, uneven splits; float64,
     plus one float32 case.
 (b) Same samples, by construction: the K samples from Q and the B sleep draws from P are drawn once
-    here (the "bank"); rank r's `model.sample_q` / `model.sample_p` are patched to serve the r-th
+    here (the "bank"); rank r's `model.sample_q_with_log_q` / `model.sample_p` are patched to serve the r-th
     block of the bank in `split_evenly` order (rank 0 the first block), the single-process reference
     is served the whole bank. Then, in float64:
       - 1 data group x 2 sample ranks (the mesh of `init_sample_parallel_mesh(2)`), K = 7 and B = 5
@@ -150,25 +150,26 @@ def make_inputs() -> dict:
 
 
 def serve(model: HelmholtzMachine, bank: dict, q_block: tuple[int, int], p_block: tuple[int, int]) -> dict:
-    """Patch `model.sample_q` / `model.sample_p` (on the instance) to hand out rows [start, stop) of the bank.
+    """Patch `model.sample_q_with_log_q` / `model.sample_p` (on the instance) to hand out rows [start, stop) of the bank.
 
     Successive calls continue where the previous one stopped (so chunked draws get consecutive rows),
     and each call must be for the bank's own x. Returns the cursors, to check that every row was used.
     """
     cursors = {"q": q_block[0], "p": p_block[0]}
 
-    def sample_q(x, num_samples):
-        assert torch.equal(x, bank["x"]), "sample_q called for another minibatch"
+    def sample_q_with_log_q(x, num_samples):
+        assert torch.equal(x, bank["x"]), "sample_q_with_log_q called for another minibatch"
         start, cursors["q"] = cursors["q"], cursors["q"] + num_samples
-        assert cursors["q"] <= q_block[1], f"sample_q asked for more than this rank's block {q_block}"
-        return [h[start : cursors["q"]] for h in bank["hs"]]
+        assert cursors["q"] <= q_block[1], f"sample_q_with_log_q asked for more than this rank's block {q_block}"
+        hs = [h[start : cursors["q"]] for h in bank["hs"]]
+        return hs, model.log_q(hs, x)
 
     def sample_p(num):
         start, cursors["p"] = cursors["p"], cursors["p"] + num
         assert cursors["p"] <= p_block[1], f"sample_p asked for more than this rank's block {p_block}"
         return bank["sleep_x"][start : cursors["p"]], [h[start : cursors["p"]] for h in bank["sleep_hs"]]
 
-    model.sample_q, model.sample_p = sample_q, sample_p
+    model.sample_q_with_log_q, model.sample_p = sample_q_with_log_q, sample_p
     return cursors
 
 

@@ -8,7 +8,7 @@ initialization.
 import pytest
 import torch
 
-from pipeline.layers import LAYER_TYPES, DARNLayer, NADELayer, SBNLayer, make_layer
+from pipeline.layers import LAYER_TYPES, DARNLayer, NADELayer, SBNLayer, make_layer, softplus_sum
 
 from .enumeration import all_binary, randomize_, single_thread  # noqa: F401  (autouse fixture)
 
@@ -145,11 +145,11 @@ def test_logits_of_unit_i_ignore_units_at_and_after_i(layer):
     h = all_binary(SIZE)  # every configuration
     cond = None if layer.cond_size == 0 else torch.randint(0, 2, (b, layer.cond_size)).double()
     with torch.no_grad():
-        base = layer.logits(h, cond).expand(b, SIZE)
+        base = layer.logits(h, cond, layer.cond_logits(cond)).expand(b, SIZE)
         for j in range(SIZE):
             flipped = h.clone()
             flipped[:, j] = 1 - flipped[:, j]
-            diff = (layer.logits(flipped, cond).expand(b, SIZE) - base).abs()
+            diff = (layer.logits(flipped, cond, layer.cond_logits(cond)).expand(b, SIZE) - base).abs()
             assert diff[:, : j + 1].max() < 1e-12, f"a logit of unit <= {j} depends on h_{j}"
             if j == SIZE - 1:
                 continue
@@ -176,3 +176,63 @@ def test_prior_rejects_cond_and_conditional_requires_it(kind):
         conditional.sample(None, (2,))
     # The right calls work, so the errors above come from the cond check and not something else.
     assert prior.log_prob(h).shape == (2,) and conditional.log_prob(h, cond).shape == (2,)
+
+
+def test_log_prob_broadcasts_h_over_samples_of_cond(layer):
+    """h [B, n] shared by K samples of cond [K, B, c] (log p(x | h_1) in P) gives the same values
+    and parameter gradients as h expanded to [K, B, n] (SBN takes a different code path here)."""
+    if layer.cond_size == 0:
+        return
+    torch.manual_seed(5)
+    k, b = 5, 7
+    h = torch.randint(0, 2, (b, SIZE)).double()
+    cond = torch.randint(0, 2, (k, b, layer.cond_size)).double()
+
+    def value_and_grads(target):
+        layer.zero_grad()
+        log_prob = layer.log_prob(target, cond)
+        (log_prob * torch.linspace(0.5, 2.0, k * b, dtype=torch.float64).reshape(k, b)).sum().backward()
+        return log_prob.detach(), [p.grad.clone() for p in layer.parameters()]
+
+    shared, shared_grads = value_and_grads(h)
+    expanded, expanded_grads = value_and_grads(h.expand(k, b, SIZE))
+    assert shared.shape == (k, b)
+    torch.testing.assert_close(shared, expanded, rtol=1e-12, atol=1e-12)
+    for got, want in zip(shared_grads, expanded_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_sample_with_log_prob_is_sample_then_log_prob(layer):
+    """The same draw as `sample` (same RNG stream), its exact log-prob, and a gradient only through the log-prob."""
+    k, b = 5, 7
+    cond = None if layer.cond_size == 0 else torch.randint(0, 2, (b, layer.cond_size)).double()
+    torch.manual_seed(6)
+    drawn = layer.sample(cond, (k,))
+    torch.manual_seed(6)
+    h, log_prob = layer.sample_with_log_prob(cond, (k,))
+    assert torch.equal(h, drawn) and not h.requires_grad
+    torch.testing.assert_close(log_prob, layer.log_prob(h, cond), rtol=1e-12, atol=1e-12)
+    log_prob.sum().backward()
+    assert layer.bias.grad is not None and torch.isfinite(layer.bias.grad).all()
+
+
+@pytest.mark.parametrize("size", [1, 7, 10, 197, 200, 784])
+def test_softplus_sum_matches_log1p_exp_in_value_and_gradient(size):
+    """The grouped-product form of sum_i softplus(l_i) = sum_i log(1 + e^l_i) against logaddexp(l, 0) in
+    float64 (exact where F.softplus's threshold approximates), extremes included."""
+    torch.manual_seed(7)
+    logits = torch.randn(3, 4, size, dtype=torch.float64) * 8
+    logits[0, 0] = 1e4  # sigmoid(|l|) == 1 exactly: the product must not lose the relu part
+    logits[0, 1] = -1e4
+    logits[1, 0] = 0.0
+    logits.requires_grad_()
+    weights = torch.randn(3, 4, dtype=torch.float64)
+    got = softplus_sum(logits)
+    want = torch.logaddexp(logits, torch.zeros((), dtype=torch.float64)).sum(-1)
+    torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
+    (got_grad,) = torch.autograd.grad((got * weights).sum(), logits)
+    (want_grad,) = torch.autograd.grad((want * weights).sum(), logits)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12)
+    # float32: within a few ulps of the float64 sum (the sums reach ~8 * size / 2)
+    got32 = softplus_sum(logits.detach().float()).double()
+    assert ((got32 - want.detach()).abs() <= 4e-7 * want.detach().abs().clamp(min=1) * max(1, size**0.5)).all()

@@ -347,3 +347,28 @@ def test_wake_sleep_q_gradient_is_sum_of_wake_and_sleep(model):
     torch.testing.assert_close(g_both, g_wake + g_sleep, rtol=1e-10, atol=1e-12)
     # Neither part is negligible, so dropping one of them would fail the check above.
     assert g_wake.norm() > 0.1 and g_sleep.norm() > 0.1 and (g_wake - g_sleep).norm() > 0.1
+
+
+def test_compiled_step_gradients_match_exact_gradients():
+    """torch.compile(rws_surrogates), as `RWSModule(compile=True)` trains, draws with inductor's own RNG
+    and fuses the log-prob passes: its P and wake-Q gradients must still match the exact ones."""
+    torch.manual_seed(8)
+    model = make_model("sbn", "sbn")
+    x = all_x()
+    p_params, q_params = model.p_parameters(), model.q_parameters()
+    surrogates = torch.compile(rws_surrogates, dynamic=False)(model, x, GRADIENT_SAMPLES, "wake")
+    p_estimate, q_estimate = flat_grad(surrogates.p_loss, p_params), flat_grad(surrogates.q_loss, q_params)
+
+    posterior = exact_posterior(model, x)
+    log_q = log_q_table(model, x)
+    p_exact = flat_grad(-exact_log_marginal(model, x).mean(), p_params)
+    p_scale = self_normalized_error_scale(posterior, log_q.detach(), table_grads(model, "log_p", x, p_params), GRADIENT_SAMPLES)
+    unweighted = flat_grad(-(log_q.detach().exp() * log_joint_table(model, x)).sum(0).mean(), p_params)
+    _check_gradient(p_estimate, p_exact, p_scale, unweighted, "compiled P gradient")
+    q_exact = flat_grad(-(posterior * log_q).sum(0).mean(), q_params)
+    q_scale = self_normalized_error_scale(posterior, log_q.detach(), table_grads(model, "log_q", x, q_params), GRADIENT_SAMPLES)
+    _check_gradient(q_estimate, q_exact, q_scale, torch.zeros_like(q_exact), "compiled wake Q gradient")
+    chi2 = chi_square(model, x)
+    tolerance = Z * torch.sqrt(chi2 / GRADIENT_SAMPLES) + chi2 / GRADIENT_SAMPLES  # as in the log-likelihood test
+    error = (surrogates.log_likelihood - exact_log_marginal(model, x).detach()).abs()
+    assert (error < tolerance).all(), f"|log p_hat - log p| = {error.tolist()}, tolerance {tolerance.tolist()}"
