@@ -159,6 +159,7 @@ class DARNLayer(BernoulliLayer):
     def logits(self, h, cond, base):
         return base + h @ (self.autoregressive_weight * self.mask).T
 
+    @torch.compiler.disable  # a loop over units: torch.compile would unroll it (minutes of compiling)
     def _sample(self, base, cond, sample_shape):
         base = base.expand(*sample_shape, *base.shape)
         h = torch.zeros_like(base)
@@ -194,6 +195,7 @@ class NADELayer(BernoulliLayer):
         hidden = torch.sigmoid(self.hidden_offset(cond).unsqueeze(-2) + preceding)
         return base + (hidden * self.output_weight).sum(-1)
 
+    @torch.compiler.disable  # a loop over units: torch.compile would unroll it (minutes of compiling)
     def _sample(self, base, cond, sample_shape):
         base = base.expand(*sample_shape, *base.shape)
         activation = self.hidden_offset(cond).expand(*base.shape[:-1], self.hidden_size).clone()
