@@ -3,9 +3,11 @@
     python benchmarks/throughput.py [--threads N] [--steps N] [--models sbn,darn,nade] [--no-append]
 
 Times the full training step as `lightning_modules/module.py` runs it (sample Q, log-probs, both
-surrogates, backward of p_loss + q_loss, two Adam steps) on batch 100 of real binarized MNIST rows,
-q_update wake-sleep, K in 1, 5, 10, 50, and reports the median step time over --steps steps after
-warm-up as data points x samples per second (B * K / step time).
+surrogates, backward of p_loss + q_loss, the module's two fused Adam steps) on batch 100 of real
+binarized MNIST rows, q_update wake-sleep, K in 1, 5, 10, 50, and reports the median step time over
+--steps steps after warm-up as data points x samples per second (B * K / step time). Two rws
+columns: eager (`RWSModule(compile=False)`, the default) and compiled (`compile=True`:
+`torch.compile(rws_surrogates)`; its compilation happens in the warm-up and is not timed).
 
 Side by side, the same SBN 784-200-200-10 (same initial weights) is trained by Pyro's
 `pyro.infer.ReweightedWakeSleep` through `pyro.infer.SVI`: model = top-down Bernoulli layers with
@@ -41,8 +43,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lightning_modules.module import RWSModule  # noqa: E402
 from pipeline.data import load_binarized_mnist  # noqa: E402
-from pipeline.estimators import rws_surrogates  # noqa: E402
 from pipeline.models import HelmholtzMachine  # noqa: E402
 
 BATCH = 100
@@ -135,13 +137,14 @@ def time_steps(steps_fns, steps: int, warmup: int, budget_s: float) -> list[tupl
     return [(statistics.median(ts), len(ts)) for ts in times]
 
 
-def rws_step_fn(model: HelmholtzMachine, x: torch.Tensor, k: int):
-    """The module's training step: surrogates, one backward, two Adam steps."""
-    p_opt = torch.optim.Adam(model.p_parameters(), lr=LR)
-    q_opt = torch.optim.Adam(model.q_parameters(), lr=LR)
+def rws_step_fn(model: HelmholtzMachine, x: torch.Tensor, k: int, compile: bool):
+    """The module's training step on `model`'s weights: surrogates, one backward, two Adam steps."""
+    module = RWSModule(model.layer_sizes, num_samples=k, q_update="wake-sleep", p_lr=LR, q_lr=LR, compile=compile)
+    module.model = model
+    p_opt, q_opt = module.configure_optimizers()
 
     def step():
-        s = rws_surrogates(model, x, k, "wake-sleep")
+        s = module.rws_surrogates(model, x, k, "wake-sleep")
         p_opt.zero_grad()
         q_opt.zero_grad()
         (s.p_loss + s.q_loss).backward()
@@ -212,6 +215,7 @@ def main(argv=None):
     parser.add_argument("--models", default="sbn,darn,nade", help="comma-separated subset of sbn,darn,nade")
     parser.add_argument("--ks", default=",".join(map(str, KS)))
     parser.add_argument("--no-pyro", action="store_true")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--no-append", action="store_true")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args(argv)
@@ -233,46 +237,45 @@ def main(argv=None):
           f"matmul peak {peak / 1e9:.1f} GFLOP/s, data: {source}", flush=True)
 
     peak_before = peak
-    rows = []  # markdown table rows
+    rows = []  # markdown table rows; roofline cells are filled in once both peak measurements are in
     for name in models:
         for k in ks:
             torch.manual_seed(0)
             base = HelmholtzMachine(**MODELS[name])
-            rws_step = rws_step_fn(copy.deepcopy(base), x, k)
-            with_pyro = name == "sbn" and not args.no_pyro and k > 1
-            fns = [rws_step, pyro_step_fn(copy.deepcopy(base), x, k)] if with_pyro else [rws_step]
-            timings = time_steps(fns, args.steps, args.warmup, args.budget)
-            t_rws, n_rws = timings[0]
-            rate_rws = BATCH * k / t_rws
-            pyro_cells = ["-", "-", "-"]
-            roof = "-"
-            if name == "sbn":
-                flops = sbn_step_flops(SBN_SIZES, BATCH, k)
-                roof = (flops, t_rws)  # rendered once both peak measurements are in
-                if not args.no_pyro and k == 1:
-                    pyro_cells = ["n/a (Pyro's RWS asserts K > 1)", "-", "-"]
-                elif with_pyro:
-                    t_pyro, n_pyro = timings[1]
-                    rate_pyro = BATCH * k / t_pyro
-                    pyro_cells = [f"{1e3 * t_pyro:.2f} (n={n_pyro})", f"{rate_pyro:,.0f}", f"{t_pyro / t_rws:.2f}x"]
-            row = [LABELS[name], str(k), f"{1e3 * t_rws:.2f} (n={n_rws})", f"{rate_rws:,.0f}", *pyro_cells, roof]
-            rows.append(row)
-            print("| " + " | ".join(row[:-1]) + " |", flush=True)
+            fns = {"eager": rws_step_fn(copy.deepcopy(base), x, k, compile=False)}
+            if not args.no_compile:
+                fns["compiled"] = rws_step_fn(copy.deepcopy(base), x, k, compile=True)
+            if name == "sbn" and not args.no_pyro and k > 1:  # Pyro's RWS asserts K > 1
+                fns["pyro"] = pyro_step_fn(copy.deepcopy(base), x, k)
+            timings = dict(zip(fns, time_steps(list(fns.values()), args.steps, args.warmup, args.budget)))
+            cells = [LABELS[name], str(k)]
+            for variant in ("eager", "compiled", "pyro"):
+                if variant in timings:
+                    seconds, count = timings[variant]
+                    cells += [f"{1e3 * seconds:.2f} (n={count})", f"{BATCH * k / seconds:,.0f}"]
+                else:
+                    cells += ["-", "-"]
+            for variant in ("eager", "compiled"):
+                pyro = timings.get("pyro")
+                cells.append(f"{pyro[0] / timings[variant][0]:.2f}x" if pyro and variant in timings else "-")
+            flops = sbn_step_flops(SBN_SIZES, BATCH, k) if name == "sbn" else None
+            rows.append((cells, flops, [timings[v][0] for v in ("eager", "compiled") if v in timings]))
+            print("| " + " | ".join(cells) + " |", flush=True)
 
     peak_after = matmul_peak()
     load_after = load_average()
     peak = max(peak_before, peak_after)  # the higher median: the conservative roofline
-    for row in rows:
-        if row[-1] != "-":
-            flops, t_rws = row[-1]
-            row[-1] = f"{100 * flops / peak / t_rws:.1f}% ({flops / 1e9:.3f} GFLOP)"
-    rows = ["| " + " | ".join(row) + " |" for row in rows]
+    lines = []
+    for cells, flops, seconds in rows:
+        roof = " / ".join(f"{100 * flops / peak / t:.1f}%" for t in seconds) + f" ({flops / 1e9:.3f} GFLOP)" if flops else "-"
+        lines.append("| " + " | ".join([*cells, roof]) + " |")
     header = (
-        "| model | K | rws step ms (median, n) | rws points x samples/s | Pyro RWS step ms (median, n) "
-        "| Pyro points x samples/s | rws speed-up over Pyro | roofline fraction (step FLOPs) |\n"
-        "|---|---|---|---|---|---|---|---|"
+        "| model | K | rws eager step ms (median, n) | eager points x samples/s | rws compiled step ms (median, n) "
+        "| compiled points x samples/s | Pyro RWS step ms (median, n) | Pyro points x samples/s "
+        "| eager speed-up over Pyro | compiled speed-up over Pyro | roofline fraction eager / compiled (step FLOPs) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
     )
-    table = header + "\n" + "\n".join(rows)
+    table = header + "\n" + "\n".join(lines)
     print()
     print(table)
     meta = (

@@ -113,3 +113,32 @@ def test_top_level_help_lists_commands(tmp_path):
     assert result.returncode == 0
     for command in ("fit", "eval", "sample"):
         assert f"\n  {command} " in result.stdout
+
+
+def test_eval_with_100000_samples_stays_within_4_gb(tmp_path):
+    """`rws eval --num-samples 100000` on SBN 784-200-200-10 (the issue's memory bound): the samples are
+    drawn in chunks, so the process peaks far below 4 GB (without chunking, [K, B, 784] alone is 1.25 GB
+    per tensor here). The child reports its own peak RSS; the estimate must still be a log-probability."""
+    from lightning_modules.module import RWSModule
+
+    torch.manual_seed(0)
+    module = RWSModule(layer_sizes=[784, 200, 200, 10])
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, tmp_path / "sbn.pt")
+    child = (
+        "import resource, sys\n"
+        "from lightning_modules.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+        "sys.exit(code)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", child, "eval", "--checkpoint", str(tmp_path / "sbn.pt"), "--num-samples", "100000",
+         "--max-points", "4", "--batch-size", "4", "--json"],
+        cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["num_samples"] == 100_000 and report["num_points"] == 4
+    assert -784 < report["log_likelihood"] < 0
+    peak_gb = int(next(line.split()[1] for line in result.stderr.splitlines() if line.startswith("MAXRSS_KB"))) / 2**20
+    assert peak_gb < 4, f"rws eval at K=100000 peaked at {peak_gb:.2f} GiB"

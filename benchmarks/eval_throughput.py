@@ -1,0 +1,81 @@
+"""`rws eval` at K = 100000: throughput and peak memory, for the 10k-point MNIST test set.
+
+    python benchmarks/eval_throughput.py CHECKPOINT [--points 100] [--num-samples 100000] [--threads 2] [--no-append]
+
+Runs `rws eval --num-samples K --max-points N --json` in a child process (the real command, its
+chunked estimator and data loading) and reports its wall time, data points x samples per second
+and peak resident memory (the child's ru_maxrss). The estimator draws the K samples of each batch
+in chunks sized from a fixed activation budget and keeps one running logsumexp per point, so memory
+does not grow with K or with the number of points: the peak on N points is the peak on all 10k,
+and the full test set takes 10000 / N times as long. The table is appended to RESULTS.md.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "binarized_mnist.npz"
+HEADING = "## rws eval at K = 100000 (issue 8)"
+CHILD = (
+    "import resource, sys, torch\n"
+    "torch.set_num_threads(int(sys.argv[1]))\n"
+    "from lightning_modules.cli import main\n"
+    "code = main(sys.argv[2:])\n"
+    "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a trained SBN 784-200-200-10 checkpoint (file or run directory)")
+    parser.add_argument("--points", type=int, default=100, help="first N test points")
+    parser.add_argument("--num-samples", type=int, default=100_000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--no-append", action="store_true")
+    args = parser.parse_args(argv)
+
+    command = [
+        "eval", "--checkpoint", args.checkpoint, "--num-samples", str(args.num_samples), "--split", "test",
+        "--max-points", str(args.points), "--data-path", args.data, "--json",
+    ]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, str(args.threads), *command], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        sys.exit(f"rws eval failed:\n{result.stderr[-3000:]}")
+    estimate = json.loads(result.stdout.strip().splitlines()[-1])
+    peak_kb = int(next(line.split()[1] for line in result.stderr.splitlines() if line.startswith("MAXRSS_KB")))
+    rate = estimate["num_points"] * args.num_samples / estimate["seconds"]
+    full_hours = 10_000 * args.num_samples / rate / 3600
+    rows = [
+        "| K | points | threads | test LL (nats) | stderr | wall s | points x samples/s | peak RSS | 10k test points (extrapolated) |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {args.num_samples} | {estimate['num_points']} | {args.threads} | {estimate['log_likelihood']:.2f} "
+        f"| {estimate['stderr']:.2f} | {estimate['seconds']:.1f} | {rate:,.0f} | {peak_kb / 2**20:.2f} GiB | {full_hours:.1f} h |",
+    ]
+    meta = (
+        f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}; machine: {os.cpu_count()} CPUs, "
+        f"{platform.processor() or platform.machine()}, python {platform.python_version()}; load average {os.getloadavg()[0]:.2f}\n"
+        f"- checkpoint: `{args.checkpoint}`\n"
+        f"- command: `python {shlex.join(['benchmarks/eval_throughput.py', *(argv if argv is not None else sys.argv[1:])])}` "
+        f"(runs `rws {shlex.join(command)}` with {args.threads} torch threads)\n"
+    )
+    table = "\n".join(rows)
+    print(meta + "\n" + table)
+    if not args.no_append:
+        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
+            f.write(f"\n{HEADING}\n\n{meta}\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
