@@ -3,10 +3,15 @@
     rws fit --config configs/sbn_200_200_10.yaml [--model.num_samples 10 ...]
     rws eval --checkpoint PATH --num-samples 5000 --split test [--json]
     rws sample --checkpoint PATH --num 64 --out samples.png
+
+Other packages add commands through the `rws.commands` entry-point group (NAME = "module:main",
+main(argv) -> exit code), e.g. `rws tune` from the `tune` package, which imports this one, never
+the reverse.
 """
 
 import os
 import sys
+from importlib.metadata import entry_points
 
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
@@ -21,7 +26,7 @@ from lightning_modules.module import RWSModule
 
 TOOLS = {"eval": eval_main, "sample": sample_main, "data": data_main, "checkpoint": checkpoint_main}
 
-USAGE = """usage: rws {fit,validate,test,eval,sample,data,checkpoint} ...
+USAGE = """usage: rws {fit,validate,test,eval,sample,data,checkpoint,tune} ...
 
 Reweighted Wake-Sleep training of Helmholtz machines.
 
@@ -33,6 +38,7 @@ commands:
   sample     write a grid image of model samples
   data       dataset tools: `rws data prepare` writes WebDataset shards (see docs/data.md)
   checkpoint checkpoint tools: `rws checkpoint consolidate DIR OUT.pt`, `verify DIR`, `list DIR`
+  tune       hyperparameter search with Ray Tune: `rws tune --config configs/tune/debug.yaml` (see docs/tune.md)
 
 `rws COMMAND --help` shows a command's options; `rws fit ... --dry-run` prints the resolved
 config and process layout without training (see docs/cluster.md)."""
@@ -83,6 +89,12 @@ def cli_kwargs() -> dict:
     )
 
 
+def plugin_command(name: str):
+    """The main(argv) of command `name` from the `rws.commands` entry-point group, or None."""
+    found = entry_points(group="rws.commands", name=name)
+    return next(iter(found)).load() if found else None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `rws` console script; `argv` defaults to the command line.
 
@@ -97,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[0] in TOOLS:
             return TOOLS[argv[0]](argv[1:])
+        plugin = plugin_command(argv[0]) if argv[0] not in ("fit", "validate", "test") else None
+        if plugin is not None:
+            return plugin(argv[1:])
         if argv[0] == "fit" and "--dry-run" in argv:
             from lightning_modules.launch import dry_run  # config and process layout, no training
 

@@ -1,0 +1,71 @@
+"""`rws tune`: hyperparameter search over `rws fit` configs with Ray Tune (see docs/tune.md).
+
+    rws tune --config configs/tune/debug.yaml [--address HOST:6379] [--resume] [--num-trials N]
+             [--name NAME] [--space.model.p_lr '{loguniform: [1e-4, 1e-2]}'] [--fixed.trainer.max_epochs 5] ...
+
+Registered as the `tune` command of the `rws.commands` entry-point group; `rws` turns a
+ValueError/FileNotFoundError/KeyError into one line `rws tune: error: ...` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import yaml
+
+from tune.results import COLUMNS, markdown_table, trial_rows, write_results
+from tune.space import SearchConfigError, load_spec
+
+EPILOG = """Any setting of the search YAML can be overridden as --KEY VALUE (VALUE is YAML), with dotted
+keys inside sections: --space.depth '{choice: [1, 2]}', --space.model.q_lr null (drop from the
+space), --fixed.trainer.max_epochs 5, --scheduler.grace_period 2, --searcher random."""
+
+
+def parse_overrides(rest: list[str]) -> list[tuple[str, Any]]:
+    """`--KEY VALUE` pairs after the known options -> [(KEY, YAML value)]."""
+    overrides = []
+    items = iter(rest)
+    for item in items:
+        if not item.startswith("--") or len(item) == 2:
+            raise SearchConfigError(f"unexpected argument {item!r}: settings are given as --KEY VALUE")
+        key, _, value = item[2:].partition("=")
+        if not _:
+            value = next(items, None)
+            if value is None:
+                raise SearchConfigError(f"--{key} needs a value")
+        overrides.append((key.replace("-", "_"), yaml.safe_load(value)))  # --storage-path = --storage_path
+    return overrides
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="rws tune", description=__doc__.split("\n")[0], epilog=EPILOG, allow_abbrev=False
+    )
+    parser.add_argument("--config", required=True, help="the search YAML (e.g. configs/tune/debug.yaml)")
+    parser.add_argument("--address", help="join the Ray cluster at HOST:PORT (default: start Ray on this machine)")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted experiment of this name")
+    parser.add_argument("--num-trials", type=int, help="trials to run (overrides num_trials)")
+    args, rest = parser.parse_known_args(argv)
+    overrides = parse_overrides(rest)
+    if args.num_trials is not None:
+        overrides.append(("num_trials", args.num_trials))
+    spec = load_spec(args.config, overrides)
+
+    # Imported here: Ray and Lightning take seconds to import, and --help needs neither.
+    from tune.experiment import experiment_dir, run
+    from tune.trial import check_fit_configs
+
+    check_fit_configs(spec)
+    print(f"rws tune: experiment {experiment_dir(spec)}, {spec.num_trials} trials", flush=True)
+    results = run(spec, args.address, args.resume)
+    rows = trial_rows(results, spec)
+    paths = write_results(rows, spec, experiment_dir(spec))
+    print("\n" + markdown_table(rows[:5], [*COLUMNS, *spec.space]), end="")
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    unfinished = spec.num_trials - results.num_terminated - results.num_errors
+    if unfinished:
+        print(f"rws tune: stopped with {unfinished} trial(s) unfinished; continue with --resume", flush=True)
+        return 130
+    return 0

@@ -1,0 +1,190 @@
+"""Ray start-up and the Tuner of `rws tune`: ASHA, Optuna's TPE, retries, resuming, progress lines.
+
+- Ray: a local instance with this machine's CPUs by default, or an existing cluster (`address`).
+- Search: `SearchSpec.space` as Ray domains, sampled by Optuna's TPE (or at random), trials run by
+  `trial.run_trial` with `resources_per_trial`, stopped early by ASHA on val/log_likelihood
+  (one report per epoch, so ASHA's time unit is the epoch).
+- Faults: a failed trial is retried up to `max_failures` times from its last checkpoint
+  (FailureConfig). Ray saves the experiment's state (trials, searcher, scheduler) under
+  `storage_path/name`; `resume=True` continues it with `Tuner.restore`: finished trials stay
+  finished, unfinished and errored ones continue from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import ray
+import yaml
+from ray import tune
+
+from tune.space import SearchConfigError, SearchSpec
+from tune.trial import COORDINATOR_CPU, METRIC, run_trial, trial_dir_name
+
+SEARCH_FILE = "search.yaml"  # the search (base config inlined) an experiment was started with
+
+
+def experiment_dir(spec: SearchSpec) -> Path:
+    return Path(spec.storage_path) / spec.name
+
+
+def init_ray(address: str | None) -> None:
+    """Join the cluster at `address`, or start Ray on this machine with all its CPUs (and GPUs)."""
+    # ProgressLines prints one line per trial event: no Ray tables (its newer output engine ignores
+    # verbose=0), no warning about frequent state snapshots (num_to_keep=1 forces one per report,
+    # which keeps the saved state current for --resume), trial output only in Ray's logs.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # The dashboard (on 127.0.0.1) stays on: Ray Train V2 frees a stopped trial's workers only after
+    # its state API confirms that the trial's TorchTrainer is gone.
+    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+
+
+def trainable(spec: SearchSpec):
+    """run_trial with the search bound and the resources that one trial holds."""
+    resources = spec.resources_per_trial
+    if spec.workers_per_trial > 1:
+        held = {"CPU": COORDINATOR_CPU}  # the workers get the rest: trial.worker_resources
+    else:
+        held = {"CPU": resources.get("cpu", 1), "GPU": resources.get("gpu", 0) or int(spec.use_gpu)}
+    return tune.with_resources(tune.with_parameters(run_trial, spec=spec.to_dict()), held)
+
+
+def param_space(spec: SearchSpec) -> dict:
+    """The space as Ray domains, keyed by the YAML's (dotted) keys."""
+    domains = {
+        "choice": tune.choice,
+        "uniform": tune.uniform,
+        "loguniform": tune.loguniform,
+        "randint": lambda low, high: tune.randint(low, high + 1),  # Ray excludes the upper bound
+    }
+    return {
+        key: domains[kind](args) if kind == "choice" else domains[kind](*args)
+        for key, (kind, args) in spec.space.items()
+    }
+
+
+def searcher(spec: SearchSpec):
+    if spec.searcher == "random":
+        return tune.search.BasicVariantGenerator(random_state=spec.seed)
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # TPE models the results once it has a few; Optuna's default of 10 random trials first would
+    # leave a small search purely random.
+    startup = max(2, min(10, spec.num_trials // 3))
+    return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=startup))
+
+
+def trial_dirname(trial) -> str:
+    return trial_dir_name(trial.trial_id)  # Ray's default name lists every sampled value
+
+
+class ProgressLines(tune.Callback):
+    """One line per trial event (start, each epoch's result, end, failure), not Ray's tables."""
+
+    def __init__(self, num_trials: int):
+        self.num_trials = num_trials
+
+    def _status(self, trials) -> str:
+        finished = sum(trial.status in ("TERMINATED", "ERROR") for trial in trials)
+        best = [
+            (trial.metric_analysis[METRIC]["max"], trial.trial_id)
+            for trial in trials
+            if METRIC in trial.metric_analysis
+        ]
+        text = f"[{finished}/{self.num_trials} done"
+        return text + (f", best {max(best)[0]:.2f} ({max(best)[1]})]" if best else "]")
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        values = ", ".join(
+            f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
+            for key, value in trial.config.items()
+        )
+        print(f"{self._status(trials)} trial {trial.trial_id} started: {values}", flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if METRIC in result:
+            print(
+                f"{self._status(trials)} trial {trial.trial_id} epoch {result.get('epoch')}: {METRIC} {result[METRIC]:.2f}",
+                flush=True,
+            )
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        epochs = trial.last_result.get("training_iteration", 0)
+        print(f"{self._status(trials)} trial {trial.trial_id} finished after {epochs} epoch(s)", flush=True)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        print(f"{self._status(trials)} trial {trial.trial_id} failed; retrying from its last checkpoint", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"{self._status(trials)} trial {trial.trial_id} failed for good: see {trial.path}/error.txt", flush=True)
+
+
+def new_tuner(spec: SearchSpec) -> tune.Tuner:
+    scheduler = tune.schedulers.ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=spec.max_epochs or 100,
+        grace_period=spec.scheduler["grace_period"],
+        reduction_factor=spec.scheduler["reduction_factor"],
+    )
+    return tune.Tuner(
+        trainable(spec),
+        param_space=param_space(spec),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            search_alg=searcher(spec),
+            scheduler=scheduler,
+            num_samples=spec.num_trials,
+            max_concurrent_trials=spec.max_concurrent_trials,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=spec.name,
+            storage_path=str(experiment_dir(spec).parent),
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the latest: where a retry resumes
+            callbacks=[ProgressLines(spec.num_trials)],
+            verbose=0,
+        ),
+    )
+
+
+def prepare(spec: SearchSpec, resume: bool) -> Path:
+    """Check that the experiment can start (new) or resume (same search); returns its directory."""
+    directory = experiment_dir(spec)
+    stored = directory / SEARCH_FILE
+    if not resume:
+        if directory.exists() and any(directory.iterdir()):
+            raise SearchConfigError(f"experiment {directory} exists: add --resume to continue it, or give a new --name")
+        directory.mkdir(parents=True, exist_ok=True)
+        stored.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+        return directory
+    if not stored.is_file() or not tune.Tuner.can_restore(str(directory)):
+        raise FileNotFoundError(f"--resume: no experiment to resume at {directory}")
+    before, now = yaml.safe_load(stored.read_text()), spec.to_dict()
+    if before != now:
+        changed = [key for key in now["settings"] if before["settings"].get(key) != now["settings"][key]]
+        what = f"setting {changed[0]!r}" if changed else "base config"
+        raise SearchConfigError(f"--resume: the {what} differs from the one {directory} was started with ({stored})")
+    return directory
+
+
+def run(spec: SearchSpec, address: str | None, resume: bool) -> tune.ResultGrid:
+    """Run (or resume) the search to its end; Ctrl-C stops it with its state saved."""
+    directory = prepare(spec, resume)
+    init_ray(address)
+    try:
+        if resume:
+            tuner = tune.Tuner.restore(
+                str(directory), trainable=trainable(spec), resume_unfinished=True, resume_errored=True
+            )
+        else:
+            tuner = new_tuner(spec)
+        return tuner.fit()
+    finally:
+        ray.shutdown()

@@ -1,0 +1,80 @@
+"""The results of a search: a table of trials sorted by val/log_likelihood, and the best config.
+
+In the experiment directory: `trials.csv` and `trials.md` (one row per trial, best first), and
+`best.yaml`, the fit config of the best trial, which `rws fit --config best.yaml` trains again.
+A trial's score is its best reported val/log_likelihood (ASHA stops some trials after fewer
+epochs, so the table also gives the epoch of that value and the epochs run).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray import tune
+
+from tune.space import SearchSpec, plain
+from tune.trial import CHECKPOINT_FILE, METRIC
+
+COLUMNS = ("rank", "trial", "status", METRIC, "best_epoch", "epochs")
+
+
+def trial_rows(results: tune.ResultGrid, spec: SearchSpec) -> list[dict[str, Any]]:
+    """One row per trial: score, epochs, status, sampled values, checkpoint; best first, failures last."""
+    rows = []
+    for result in results:
+        history = result.metrics_dataframe
+        reported = history is not None and METRIC in history
+        scores = history[METRIC].dropna() if reported else []
+        best = scores.idxmax() if len(scores) else None
+        row = {
+            "trial": (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix("trial_"),
+            "status": "error" if result.error else "ok",
+            METRIC: float(scores[best]) if best is not None else math.nan,
+            "best_epoch": int(history["epoch"][best]) if best is not None else None,
+            "epochs": len(scores),
+            **{key: plain(result.config.get(key)) for key in spec.space},
+            "checkpoint": str(Path(result.checkpoint.path) / CHECKPOINT_FILE) if result.checkpoint else "",
+        }
+        rows.append(row)
+    rows.sort(key=lambda row: -row[METRIC] if not math.isnan(row[METRIC]) else math.inf)
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return [{key: row[key] for key in (*COLUMNS, *spec.space, "checkpoint")} for row in rows]
+
+
+def _cell(key: str, value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.2f}" if key == METRIC else f"{value:.3g}"
+    return "" if value is None else str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    columns = columns or [key for key in rows[0] if key != "checkpoint"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(key, row[key]) for key in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(rows: list[dict[str, Any]], spec: SearchSpec, directory: Path) -> dict[str, Path]:
+    """Write trials.csv, trials.md and (when a trial reported a score) best.yaml; returns their paths."""
+    paths = {"csv": directory / "trials.csv", "markdown": directory / "trials.md"}
+    with paths["csv"].open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    paths["markdown"].write_text(markdown_table(rows))
+    best = rows[0]
+    if not math.isnan(best[METRIC]):
+        sampled = {key: best[key] for key in spec.space}
+        header = (
+            f"# Best of {len(rows)} trials of `rws tune` experiment {spec.name!r}: trial {best['trial']},\n"
+            f"# {METRIC} {best[METRIC]:.3f} at epoch {best['best_epoch']}. Sampled: {sampled}\n"
+            f"# rws fit --config {directory / 'best.yaml'}\n"
+        )
+        paths["best"] = directory / "best.yaml"
+        paths["best"].write_text(header + yaml.safe_dump(spec.fit_config(sampled), sort_keys=False))
+    return paths

@@ -1,0 +1,315 @@
+"""The search YAML of `rws tune`: a base `rws fit` config, fixed overrides, a search space, a budget.
+
+    base_config: ../debug.yaml          # a config that `rws fit --config` accepts (relative to this file)
+    fixed: {trainer.max_epochs: 3}      # dotted `rws fit` keys set in every trial
+    space:                              # dotted `rws fit` keys (or depth/width/top_width) -> a distribution
+      depth: {choice: [1, 2, 3, 4]}     # latent layers
+      width: {choice: [50, 100, 200]}   # units per latent layer -> model.layer_sizes
+      model.p_lr: {loguniform: [1.0e-4, 3.0e-2]}
+    num_trials: 8
+
+A trial's fit config is the base config, then `fixed`, then the sampled values (`fit_config`):
+the exported best config is exactly what that trial trained with. Every key of SETTINGS below
+can be overridden from the command line as `--KEY VALUE` (VALUE is YAML), with dotted keys for
+the sections: `--space.model.p_lr '{loguniform: [1e-4, 1e-2]}'`, `--fixed.trainer.max_epochs 5`,
+`--scheduler.grace_period 2`; `--space.KEY null` drops a key from the space.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class SearchConfigError(ValueError):
+    """A bad search YAML or setting; `rws` prints it as one line and exits with code 2."""
+
+
+# Derived keys: they set model.layer_sizes = [D, width, ..., width, top_width] (`depth` latent layers).
+DERIVED = ("depth", "width", "top_width")
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")  # randint: both bounds included
+SECTIONS = ("fixed", "space")  # their keys are whole dotted fit keys, not nested YAML paths
+
+# Every top-level key of the search YAML, with its default.
+SETTINGS: dict[str, Any] = {
+    "name": None,  # the experiment directory under storage_path (default: the YAML file's stem)
+    "storage_path": "runs/tune",  # where experiments live; a shared filesystem on a cluster
+    "base_config": None,  # the `rws fit` YAML every trial starts from
+    "fixed": {},
+    "space": None,
+    "num_trials": None,
+    "searcher": "optuna",  # 'optuna' (TPE) or 'random'
+    "seed": 0,  # of the searcher
+    "scheduler": {"grace_period": 1, "reduction_factor": 2},  # ASHA on val/log_likelihood, in epochs
+    "max_concurrent_trials": None,  # None: as many as the resources allow
+    "resources_per_trial": {"cpu": 1, "gpu": 0},  # a trial's total, split evenly over its workers
+    "workers_per_trial": 1,  # >1: data-parallel training processes per trial (Ray Train TorchTrainer)
+    "sample_parallel": 1,  # model.sample_parallel: workers that share each minibatch's K samples
+    "use_gpu": False,  # train on GPUs: one per worker unless resources_per_trial.gpu says otherwise
+    "max_failures": 2,  # retries of a failed trial, each from its last checkpoint
+}
+REQUIRED = ("base_config", "space", "num_trials")
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """tree['a']['b'] = value for key 'a.b', creating the intermediate dicts."""
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[leaf] = value
+
+
+def get_dotted(tree: dict, key: str, default: Any = None) -> Any:
+    node = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def plain(value: Any) -> Any:
+    """A numpy scalar (as Ray's random sampler draws them) as the Python value YAML can write."""
+    return value.item() if hasattr(value, "item") and not isinstance(value, (list, dict)) else value
+
+
+def _number(value: Any, key: str) -> float:
+    # Why float(): YAML 1.1 reads `1e-4` (no dot) as a string.
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SearchConfigError(f"space.{key}: bounds must be numbers, got {value!r}") from None
+    if not math.isfinite(number):
+        raise SearchConfigError(f"space.{key}: bounds must be finite, got {value!r}")
+    return number
+
+
+def parse_distribution(key: str, spec: Any) -> tuple[str, list]:
+    """A space entry {KIND: ARGS} -> (KIND, checked ARGS): choice values, or [low, high] bounds."""
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+        raise SearchConfigError(f"space.{key}: expected one of {{{': ..., '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}")
+    kind, args = next(iter(spec.items()))
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise SearchConfigError(f"space.{key}: choice needs a non-empty list, got {args!r}")
+        if any(isinstance(value, (list, dict)) for value in args):
+            raise SearchConfigError(
+                f"space.{key}: choice values must be scalars (the searcher needs them), got {args!r}"
+            )
+        return kind, list(args)
+    if not isinstance(args, list) or len(args) != 2:
+        raise SearchConfigError(f"space.{key}: {kind} needs [low, high], got {args!r}")
+    low, high = (_number(value, key) for value in args)
+    if not low < high or (kind == "loguniform" and low <= 0):
+        raise SearchConfigError(
+            f"space.{key}: {kind} needs {'0 < ' if kind == 'loguniform' else ''}low < high, got {args!r}"
+        )
+    if kind == "randint":
+        if not (low.is_integer() and high.is_integer()):
+            raise SearchConfigError(f"space.{key}: randint bounds must be integers, got {args!r}")
+        return kind, [int(low), int(high)]
+    return kind, [low, high]
+
+
+def _positive_int(raw: dict, key: str) -> int:
+    value = raw[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SearchConfigError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+@dataclass
+class SearchSpec:
+    """A checked search YAML (plus command-line overrides), the base fit config read in."""
+
+    settings: dict[str, Any]  # SETTINGS keys -> values
+    base: dict[str, Any]  # the base fit config's content
+    space: dict[str, tuple[str, list]] = field(init=False)  # key -> (distribution, args)
+
+    def __post_init__(self):
+        self.space = {key: parse_distribution(key, spec) for key, spec in self.settings["space"].items()}
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["settings"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def fit_config(self, sampled: dict[str, Any]) -> dict[str, Any]:
+        """The `rws fit` config of a trial: base, then `fixed`, then the sampled values."""
+        config = copy.deepcopy(self.base)
+        values = {**self.settings["fixed"], **{key: plain(value) for key, value in sampled.items()}}
+        derived = {key: values.pop(key) for key in DERIVED if key in values}
+        for key, value in values.items():
+            set_dotted(config, key, value)
+        if derived:
+            top = derived.get("top_width", derived["width"])
+            input_size = get_dotted(config, "model.layer_sizes", [784])[0]
+            set_dotted(config, "model.layer_sizes", [input_size] + [derived["width"]] * (derived["depth"] - 1) + [top])
+        if self.sample_parallel > 1:
+            set_dotted(config, "model.sample_parallel", self.sample_parallel)
+        if self.workers_per_trial > 1:
+            # What the trial ran as, on one node: `rws fit --config best.yaml` repeats it.
+            set_dotted(config, "trainer.devices", self.workers_per_trial)
+            set_dotted(config, "trainer.strategy", "ddp")
+        if self.use_gpu:
+            set_dotted(config, "trainer.accelerator", "gpu")
+        return config
+
+    def corner_samples(self) -> list[tuple[str | None, dict[str, Any]]]:
+        """(key, sample) pairs that together visit every choice and both bounds of every range.
+
+        The first sample takes each key's first value (key None); each next one changes one key.
+        Building each sample's fit config checks the whole space before any trial starts.
+        """
+        first = {key: args[0] for key, (kind, args) in self.space.items()}
+        samples: list[tuple[str | None, dict[str, Any]]] = [(None, first)]
+        for key, (kind, args) in self.space.items():
+            samples += [(key, {**first, key: value}) for value in args[1:]]
+        return samples
+
+    @property
+    def max_epochs(self) -> int | None:
+        epochs = self.settings["fixed"].get("trainer.max_epochs", get_dotted(self.base, "trainer.max_epochs"))
+        return epochs if isinstance(epochs, int) and epochs > 0 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Self-contained (the base config inlined): stored with an experiment, compared on --resume."""
+        return {"settings": self.settings, "base": self.base}
+
+    @classmethod
+    def from_dict(cls, stored: dict[str, Any]) -> SearchSpec:
+        return cls(stored["settings"], stored["base"])
+
+
+def apply_override(raw: dict, key: str, value: Any) -> None:
+    """One `--KEY VALUE` from the command line; `space.`/`fixed.` keys keep their dotted rest whole."""
+    section, _, rest = key.partition(".")
+    if section not in SETTINGS:
+        raise SearchConfigError(f"--{key}: unknown setting {section!r}; known: {', '.join(SETTINGS)}")
+    if section in SECTIONS and rest:
+        entries = dict(raw.get(section) or {})
+        if value is None:
+            entries.pop(rest, None)
+        else:
+            entries[rest] = value
+        raw[section] = entries
+    elif rest:
+        set_dotted(raw, key, value)
+    else:
+        raw[key] = value
+
+
+def load_spec(path: str | Path, overrides: list[tuple[str, Any]] = ()) -> SearchSpec:
+    """Read and check a search YAML, apply `--KEY VALUE` overrides, read its base fit config.
+
+    A relative `base_config` in the file is relative to the file; one given on the command line
+    is relative to the working directory.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"search config not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise SearchConfigError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(SETTINGS))
+    if unknown:
+        raise SearchConfigError(f"{path}: unknown setting {unknown[0]!r}; known: {', '.join(SETTINGS)}")
+    if isinstance(raw.get("base_config"), str):
+        raw["base_config"] = str(path.parent / raw["base_config"])
+    raw.setdefault("name", path.stem)
+    for key, value in overrides:
+        apply_override(raw, key, value)
+    settings = {key: copy.deepcopy(default) for key, default in SETTINGS.items()}
+    for key, value in raw.items():
+        settings[key] = (
+            {**settings[key], **value} if isinstance(settings[key], dict) and isinstance(value, dict) else value
+        )
+    settings = check_settings(settings, path)
+    if not isinstance(settings["storage_path"], str):
+        raise SearchConfigError(f"storage_path must be a directory path, got {settings['storage_path']!r}")
+    # Absolute: trials run in other directories; on a cluster it must be a shared filesystem.
+    settings["storage_path"] = str(Path(settings["storage_path"]).expanduser().resolve())
+    if isinstance(settings["fixed"].get("data.path"), str):
+        settings["fixed"]["data.path"] = absolute_data_path(settings["fixed"]["data.path"], "fixed.data.path")
+    return SearchSpec(settings, read_base_config(settings["base_config"]))
+
+
+def check_settings(settings: dict, path: Path) -> dict:
+    missing = [key for key in REQUIRED if settings[key] is None]
+    if missing:
+        raise SearchConfigError(f"{path}: missing setting {missing[0]!r}")
+    name = settings["name"]
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise SearchConfigError(f"name must be a directory name (no '/'), got {name!r}")
+    for section in SECTIONS:
+        if not isinstance(settings[section], dict):
+            raise SearchConfigError(f"{section} must be a mapping of dotted rws fit keys, got {settings[section]!r}")
+    if not settings["space"]:
+        raise SearchConfigError("space is empty: nothing to search")
+    both = sorted(set(settings["fixed"]) & set(settings["space"]))
+    if both:
+        raise SearchConfigError(f"{both[0]!r} is both in fixed and in space")
+    keys = set(settings["fixed"]) | set(settings["space"])
+    if keys & set(DERIVED):
+        if not {"depth", "width"} <= keys:
+            raise SearchConfigError("depth and width go together (in fixed or space): they set model.layer_sizes")
+        if "model.layer_sizes" in keys:
+            raise SearchConfigError("give either depth/width or model.layer_sizes, not both")
+    for key in ("num_trials", "workers_per_trial", "sample_parallel"):
+        _positive_int(settings, key)
+    if isinstance(settings["seed"], bool) or not isinstance(settings["seed"], int) or settings["seed"] < 0:
+        raise SearchConfigError(f"seed must be an integer >= 0, got {settings['seed']!r}")
+    if settings["searcher"] not in ("optuna", "random"):
+        raise SearchConfigError(f"searcher must be 'optuna' or 'random', got {settings['searcher']!r}")
+    if settings["workers_per_trial"] % settings["sample_parallel"]:
+        raise SearchConfigError(
+            f"sample_parallel ({settings['sample_parallel']}) must divide workers_per_trial ({settings['workers_per_trial']})"
+        )
+    resources = settings["resources_per_trial"]
+    if set(resources) - {"cpu", "gpu"} or not all(isinstance(v, (int, float)) and v >= 0 for v in resources.values()):
+        raise SearchConfigError(f"resources_per_trial must be {{cpu: N, gpu: N}} with N >= 0, got {resources!r}")
+    if resources.get("gpu", 0) > 0 and not settings["use_gpu"]:
+        raise SearchConfigError("resources_per_trial.gpu > 0 needs use_gpu: true")
+    if settings["max_concurrent_trials"] is not None:
+        _positive_int(settings, "max_concurrent_trials")
+    if isinstance(settings["max_failures"], bool) or not isinstance(settings["max_failures"], int):
+        raise SearchConfigError(
+            f"max_failures must be an integer (-1: retry forever), got {settings['max_failures']!r}"
+        )
+    return settings
+
+
+def read_base_config(path: Any) -> dict:
+    if not isinstance(path, str):
+        raise SearchConfigError(f"base_config must be the path of an rws fit YAML, got {path!r}")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"base_config not found: {path}")
+    base = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(base, dict):
+        raise SearchConfigError(
+            f"base_config {path}: expected a mapping (an rws fit config), got {type(base).__name__}"
+        )
+    if isinstance(get_dotted(base, "data.path"), str):
+        set_dotted(base, "data.path", absolute_data_path(get_dotted(base, "data.path"), f"{path}: data.path"))
+    return base
+
+
+def absolute_data_path(data_path: str, where: str) -> str:
+    """The data file `rws fit` would read from here, as an absolute path; it must exist.
+
+    Why absolute: trials run in their own directories (and, on a cluster, on other nodes).
+    """
+    resolved = Path(data_path).expanduser().resolve()
+    if not resolved.exists():
+        raise FileNotFoundError(f"{where}: data not found: {data_path}")
+    return str(resolved)

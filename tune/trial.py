@@ -1,0 +1,214 @@
+"""One trial of `rws tune`: sampled values -> the trial's `rws fit` config -> training, reported to Tune.
+
+A trial builds model, data and Trainer from its fit config (`SearchSpec.fit_config`) with `rws
+fit`'s own LightningCLI (`RWSLightningCLI` with `cli_kwargs()`), so it trains exactly as
+`rws fit --config` on that config would. Only the RUNTIME settings below are added (the trial's
+directory, no progress bar, no checkpoints besides the ones handed to Ray); they are never
+exported. Lightning's SaveConfigCallback writes the resolved config into the trial's log directory.
+
+- `workers_per_trial == 1`: the Lightning Trainer runs inside the Tune trial. `ReportToRay`
+  reports val/log_likelihood and a Lightning checkpoint at each epoch end (`ray.tune.report`);
+  a retried trial resumes from `ray.tune.get_checkpoint()`.
+- `workers_per_trial > 1`: the trial fits a Ray Train `TorchTrainer` of that many workers, each
+  running the same Trainer with Ray's DDP strategy (Ray 2.60 runs Train V2, where a Tune trial
+  builds and fits the TorchTrainer). The workers report with `ray.train.report`;
+  `TuneReportCallback` forwards each report to Tune. A retried trial re-creates the TorchTrainer
+  under the same name and storage path, which makes Ray Train restore its latest checkpoint
+  (`ray.train.get_checkpoint()` in the workers).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from argparse import ArgumentError
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import ray.train
+import ray.tune
+import torch
+from pytorch_lightning.callbacks import Checkpoint
+
+from lightning_modules.cli import RWSLightningCLI, cli_kwargs
+from tune.space import SearchConfigError, SearchSpec, set_dotted
+
+METRIC = "val/log_likelihood"  # what the searcher and the scheduler maximize
+CHECKPOINT_FILE = "checkpoint.ckpt"  # the Lightning checkpoint inside each Ray checkpoint
+ARGS_WARNING = ".*args parameter is intended to run from within Python.*"  # args is a config dict here, on purpose
+COORDINATOR_CPU = 0.01  # the Tune trial of a multi-worker trial only waits on its TorchTrainer
+
+# Trial-only fit settings: Ray keeps the checkpoints (one per reported epoch), so Lightning's own
+# and the DCP checkpoints would only duplicate them.
+RUNTIME = {
+    "trainer.enable_progress_bar": False,
+    "checkpoint.save_top_k": 0,
+    "checkpoint.save_last": False,
+    "dcp.every_n_epochs": 0,
+}
+
+
+class ReportToRay(Checkpoint):
+    """At each epoch end with a validation result: report it, with a checkpoint to resume from.
+
+    A Checkpoint callback, because Lightning runs those after the LightningModule's
+    `on_train_epoch_end` (where the LR schedulers step): the checkpoint holds the epoch's final
+    state. Under DDP every rank calls `report` (Ray Train's barrier); rank 0 writes the file.
+
+    Args:
+        report: `ray.tune.report` (in a Tune trial) or `ray.train.report` (in a Ray Train worker).
+        checkpoint_type: the matching `ray.tune.Checkpoint` or `ray.train.Checkpoint`.
+    """
+
+    def __init__(self, report: Callable, checkpoint_type: type):
+        self.report = report
+        self.checkpoint_type = checkpoint_type
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if METRIC not in trainer.callback_metrics:
+            return  # no validation this epoch (check_val_every_n_epoch > 1)
+        metrics = {
+            METRIC: float(trainer.callback_metrics[METRIC]),
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+        }
+        with tempfile.TemporaryDirectory(prefix="rws-tune-") as directory:
+            trainer.save_checkpoint(Path(directory) / CHECKPOINT_FILE)
+            checkpoint = self.checkpoint_type.from_directory(directory) if trainer.is_global_zero else None
+            self.report(metrics, checkpoint=checkpoint)  # copies the directory to the trial's storage
+
+
+class TrialCLI(RWSLightningCLI):
+    """`rws fit`'s LightningCLI on a config dict, building without running, plus trial-only extras.
+
+    Args:
+        config: the fit config (as `rws fit --config` reads it from YAML).
+        trainer_kwargs: Trainer arguments that override the config (Ray's strategy, devices).
+        callbacks: callbacks added to the configured ones.
+    """
+
+    def __init__(self, config: dict, trainer_kwargs: dict | None = None, callbacks: list | None = None):
+        self.trial_trainer_kwargs = trainer_kwargs or {}
+        kwargs = cli_kwargs()
+        kwargs["trainer_defaults"] = {**kwargs["trainer_defaults"], "callbacks": callbacks or []}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=ARGS_WARNING)
+            super().__init__(args=config, run=False, parser_kwargs={"exit_on_error": False}, **kwargs)
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        return super().instantiate_trainer(**{**self.trial_trainer_kwargs, **kwargs})
+
+
+class _ParseOnlyCLI(RWSLightningCLI):
+    """The fit parser alone: no seeding, nothing instantiated."""
+
+    def _set_seed(self) -> None:
+        return None
+
+    def instantiate_classes(self) -> None:
+        return None
+
+
+def check_fit_configs(spec: SearchSpec) -> None:
+    """Parse every corner of the space (each choice, both bounds of each range) as a fit config and
+    build its model, DataModule and callbacks (no Trainer, no data read): bad keys and values fail
+    here, naming the space key, before Ray starts."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=ARGS_WARNING)
+        parser = _ParseOnlyCLI(args={}, run=False, parser_kwargs={"exit_on_error": False}, **cli_kwargs()).parser
+    for key, sample in spec.corner_samples():
+        try:
+            parser.instantiate(parser.parse_object(spec.fit_config(sample)))
+        except (ArgumentError, ValueError, TypeError, KeyError, ImportError) as error:
+            where = "base_config + fixed" if key is None else f"space.{key} = {sample[key]!r}"
+            message = " ".join(str(error.args[0] if isinstance(error, KeyError) else error).split())
+            raise SearchConfigError(f"{where}: {message}") from error
+
+
+def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
+    """The Tune function trainable: `config` holds the sampled values, `spec` the search (SearchSpec.to_dict())."""
+    search = SearchSpec.from_dict(spec)
+    fit = search.fit_config(config)
+    set_dotted(fit, "trainer.default_root_dir", str(storage_dir(search)))
+    for key, value in RUNTIME.items():
+        set_dotted(fit, key, value)
+    cpus = search.resources_per_trial.get("cpu", 1)
+    if search.workers_per_trial == 1:
+        torch.set_num_threads(max(1, int(cpus)))  # the trial's CPU allotment, not the machine's
+        train(fit, ray.tune.get_checkpoint(), callbacks=[ReportToRay(ray.tune.report, ray.tune.Checkpoint)])
+    else:
+        fit_with_ray_train(fit, search, cpus)
+
+
+def trial_dir_name(trial_id: str) -> str:
+    return f"trial_{trial_id}"
+
+
+def storage_dir(search: SearchSpec) -> Path:
+    """This trial's directory in the experiment's storage (get_trial_dir() is a per-session staging
+    directory, gone after a restart; Lightning's logs and the Train run must outlive it)."""
+    return Path(search.storage_path) / search.name / trial_dir_name(ray.tune.get_context().get_trial_id())
+
+
+def train(fit: dict, checkpoint, trainer_kwargs: dict | None = None, callbacks: list | None = None) -> None:
+    """Build the fit config's model, data and Trainer and train, resuming from a Ray checkpoint if given."""
+    cli = TrialCLI(fit, trainer_kwargs, callbacks)
+    trainer = cli.trainer
+    if trainer_kwargs and "strategy" in trainer_kwargs:
+        from ray.train.lightning import prepare_trainer  # checks the Ray strategy and environment
+
+        trainer = prepare_trainer(trainer)
+    if checkpoint is None:
+        trainer.fit(cli.model, datamodule=cli.datamodule)
+        return
+    with checkpoint.as_directory() as directory:
+        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(Path(directory) / CHECKPOINT_FILE))
+
+
+def worker_resources(search: SearchSpec, cpus: float) -> dict[str, float]:
+    """Each worker's share of the trial's resources, less what the trial itself holds."""
+    workers = search.workers_per_trial
+    resources = {"CPU": (cpus - COORDINATOR_CPU) / workers}
+    gpus = search.resources_per_trial.get("gpu", 0) or (workers if search.use_gpu else 0)
+    if gpus:
+        resources["GPU"] = gpus / workers
+    return resources
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """The TorchTrainer's per-worker loop: the same Trainer, with Ray's DDP strategy and environment."""
+    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment
+
+    torch.set_num_threads(config["threads"])
+    trainer_kwargs = {
+        "strategy": RayDDPStrategy(),
+        "plugins": [RayLightningEnvironment()],
+        "devices": "auto",  # Ray assigns the devices; Lightning must not pick its own (docs/cluster.md)
+        "accelerator": "auto",
+    }
+    train(
+        config["fit"], ray.train.get_checkpoint(), trainer_kwargs, [ReportToRay(ray.train.report, ray.train.Checkpoint)]
+    )
+
+
+def fit_with_ray_train(fit: dict, search: SearchSpec, cpus: float) -> None:
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    resources = worker_resources(search, cpus)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"fit": fit, "threads": max(1, int(resources["CPU"]))},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=search.workers_per_trial, use_gpu=search.use_gpu, resources_per_worker=resources
+        ),
+        # The same name and storage on every attempt: a retried trial resumes the Train run.
+        run_config=ray.train.RunConfig(
+            name=f"train-trial_id={ray.tune.get_context().get_trial_id()}",
+            storage_path=str(storage_dir(search)),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
