@@ -169,7 +169,6 @@ class SearchSpec:
         """(key, sample) pairs that together visit every choice and both bounds of every range.
 
         The first sample takes each key's first value (key None); each next one changes one key.
-        Building each sample's fit config checks the whole space before any trial starts.
         """
         first = {key: args[0] for key, (kind, args) in self.space.items()}
         samples: list[tuple[str | None, dict[str, Any]]] = [(None, first)]

@@ -33,7 +33,7 @@ import torch
 from pytorch_lightning.callbacks import Checkpoint
 
 from lightning_modules.cli import RWSLightningCLI, cli_kwargs
-from tune.space import SearchConfigError, SearchSpec, set_dotted
+from tune.space import DERIVED, SearchConfigError, SearchSpec, set_dotted
 
 METRIC = "val/log_likelihood"  # what the searcher and the scheduler maximize
 CHECKPOINT_FILE = "checkpoint.ckpt"  # the Lightning checkpoint inside each Ray checkpoint
@@ -112,17 +112,22 @@ class _ParseOnlyCLI(RWSLightningCLI):
 
 
 def check_fit_configs(spec: SearchSpec) -> None:
-    """Parse every corner of the space (each choice, both bounds of each range) as a fit config and
-    build its model, DataModule and callbacks (no Trainer, no data read): bad keys and values fail
-    here, naming the space key, before Ray starts."""
+    """Parse each space key's values (each choice, both bounds of each range) into a fit config and
+    build its model, DataModule and callbacks (no Trainer, no data read): a bad key or value fails
+    here, named, before Ray starts. The keys are checked one at a time from the base config plus
+    `fixed`, so that an error names the key that causes it."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=ARGS_WARNING)
         parser = _ParseOnlyCLI(args={}, run=False, parser_kwargs={"exit_on_error": False}, **cli_kwargs()).parser
-    for key, sample in spec.corner_samples():
+    (_, first), *corners = spec.corner_samples()
+    derived = {key: value for key, value in first.items() if key in DERIVED}  # they only make sense together
+    checks = [("base_config + fixed" + (f" with {derived}" if derived else ""), derived)]
+    checks += [(f"space.{key} = {value!r}", {**derived, key: value}) for key, value in first.items() if key not in DERIVED]
+    checks += [(f"space.{key} = {sample[key]!r}", sample) for key, sample in corners]
+    for where, sample in checks:
         try:
             parser.instantiate(parser.parse_object(spec.fit_config(sample)))
         except (ArgumentError, ValueError, TypeError, KeyError, ImportError) as error:
-            where = "base_config + fixed" if key is None else f"space.{key} = {sample[key]!r}"
             message = " ".join(str(error.args[0] if isinstance(error, KeyError) else error).split())
             raise SearchConfigError(f"{where}: {message}") from error
 

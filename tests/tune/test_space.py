@@ -1,0 +1,165 @@
+"""The search YAML of `rws tune`: parsing, command-line overrides, a trial's fit config, and the
+checks that reject a bad search before Ray starts (one line naming the key or file, exit code 2)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_modules.cli import main
+from tune.experiment import param_space
+from tune.space import apply_override, load_spec, parse_distribution
+from tune.trial import check_fit_configs
+
+CONFIGS = Path(__file__).parents[2] / "configs"
+SEARCHES = sorted((CONFIGS / "tune").glob("*.yaml"))
+
+
+def write_search(tmp_path: Path, **settings) -> Path:
+    search = {
+        "base_config": str(CONFIGS / "debug.yaml"),
+        "fixed": {"trainer.max_epochs": 3},
+        "space": {
+            "depth": {"choice": [1, 3]},
+            "width": {"choice": [16, 32]},
+            "model.p_lr": {"loguniform": ["1e-4", 0.01]},
+        },
+        "num_trials": 4,
+        **settings,
+    }
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(search))
+    return path
+
+
+def test_fit_config_is_base_then_fixed_then_sampled(tmp_path):
+    spec = load_spec(write_search(tmp_path, fixed={"trainer.max_epochs": 3, "top_width": 8, "model.q_lr": 0.02}))
+    config = spec.fit_config({"depth": 3, "width": 32, "model.p_lr": 0.005})
+    base = yaml.safe_load((CONFIGS / "debug.yaml").read_text())
+    assert config["model"]["layer_sizes"] == [784, 32, 32, 8]  # depth latent layers, the top one top_width wide
+    assert config["model"]["p_lr"] == 0.005 and config["model"]["q_lr"] == 0.02
+    assert config["trainer"]["max_epochs"] == 3
+    assert config["model"]["q_update"] == base["model"]["q_update"]  # untouched keys come from the base
+    assert spec.base == base  # building a trial's config leaves the base alone
+    assert spec.fit_config({"depth": 1, "width": 16, "model.p_lr": 0.005})["model"]["layer_sizes"] == [784, 8]
+
+
+def test_bounds_written_without_a_dot_are_numbers(tmp_path):
+    spec = load_spec(write_search(tmp_path))  # YAML 1.1 reads `1e-4` as a string
+    assert spec.space["model.p_lr"] == ("loguniform", [1e-4, 0.01])
+
+
+def test_corner_samples_visit_every_choice_and_both_bounds(tmp_path):
+    spec = load_spec(write_search(tmp_path))
+    samples = [sample for _, sample in spec.corner_samples()]
+    assert {s["depth"] for s in samples} == {1, 3} and {s["width"] for s in samples} == {16, 32}
+    assert {s["model.p_lr"] for s in samples} == {1e-4, 0.01}
+    assert len(samples) == 4  # the first sample, then one change per other value
+
+
+def test_command_line_overrides(tmp_path):
+    spec = load_spec(
+        write_search(tmp_path),
+        [
+            ("space.model.p_lr", None),  # drops it from the space
+            ("space.model.num_samples", {"choice": [1, 5]}),
+            ("fixed.trainer.max_epochs", 5),
+            ("scheduler.grace_period", 3),
+            ("num_trials", 7),
+        ],
+    )
+    assert set(spec.space) == {"depth", "width", "model.num_samples"}
+    assert spec.fixed == {"trainer.max_epochs": 5} and spec.max_epochs == 5
+    assert spec.scheduler == {"grace_period": 3, "reduction_factor": 2}  # merged with the defaults
+    assert spec.num_trials == 7
+
+
+def test_randint_includes_its_upper_bound(tmp_path):
+    spec = load_spec(write_search(tmp_path, space={"model.num_samples": {"randint": [1, 3]}}))
+    domain = param_space(spec)["model.num_samples"]
+    assert {domain.sample() for _ in range(200)} == {1, 2, 3}
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"lognormal": [1, 2]}, "expected one of"),
+        ({"choice": []}, "non-empty list"),
+        ({"choice": [[1, 2]]}, "scalars"),
+        ({"uniform": [2, 1]}, "low < high"),
+        ({"loguniform": [0, 1]}, "0 < low < high"),
+        ({"uniform": ["a", 1]}, "numbers"),
+        ({"randint": [1, 2.5]}, "integers"),
+        (0.1, "expected one of"),
+    ],
+)
+def test_bad_distribution_names_the_key(spec, message):
+    with pytest.raises(ValueError, match=message) as error:
+        parse_distribution("model.p_lr", spec)
+    assert "space.model.p_lr" in str(error.value)
+
+
+def test_unknown_setting_is_rejected():
+    with pytest.raises(ValueError, match="unknown setting 'serach'"):
+        apply_override({}, "serach", "random")
+
+
+@pytest.mark.parametrize("search", SEARCHES, ids=lambda path: path.stem)
+def test_shipped_searches_build_every_corner(search):
+    # data.path null: the embedded data, so that the full-MNIST search checks without its file.
+    spec = load_spec(search, [("fixed.data.path", None)])
+    check_fit_configs(spec)
+
+
+def tune_error(capsys, *args: str) -> str:
+    """Run `rws tune` in-process (every error here comes before Ray starts); returns its stderr."""
+    assert main(["tune", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rws tune: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_unknown_fit_key_in_the_space(tmp_path, capsys):
+    err = tune_error(capsys, "--config", str(write_search(tmp_path)), "--space.model.dropout", "{choice: [0.1]}")
+    assert "space.model.dropout" in err and "dropout" in err
+
+
+def test_bad_value_in_the_space_names_key_and_value(tmp_path, capsys):
+    err = tune_error(
+        capsys, "--config", str(write_search(tmp_path)), "--space.model.q_update", "{choice: [wake, dream]}"
+    )
+    assert "space.model.q_update = 'dream'" in err
+
+
+def test_missing_base_config_names_the_file(tmp_path, capsys):
+    err = tune_error(capsys, "--config", str(write_search(tmp_path, base_config="nowhere/fit.yaml")))
+    assert "nowhere/fit.yaml" in err
+
+
+def test_missing_search_config_names_the_file(tmp_path, capsys):
+    assert "missing.yaml" in tune_error(capsys, "--config", str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_wrong_number_of_trials(tmp_path, capsys, value):
+    err = tune_error(capsys, "--config", str(write_search(tmp_path)), "--num-trials", value)
+    assert "num_trials must be a positive integer" in err
+
+
+def test_depth_without_width(tmp_path, capsys):
+    err = tune_error(capsys, "--config", str(write_search(tmp_path, space={"depth": {"choice": [1, 2]}})))
+    assert "depth and width" in err
+
+
+def test_resume_without_an_experiment(tmp_path, capsys):
+    err = tune_error(
+        capsys, "--config", str(write_search(tmp_path)), "--storage-path", str(tmp_path / "runs"), "--resume"
+    )
+    assert "no experiment to resume" in err and str(tmp_path / "runs") in err
+
+
+def test_existing_experiment_needs_resume_or_a_new_name(tmp_path, capsys):
+    (tmp_path / "runs" / "search").mkdir(parents=True)
+    (tmp_path / "runs" / "search" / "search.yaml").write_text("{}")
+    err = tune_error(capsys, "--config", str(write_search(tmp_path)), "--storage-path", str(tmp_path / "runs"))
+    assert "--resume" in err and "--name" in err

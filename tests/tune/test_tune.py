@@ -1,0 +1,214 @@
+"""`rws tune` end to end, through the real command line (each run its own Ray instance, in a
+subprocess): a 3-trial search killed after its first trial finished and resumed, its results and
+best config (which `rws fit` trains), a trial that fails once and resumes from its checkpoint, and
+(slow) trials of 2 data/sample-parallel workers through Ray Train."""
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).parents[2]
+DEBUG_SEARCH = ROOT / "configs" / "tune" / "debug.yaml"
+METRIC = "val/log_likelihood"
+
+
+def rws(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lightning_modules.cli", *args]
+
+
+def environment() -> dict[str, str]:
+    # Ray's workers import test helpers (tests.tune.faults) named in a trial's config.
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+def run(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        rws(*args), cwd=cwd, env=environment(), capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def trial_states(experiment: Path) -> dict[str, dict]:
+    """trial id -> {status, num_failures}, from Ray's newest saved experiment state ({} before one exists)."""
+    states = sorted(experiment.glob("experiment_state-*.json"))
+    if not states:
+        return {}
+    try:
+        saved = json.loads(states[-1].read_text())
+    except json.JSONDecodeError:
+        return {}  # being written
+    trials = {}
+    for trial_json, runtime_json in saved["trial_data"]:
+        trial, runtime = json.loads(trial_json), json.loads(runtime_json)
+        trials[trial["trial_id"]] = {"status": trial["status"], "num_failures": runtime["num_failures"]}
+    return trials
+
+
+def reported_epochs(experiment: Path, trial_id: str) -> list[int]:
+    """The epochs a trial reported to Tune, in order, over all its attempts."""
+    lines = (experiment / f"trial_{trial_id}" / "result.json").read_text().splitlines()
+    return [json.loads(line)["epoch"] for line in lines if line.strip()]
+
+
+def session_processes(session: int) -> list[int]:
+    """Processes of a session (Ray's workers leave the process group but stay in the session)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":  # fields: state, ppid, pgrp, session
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL `rws tune` and everything it started (its own session), as a crash would."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 60
+    while (left := session_processes(process.pid)) and time.monotonic() < deadline:
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+    assert not session_processes(process.pid), "processes of the killed search are still running"
+
+
+@pytest.fixture(scope="module")
+def resumed_search(tmp_path_factory) -> SimpleNamespace:
+    """The CI-sized search (3 tiny trials, embedded data), SIGKILLed as soon as Ray has recorded
+    its first finished trial, then completed with --resume."""
+    cwd = tmp_path_factory.mktemp("search")
+    experiment = cwd / "runs" / "tune" / "debug"
+    started = time.monotonic()
+    with (cwd / "first.log").open("w") as log:
+        first = subprocess.Popen(
+            rws("tune", "--config", str(DEBUG_SEARCH)), cwd=cwd, env=environment(),
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            while not any(state["status"] == "TERMINATED" for state in trial_states(experiment).values()):
+                assert first.poll() is None, (
+                    "the search ended before a trial finished:\n" + (cwd / "first.log").read_text()
+                )
+                assert time.monotonic() - started < 300, "no trial finished in 5 minutes"
+                time.sleep(0.2)
+        finally:
+            kill_session(first)
+    killed = trial_states(experiment)
+    finished = sorted(trial for trial, state in killed.items() if state["status"] == "TERMINATED")
+    epochs = {trial: reported_epochs(experiment, trial) for trial in finished}
+    resumed = run("tune", "--config", str(DEBUG_SEARCH), "--resume", cwd=cwd)
+    return SimpleNamespace(
+        cwd=cwd, experiment=experiment, killed=killed, finished=finished, epochs=epochs, resumed=resumed
+    )
+
+
+def test_resume_completes_the_search_without_rerunning_finished_trials(resumed_search):
+    search = resumed_search
+    assert search.resumed.returncode == 0, search.resumed.stdout[-3000:] + search.resumed.stderr[-3000:]
+    assert 1 <= len(search.finished) < 3, f"the kill should interrupt the search: {search.killed}"
+    after = trial_states(search.experiment)
+    assert len(after) == 3 and all(state["status"] == "TERMINATED" for state in after.values()), after
+    for trial in search.finished:
+        assert reported_epochs(search.experiment, trial) == search.epochs[trial]  # no new result: not run again
+        assert f"trial {trial} started" not in search.resumed.stdout
+    assert any(f"trial {trial} started" in search.resumed.stdout for trial in set(after) - set(search.finished))
+
+
+def test_results_table_sorted_by_val_log_likelihood(resumed_search):
+    search = resumed_search
+    with (search.experiment / "trials.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["rank"] for row in rows] == ["1", "2", "3"]
+    assert {row["trial"] for row in rows} == set(trial_states(search.experiment))
+    scores = [float(row[METRIC]) for row in rows]
+    assert all(math.isfinite(score) and -784 < score < 0 for score in scores)
+    assert scores == sorted(scores, reverse=True)
+    for row in rows:
+        assert row["status"] == "ok" and 1 <= int(row["epochs"]) <= 2  # ASHA may stop a trial after epoch 0
+        assert {"depth", "width", "model.num_samples", "model.p_lr", "model.q_update", "data.batch_size"} <= set(row)
+        assert Path(row["checkpoint"]).is_file()
+    markdown = (search.experiment / "trials.md").read_text().splitlines()
+    assert markdown[0].startswith("| rank | trial | status | val/log_likelihood") and len(markdown) == 2 + 3
+    # Progress while running, and the top of the table and the file paths at the end.
+    assert f"| 1 | {rows[0]['trial']} | ok |" in search.resumed.stdout
+    assert f"best: {search.experiment / 'best.yaml'}" in search.resumed.stdout
+    assert "epoch 1: val/log_likelihood" in (search.cwd / "first.log").read_text() + search.resumed.stdout
+
+
+def test_best_config_is_the_best_trial_and_rws_fit_trains_it(resumed_search, tmp_path):
+    search = resumed_search
+    with (search.experiment / "trials.csv").open() as handle:
+        best = next(csv.DictReader(handle))
+    config = yaml.safe_load((search.experiment / "best.yaml").read_text())
+    depth, width = int(best["depth"]), int(best["width"])
+    top_width = 5  # fixed in configs/tune/debug.yaml
+    assert config["model"]["layer_sizes"] == [784] + [width] * (depth - 1) + [top_width]
+    assert math.isclose(config["model"]["p_lr"], float(best["model.p_lr"]), rel_tol=1e-9)
+    assert config["model"]["num_samples"] == int(best["model.num_samples"])
+    assert config["model"]["q_update"] == best["model.q_update"]
+    assert config["data"]["batch_size"] == int(best["data.batch_size"])
+    assert config["trainer"]["limit_train_batches"] == 20  # the search's fixed settings come along
+    assert "enable_progress_bar" not in config["trainer"] and "dcp" not in config  # trial-only settings do not
+
+    best_yaml = str(search.experiment / "best.yaml")
+    result = run("fit", "--config", best_yaml, "--trainer.default_root_dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len([line for line in (result.stdout + result.stderr).splitlines() if "val/log_likelihood" in line]) == 2
+
+
+def test_failed_trial_is_retried_from_its_last_checkpoint(tmp_path):
+    marker = tmp_path / "failed-once"
+    fault = [{"class_path": "tests.tune.faults.FailOnce", "init_args": {"marker": str(marker), "epoch": 1}}]
+    result = run(
+        "tune", "--config", str(DEBUG_SEARCH), "--name", "faults", "--num-trials", "2",
+        "--fixed.trainer.callbacks", json.dumps(fault),
+        "--scheduler.grace_period", "2",  # no early stop: both trials reach epoch 1, where the fault is
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert marker.exists(), "the fault was never injected"
+    experiment = tmp_path / "runs" / "tune" / "faults"
+    states = trial_states(experiment)
+    assert all(state["status"] == "TERMINATED" for state in states.values()), states
+    (failed,) = [trial for trial, state in states.items() if state["num_failures"] == 1]
+    # Epoch 0 was reported (and checkpointed) once: the retry went on from that checkpoint, not from scratch.
+    assert reported_epochs(experiment, failed) == [0, 1]
+    assert f"trial {failed} failed; retrying from its last checkpoint" in result.stdout
+    with (experiment / "trials.csv").open() as handle:
+        assert [row["status"] for row in csv.DictReader(handle)] == ["ok", "ok"]
+
+
+@pytest.mark.slow
+def test_trials_of_two_sample_parallel_workers_through_ray_train(tmp_path):
+    result = run(
+        "tune", "--config", str(DEBUG_SEARCH), "--name", "workers", "--num-trials", "2",
+        "--workers-per-trial", "2", "--sample-parallel", "2", "--resources-per-trial", "{cpu: 2}",
+        "--max-concurrent-trials", "1", "--space.model.num_samples", "{choice: [2, 4]}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    experiment = tmp_path / "runs" / "tune" / "workers"
+    states = trial_states(experiment)
+    assert len(states) == 2 and all(state["status"] == "TERMINATED" for state in states.values()), states
+    for trial in states:
+        assert reported_epochs(experiment, trial)[0] == 0
+        assert list((experiment / f"trial_{trial}").glob("train-trial_id=*")), "no Ray Train run in the trial"
+    config = yaml.safe_load((experiment / "best.yaml").read_text())
+    assert config["model"]["sample_parallel"] == 2 and config["trainer"]["devices"] == 2
+    assert config["trainer"]["strategy"] == "ddp"
