@@ -41,6 +41,10 @@ class RWSModule(pl.LightningModule):
             elementwise passes (and their backward) around the matmuls: on a 2-core CPU an SBN
             784-200-200-10 step is about 1.3-2x faster (benchmarks/RESULTS.md). The first step pays
             the compilation (about 15 s there), so short runs and tests leave it off.
+        matmul_precision: `torch.set_float32_matmul_precision` for the run: 'high' lets GPUs use
+            TF32 for the matmuls (float32 accumulation; the log-probs stay float32). Lower-precision
+            trainer settings (`--trainer.precision bf16-mixed`, ...) are refused: a log-weight of
+            about -100 nats has a resolution of 0.5 nats in bfloat16.
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class RWSModule(pl.LightningModule):
         val_chunk_size: int | None = None,
         sample_parallel: int = 1,
         compile: bool = False,
+        matmul_precision: Literal["highest", "high", "medium"] = "highest",
     ):
         super().__init__()
         if num_samples < 1 or val_num_samples < 1:
@@ -79,6 +84,13 @@ class RWSModule(pl.LightningModule):
         self.rws_surrogates = torch.compile(rws_surrogates, dynamic=False) if compile else rws_surrogates
 
     def setup(self, stage: str):
+        precision = str(self.trainer.precision)
+        if not precision.startswith(("32", "64")):
+            raise ValueError(
+                f"trainer.precision={precision!r}: RWS needs float32 (or 64) log-probabilities; for faster GPU "
+                "matmuls use --model.matmul_precision high (TF32) instead"
+            )
+        torch.set_float32_matmul_precision(self.hparams.matmul_precision)
         world_size = self.trainer.world_size
         if world_size > 1:
             self.mesh = init_sample_parallel_mesh(self.hparams.sample_parallel, self.trainer.strategy.root_device.type)

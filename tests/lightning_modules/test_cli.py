@@ -97,6 +97,8 @@ def test_eval_errors_name_the_file(trained_run, tmp_path):
         (["--model.q_update", "dream"], "q_update"),
         (["--model.p_layer", "rbm"], "p_layer: unknown layer type 'rbm'"),
         (["--data.path", "/nonexistent/mnist.npz"], "/nonexistent/mnist.npz"),
+        (["--trainer.precision", "bf16-mixed"], "trainer.precision='bf16-mixed'"),
+        (["--model.matmul_precision", "low"], "matmul_precision"),
     ],
 )
 def test_fit_rejects_bad_config_values(tmp_path, override, message):
