@@ -112,24 +112,33 @@ class _ParseOnlyCLI(RWSLightningCLI):
 
 
 def check_fit_configs(spec: SearchSpec) -> None:
-    """Parse each space key's values (each choice, both bounds of each range) into a fit config and
-    build its model, DataModule and callbacks (no Trainer, no data read): a bad key or value fails
-    here, named, before Ray starts. The keys are checked one at a time from the base config plus
-    `fixed`, so that an error names the key that causes it."""
+    """Parse every value of every space key (each choice, both bounds of each range) into a fit
+    config and build its model, DataModule and callbacks (no Trainer, no data read): a bad key or
+    value fails here, named, before Ray starts."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=ARGS_WARNING)
         parser = _ParseOnlyCLI(args={}, run=False, parser_kwargs={"exit_on_error": False}, **cli_kwargs()).parser
-    (_, first), *corners = spec.corner_samples()
-    derived = {key: value for key, value in first.items() if key in DERIVED}  # they only make sense together
-    checks = [("base_config + fixed" + (f" with {derived}" if derived else ""), derived)]
-    checks += [(f"space.{key} = {value!r}", {**derived, key: value}) for key, value in first.items() if key not in DERIVED]
-    checks += [(f"space.{key} = {sample[key]!r}", sample) for key, sample in corners]
-    for where, sample in checks:
+
+    def error_of(sample: dict[str, Any]) -> str | None:
         try:
             parser.instantiate(parser.parse_object(spec.fit_config(sample)))
         except (ArgumentError, ValueError, TypeError, KeyError, ImportError) as error:
-            message = " ".join(str(error.args[0] if isinstance(error, KeyError) else error).split())
-            raise SearchConfigError(f"{where}: {message}") from error
+            return " ".join(str(error.args[0] if isinstance(error, KeyError) else error).split())
+        return None
+
+    (_, first), *corners = spec.corner_samples()
+    message = error_of(first)
+    if message is not None:
+        # Name the key that fails on its own, if one does (derived keys only make sense together).
+        derived = {key: value for key, value in first.items() if key in DERIVED}
+        alone = (key for key in first if key not in DERIVED and error_of({**derived, key: first[key]}) is not None)
+        key = next(alone, None)
+        where = f"space.{key} = {first[key]!r}" if key else "base_config + fixed + the first value of each space key"
+        raise SearchConfigError(f"{where}: {message}")
+    for key, sample in corners:
+        message = error_of(sample)
+        if message is not None:
+            raise SearchConfigError(f"space.{key} = {sample[key]!r}: {message}")
 
 
 def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
