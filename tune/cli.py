@@ -60,12 +60,18 @@ def main(argv: list[str]) -> int:
     print(f"rws tune: experiment {experiment_dir(spec)}, {spec.num_trials} trials", flush=True)
     results = run(spec, args.address, args.resume)
     rows = trial_rows(results, spec)
+    if not rows:
+        print("rws tune: no trial started; continue with --resume", flush=True)
+        return 130
     paths = write_results(rows, spec, experiment_dir(spec))
     print("\n" + markdown_table(rows[:5], [*COLUMNS, *spec.space]), end="")
     for name, path in paths.items():
         print(f"{name}: {path}")
     unfinished = spec.num_trials - results.num_terminated - results.num_errors
     if unfinished:
-        print(f"rws tune: stopped with {unfinished} trial(s) unfinished; continue with --resume", flush=True)
+        print(
+            f"rws tune: interrupted with {unfinished} trial(s) unfinished (the files above are partial); continue with --resume",
+            flush=True,
+        )
         return 130
     return 0

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 from ray import tune
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from tune.space import SearchSpec, plain
 from tune.trial import CHECKPOINT_FILE, METRIC
@@ -22,10 +23,21 @@ from tune.trial import CHECKPOINT_FILE, METRIC
 COLUMNS = ("rank", "trial", "status", METRIC, "best_epoch", "epochs")
 
 
+def checkpoint_dir(result: tune.Result) -> str | None:
+    """The trial's last checkpoint: Tune's own, or (multi-worker trials) the one Ray Train kept,
+    whose path TuneReportCallback puts into each result."""
+    if result.checkpoint is not None:
+        return result.checkpoint.path
+    return (result.metrics or {}).get(CHECKPOINT_PATH_KEY)
+
+
 def trial_rows(results: tune.ResultGrid, spec: SearchSpec) -> list[dict[str, Any]]:
-    """One row per trial: score, epochs, status, sampled values, checkpoint; best first, failures last."""
+    """One row per started trial: score, epochs, status, sampled values, checkpoint; best first,
+    trials without a score last."""
     rows = []
     for result in results:
+        if result.config is None:
+            continue  # never started (the search was interrupted first)
         history = result.metrics_dataframe
         reported = history is not None and METRIC in history
         scores = history[METRIC].dropna() if reported else []
@@ -37,7 +49,7 @@ def trial_rows(results: tune.ResultGrid, spec: SearchSpec) -> list[dict[str, Any
             "best_epoch": int(history["epoch"][best]) if best is not None else None,
             "epochs": len(scores),
             **{key: plain(result.config.get(key)) for key in spec.space},
-            "checkpoint": str(Path(result.checkpoint.path) / CHECKPOINT_FILE) if result.checkpoint else "",
+            "checkpoint": str(Path(checkpoint) / CHECKPOINT_FILE) if (checkpoint := checkpoint_dir(result)) else "",
         }
         rows.append(row)
     rows.sort(key=lambda row: -row[METRIC] if not math.isnan(row[METRIC]) else math.inf)

@@ -222,6 +222,7 @@ def fit_with_ray_train(fit: dict, search: SearchSpec, cpus: float) -> None:
         run_config=ray.train.RunConfig(
             name=f"train-trial_id={ray.tune.get_context().get_trial_id()}",
             storage_path=str(storage_dir(search)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),  # the latest: where a retry resumes
             callbacks=[TuneReportCallback()],
         ),
     )

@@ -209,6 +209,8 @@ def test_trials_of_two_sample_parallel_workers_through_ray_train(tmp_path):
     for trial in states:
         assert reported_epochs(experiment, trial)[0] == 0
         assert list((experiment / f"trial_{trial}").glob("train-trial_id=*")), "no Ray Train run in the trial"
+    with (experiment / "trials.csv").open() as handle:
+        assert all(Path(row["checkpoint"]).is_file() for row in csv.DictReader(handle))
     config = yaml.safe_load((experiment / "best.yaml").read_text())
     assert config["model"]["sample_parallel"] == 2 and config["trainer"]["devices"] == 2
     assert config["trainer"]["strategy"] == "ddp"
