@@ -14,7 +14,6 @@ from typing import Any
 
 import yaml
 
-from tune.results import COLUMNS, markdown_table, trial_rows, write_results
 from tune.space import SearchConfigError, load_spec
 
 EPILOG = """Any setting of the search YAML can be overridden as --KEY VALUE (VALUE is YAML), with dotted
@@ -40,7 +39,11 @@ def parse_overrides(rest: list[str]) -> list[tuple[str, Any]]:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="rws tune", description=__doc__.split("\n")[0], epilog=EPILOG, allow_abbrev=False
+        prog="rws tune",
+        usage="rws tune --config SEARCH.yaml [--address HOST:PORT] [--resume] [--num-trials N] [--KEY VALUE ...]",
+        description=__doc__.split("\n")[0],
+        epilog=EPILOG,
+        allow_abbrev=False,
     )
     parser.add_argument("--config", required=True, help="the search YAML (e.g. configs/tune/debug.yaml)")
     parser.add_argument("--address", help="join the Ray cluster at HOST:PORT (default: start Ray on this machine)")
@@ -52,8 +55,9 @@ def main(argv: list[str]) -> int:
         overrides.append(("num_trials", args.num_trials))
     spec = load_spec(args.config, overrides)
 
-    # Imported here: Ray and Lightning take seconds to import, and --help needs neither.
+    # Imported here: Ray takes seconds to import, and --help and the checks of the YAML need none of it.
     from tune.experiment import experiment_dir, run
+    from tune.results import COLUMNS, markdown_table, trial_rows, write_results
     from tune.trial import check_fit_configs
 
     check_fit_configs(spec)

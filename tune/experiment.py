@@ -159,7 +159,8 @@ def prepare(spec: SearchSpec, resume: bool) -> Path:
     directory = experiment_dir(spec)
     stored = directory / SEARCH_FILE
     if not resume:
-        if directory.exists() and any(directory.iterdir()):
+        # A directory without Ray's state (a start that failed before the search began) is reused.
+        if tune.Tuner.can_restore(str(directory)):
             raise SearchConfigError(f"experiment {directory} exists: add --resume to continue it, or give a new --name")
         directory.mkdir(parents=True, exist_ok=True)
         stored.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))

@@ -166,14 +166,16 @@ def storage_dir(search: SearchSpec) -> Path:
     return Path(search.storage_path) / search.name / trial_dir_name(ray.tune.get_context().get_trial_id())
 
 
-def train(fit: dict, checkpoint, trainer_kwargs: dict | None = None, callbacks: list | None = None) -> None:
+def train(
+    fit: dict,
+    checkpoint,
+    trainer_kwargs: dict | None = None,
+    callbacks: list | None = None,
+    prepare: Callable[[pl.Trainer], pl.Trainer] | None = None,
+) -> None:
     """Build the fit config's model, data and Trainer and train, resuming from a Ray checkpoint if given."""
     cli = TrialCLI(fit, trainer_kwargs, callbacks)
-    trainer = cli.trainer
-    if trainer_kwargs and "strategy" in trainer_kwargs:
-        from ray.train.lightning import prepare_trainer  # checks the Ray strategy and environment
-
-        trainer = prepare_trainer(trainer)
+    trainer = prepare(cli.trainer) if prepare is not None else cli.trainer
     if checkpoint is None:
         trainer.fit(cli.model, datamodule=cli.datamodule)
         return
@@ -193,18 +195,17 @@ def worker_resources(search: SearchSpec, cpus: float) -> dict[str, float]:
 
 def train_worker(config: dict[str, Any]) -> None:
     """The TorchTrainer's per-worker loop: the same Trainer, with Ray's DDP strategy and environment."""
-    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment
+    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
 
     torch.set_num_threads(config["threads"])
     trainer_kwargs = {
         "strategy": RayDDPStrategy(),
         "plugins": [RayLightningEnvironment()],
-        "devices": "auto",  # Ray assigns the devices; Lightning must not pick its own (docs/cluster.md)
+        "devices": "auto",  # Ray assigns each worker its device; RayDDPStrategy wants Lightning's "auto"
         "accelerator": "auto",
     }
-    train(
-        config["fit"], ray.train.get_checkpoint(), trainer_kwargs, [ReportToRay(ray.train.report, ray.train.Checkpoint)]
-    )
+    callbacks = [ReportToRay(ray.train.report, ray.train.Checkpoint)]
+    train(config["fit"], ray.train.get_checkpoint(), trainer_kwargs, callbacks, prepare=prepare_trainer)
 
 
 def fit_with_ray_train(fit: dict, search: SearchSpec, cpus: float) -> None:

@@ -160,6 +160,6 @@ def test_resume_without_an_experiment(tmp_path, capsys):
 
 def test_existing_experiment_needs_resume_or_a_new_name(tmp_path, capsys):
     (tmp_path / "runs" / "search").mkdir(parents=True)
-    (tmp_path / "runs" / "search" / "search.yaml").write_text("{}")
+    (tmp_path / "runs" / "search" / "tuner.pkl").write_bytes(b"")  # what Ray writes when a search starts
     err = tune_error(capsys, "--config", str(write_search(tmp_path)), "--storage-path", str(tmp_path / "runs"))
     assert "--resume" in err and "--name" in err
