@@ -126,7 +126,8 @@ def _bernoulli(logits: torch.Tensor, sample_shape: tuple[int, ...] = ()) -> torc
 
     The sigmoid is taken before broadcasting, so logits shared by all samples cost one pass."""
     probs = torch.sigmoid(logits)
-    return (torch.rand((*sample_shape, *logits.shape), dtype=logits.dtype) < probs).to(logits.dtype)
+    uniform = torch.rand((*sample_shape, *logits.shape), dtype=logits.dtype, device=logits.device)
+    return (uniform < probs).to(logits.dtype)
 
 
 class SBNLayer(BernoulliLayer):

@@ -236,3 +236,12 @@ def test_softplus_sum_matches_log1p_exp_in_value_and_gradient(size):
     # float32: within a few ulps of the float64 sum (the sums reach ~8 * size / 2)
     got32 = softplus_sum(logits.detach().float()).double()
     assert ((got32 - want.detach()).abs() <= 4e-7 * want.detach().abs().clamp(min=1) * max(1, size**0.5)).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_draws_stay_on_the_layers_device(kind):
+    """Uniforms are created on the logits' device (a CPU default would break GPU runs); the meta device
+    stands in for a GPU here: mixing it with CPU tensors raises."""
+    layer = make_layer(kind, SIZE, COND_SIZE, nade_hidden=NADE_HIDDEN).to("meta")
+    h, log_prob = layer.sample_with_log_prob(torch.zeros(7, COND_SIZE, device="meta"), (5,))
+    assert h.device.type == "meta" and h.shape == (5, 7, SIZE) and log_prob.shape == (5, 7)
