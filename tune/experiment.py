@@ -38,17 +38,17 @@ def init_ray(address: str | None) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # The dashboard (on 127.0.0.1) stays on: Ray Train V2 frees a stopped trial's workers only after
-    # its state API confirms that the trial's TorchTrainer is gone.
-    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    # its state API confirms that the trial's TorchTrainer is gone. "local": a new instance, never
+    # one that `ray start` left running (or dead) on this machine.
+    ray.init(address=address or "local", log_to_driver=False, logging_level=logging.WARNING)
 
 
 def trainable(spec: SearchSpec):
     """run_trial with the search bound and the resources that one trial holds."""
-    resources = spec.resources_per_trial
     if spec.workers_per_trial > 1:
         held = {"CPU": COORDINATOR_CPU}  # the workers get the rest: trial.worker_resources
     else:
-        held = {"CPU": resources.get("cpu", 1), "GPU": resources.get("gpu", 0) or int(spec.use_gpu)}
+        held = {"CPU": spec.trial_cpus, "GPU": spec.trial_gpus}
     return tune.with_resources(tune.with_parameters(run_trial, spec=spec.to_dict()), held)
 
 
@@ -124,6 +124,22 @@ class ProgressLines(tune.Callback):
         print(f"{self._status(trials)} trial {trial.trial_id} failed for good: see {trial.path}/error.txt", flush=True)
 
 
+def concurrent_trials(spec: SearchSpec) -> int | None:
+    """`max_concurrent_trials`, capped for multi-worker trials at what the cluster holds at once.
+
+    A multi-worker trial holds only its coordinator's 0.01 CPU, so Tune would start more trials
+    than the cluster can hold workers for, and their TorchTrainers would wait for each other until
+    they time out. Ray's advice is this cap (computed from the cluster as it is now: an
+    autoscaling cluster's later nodes do not count).
+    """
+    if spec.workers_per_trial == 1:
+        return spec.max_concurrent_trials
+    cluster = ray.cluster_resources()
+    need = {"CPU": spec.trial_cpus, "GPU": spec.trial_gpus}
+    fit = max(1, int(min(cluster.get(name, 0) / amount for name, amount in need.items() if amount > 0)))
+    return min(fit, spec.max_concurrent_trials or fit)
+
+
 def new_tuner(spec: SearchSpec) -> tune.Tuner:
     scheduler = tune.schedulers.ASHAScheduler(
         time_attr="training_iteration",
@@ -140,7 +156,7 @@ def new_tuner(spec: SearchSpec) -> tune.Tuner:
             search_alg=searcher(spec),
             scheduler=scheduler,
             num_samples=spec.num_trials,
-            max_concurrent_trials=spec.max_concurrent_trials,
+            max_concurrent_trials=concurrent_trials(spec),
             trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(

@@ -177,6 +177,16 @@ class SearchSpec:
         return samples
 
     @property
+    def trial_cpus(self) -> float:
+        """CPUs one trial uses in all (its workers' and, with several workers, its coordinator's)."""
+        return self.resources_per_trial.get("cpu", 1)
+
+    @property
+    def trial_gpus(self) -> float:
+        """GPUs one trial uses in all: resources_per_trial.gpu, or with use_gpu one per worker."""
+        return self.resources_per_trial.get("gpu", 0) or (self.workers_per_trial if self.use_gpu else 0)
+
+    @property
     def max_epochs(self) -> int | None:
         epochs = self.settings["fixed"].get("trainer.max_epochs", get_dotted(self.base, "trainer.max_epochs"))
         return epochs if isinstance(epochs, int) and epochs > 0 else None

@@ -148,12 +148,11 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     set_dotted(fit, "trainer.default_root_dir", str(storage_dir(search)))
     for key, value in RUNTIME.items():
         set_dotted(fit, key, value)
-    cpus = search.resources_per_trial.get("cpu", 1)
     if search.workers_per_trial == 1:
-        torch.set_num_threads(max(1, int(cpus)))  # the trial's CPU allotment, not the machine's
+        torch.set_num_threads(max(1, int(search.trial_cpus)))  # the trial's CPU allotment, not the machine's
         train(fit, ray.tune.get_checkpoint(), callbacks=[ReportToRay(ray.tune.report, ray.tune.Checkpoint)])
     else:
-        fit_with_ray_train(fit, search, cpus)
+        fit_with_ray_train(fit, search)
 
 
 def trial_dir_name(trial_id: str) -> str:
@@ -183,13 +182,12 @@ def train(
         trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(Path(directory) / CHECKPOINT_FILE))
 
 
-def worker_resources(search: SearchSpec, cpus: float) -> dict[str, float]:
+def worker_resources(search: SearchSpec) -> dict[str, float]:
     """Each worker's share of the trial's resources, less what the trial itself holds."""
     workers = search.workers_per_trial
-    resources = {"CPU": (cpus - COORDINATOR_CPU) / workers}
-    gpus = search.resources_per_trial.get("gpu", 0) or (workers if search.use_gpu else 0)
-    if gpus:
-        resources["GPU"] = gpus / workers
+    resources = {"CPU": (search.trial_cpus - COORDINATOR_CPU) / workers}
+    if search.trial_gpus:
+        resources["GPU"] = search.trial_gpus / workers
     return resources
 
 
@@ -208,11 +206,11 @@ def train_worker(config: dict[str, Any]) -> None:
     train(config["fit"], ray.train.get_checkpoint(), trainer_kwargs, callbacks, prepare=prepare_trainer)
 
 
-def fit_with_ray_train(fit: dict, search: SearchSpec, cpus: float) -> None:
+def fit_with_ray_train(fit: dict, search: SearchSpec) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    resources = worker_resources(search, cpus)
+    resources = worker_resources(search)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"fit": fit, "threads": max(1, int(resources["CPU"]))},
