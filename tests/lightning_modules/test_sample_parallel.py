@@ -118,7 +118,7 @@ def _first_epoch_indices(rank: int, layout: tuple[int, int], monkeypatch) -> lis
     monkeypatch.setenv("PL_GLOBAL_SEED", "1234")
     pl.seed_everything(1234, verbose=False)  # what the CLI does on every rank
     module = RWSModule(layer_sizes=[784, 5, 2])
-    module.trainer = _Stub(world_size=1, global_rank=rank)  # world_size 1: no mesh, but the per-rank reseed
+    module.trainer = _Stub(world_size=1, global_rank=rank, precision="32-true")  # world_size 1: no mesh, but the per-rank reseed
     module.setup("fit")
     datamodule = BinarizedMNISTDataModule(batch_size=50)
     datamodule.splits = {"train": torch.arange(1000).unsqueeze(1)}  # the data are the indices
