@@ -4,26 +4,27 @@ import subprocess
 import sys
 
 
-def test_pipeline_imports_neither_lightning_nor_ray():
-    code = (
-        "import sys, pipeline.models, pipeline.estimators, pipeline.data, pipeline.distributed, pipeline.images\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'ray'))\n"
-        "print(','.join(bad))"
-    )
+def imported_top_level_packages(modules: str, packages: tuple[str, ...]) -> list[str]:
+    """The modules of `packages` that a fresh interpreter has loaded after importing `modules`."""
+    code = f"import sys, {modules}\nprint(','.join(sorted(m for m in sys.modules if m.split('.')[0] in {packages!r})))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "", f"pipeline pulled in: {result.stdout}"
+    return [name for name in result.stdout.strip().split(",") if name]
+
+
+def test_pipeline_imports_neither_lightning_nor_ray():
+    modules = "pipeline.models, pipeline.estimators, pipeline.data, pipeline.distributed, pipeline.images"
+    bad = imported_top_level_packages(modules, ("lightning", "pytorch_lightning", "ray"))
+    assert not bad, f"pipeline pulled in: {bad}"
 
 
 def test_lightning_modules_import_neither_tune_nor_ray():
     # `rws tune` plugs into the rws command through an entry point; the dependency goes one way.
-    code = (
-        "import sys, lightning_modules.cli, lightning_modules.module, lightning_modules.datamodule, "
-        "lightning_modules.checkpointing, lightning_modules.callbacks, lightning_modules.evaluate\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tune', 'ray', 'optuna'))\n"
-        "print(','.join(bad))"
+    modules = (
+        "lightning_modules.cli, lightning_modules.module, lightning_modules.datamodule, "
+        "lightning_modules.checkpointing, lightning_modules.callbacks, lightning_modules.evaluate"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "", f"lightning_modules pulled in: {result.stdout}"
+    bad = imported_top_level_packages(modules, ("tune", "ray", "optuna"))
+    assert not bad, f"lightning_modules pulled in: {bad}"
 
 
 def test_tune_is_an_rws_command_through_its_entry_point():
