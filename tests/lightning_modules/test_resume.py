@@ -22,6 +22,8 @@ from lightning_modules.checkpointing import RESUME_KEY, DCPCheckpointIO, split_p
 from lightning_modules.cli import main
 from pipeline import checkpoint as ckpt
 
+from ..assertions import assert_same_state
+
 CONFIGS = Path(__file__).parents[2] / "configs"
 N = 10  # steps per epoch
 _ports = itertools.count(29500 + os.getpid() % 400 * 10)
@@ -80,23 +82,6 @@ def training_state(path: Path, world_size: int) -> dict:
     }
 
 
-def assert_bitwise_equal(a, b, where: str = "") -> None:
-    assert type(a) is type(b), where
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_bitwise_equal(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_bitwise_equal(x, y, f"{where}/{i}")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), f"{where} differs"  # bits, not values
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
     """2N steps without interruption: the reference."""
@@ -119,7 +104,7 @@ def test_kill_9_after_n_steps_then_resume_auto_is_bitwise_identical(straight, tm
     assert f"resuming from {run / 'checkpoints' / 'epoch0000-step000000010'}" in resumed.stdout
     assert epoch_lines(resumed.stdout) == [f"epoch 1 step {2 * N}"]  # continued, did not start over
     assert steps(run) == [N, 2 * N]
-    assert_bitwise_equal(training_state(checkpoints(straight)[-1].path, 1), training_state(checkpoints(run)[-1].path, 1))
+    assert_same_state(training_state(checkpoints(straight)[-1].path, 1), training_state(checkpoints(run)[-1].path, 1))
 
 
 @pytest.mark.slow  # the crash itself is tested without Lightning in tests/pipeline/test_checkpoint.py
@@ -137,7 +122,7 @@ def test_kill_during_save_keeps_previous_checkpoint_and_training_goes_on(straigh
     assert "resuming from" in resumed.stdout and "epoch0000-step000000010" in resumed.stdout
     assert not partial.exists()  # the stale .partial directory was removed by the next save
     assert steps(run) == [N, 2 * N]
-    assert_bitwise_equal(training_state(checkpoints(straight)[-1].path, 1), training_state(checkpoints(run)[-1].path, 1))
+    assert_same_state(training_state(checkpoints(straight)[-1].path, 1), training_state(checkpoints(run)[-1].path, 1))
 
 
 def test_corrupt_shard_is_an_error_with_path_and_a_fallback_with_auto(straight, tmp_path, capsys):
@@ -159,7 +144,7 @@ def test_corrupt_shard_is_an_error_with_path_and_a_fallback_with_auto(straight, 
     assert f"skipping damaged checkpoint {newest}" in auto.stdout and str(shard) in auto.stdout
     assert "epoch0000-step000000010" in auto.stdout and epoch_lines(auto.stdout) == [f"epoch 1 step {2 * N}"]
     ckpt.verify(newest)  # rewritten by the resumed run, whole again
-    assert_bitwise_equal(training_state(checkpoints(straight)[-1].path, 1), training_state(newest, 1))
+    assert_same_state(training_state(checkpoints(straight)[-1].path, 1), training_state(newest, 1))
 
 
 def test_eval_sample_and_consolidate_read_sharded_checkpoints(straight, tmp_path, capsys):
@@ -174,7 +159,7 @@ def test_eval_sample_and_consolidate_read_sharded_checkpoints(straight, tmp_path
     result = rws("checkpoint", "consolidate", str(straight / "checkpoints"), str(out))
     assert result.returncode == 0 and f"from {newest}" in result.stdout, result.stderr
     single = torch.load(out, weights_only=True)
-    assert_bitwise_equal(single["state_dict"], ckpt.load(newest).shared["state_dict"])
+    assert_same_state(single["state_dict"], ckpt.load(newest).shared["state_dict"])
     assert single["rws_ranks"]["rank0"]["rng"]["torch"].dtype == torch.uint8
 
     estimates = set()
@@ -233,7 +218,7 @@ def test_ddp_kill_one_rank_then_resume_auto_is_bitwise_identical(straight_ddp, t
     resumed = fit(run, "--trainer.max_epochs", "2", "--resume", "auto", devices=2)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert "epoch0000-step000000010" in resumed.stdout and epoch_lines(resumed.stdout) == [f"epoch 1 step {2 * N}"]
-    assert_bitwise_equal(training_state(checkpoints(straight_ddp)[-1].path, 2), training_state(checkpoints(run)[-1].path, 2))
+    assert_same_state(training_state(checkpoints(straight_ddp)[-1].path, 2), training_state(checkpoints(run)[-1].path, 2))
 
 
 @pytest.mark.slow

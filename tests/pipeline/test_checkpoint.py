@@ -16,6 +16,8 @@ import torch.multiprocessing as mp
 
 from pipeline import checkpoint as ckpt
 
+from ..assertions import assert_same_state
+
 
 def nested_state() -> dict:
     """Everything a Lightning checkpoint holds: int dict keys, tuples, None, inf, odd key characters."""
@@ -35,32 +37,14 @@ def nested_state() -> dict:
     }  # fmt: skip
 
 
-def assert_same(a, b, where="") -> None:
-    assert type(a) is type(b), f"{where}: {type(a)} vs {type(b)}"
-    if isinstance(a, dict):
-        assert list(a) == list(b), where
-        for key in a:
-            assert_same(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}/{i}")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
-    elif isinstance(a, float) and np.isnan(a):
-        assert np.isnan(b), where
-    else:
-        assert a == b, where
-
-
 def test_round_trip_keeps_structure_types_and_bits(tmp_path):
     state = nested_state()
     per_rank = {"rng": ckpt.rng_state(), "data": {"epoch": 2, "batches_consumed": 17}}
     path = ckpt.save(tmp_path, "step000000010", state, per_rank, step=10, epoch=3, score=-90.5).wait()
     assert path == tmp_path / "step000000010"
     loaded = ckpt.load(path)
-    assert_same(loaded.shared, state)
-    assert_same(loaded.ranks[0]["data"], per_rank["data"])
+    assert_same_state(loaded.shared, state)
+    assert_same_state(loaded.ranks[0]["data"], per_rank["data"])
     assert loaded.marker["step"] == 10 and loaded.marker["epoch"] == 3 and loaded.marker["score"] == -90.5
     assert set(loaded.marker["files"]) == {".metadata", "__0_0.distcp", "tree.json", "rank0.json"}
 
