@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.philox import uniform
+
 
 class SoftplusSum(torch.autograd.Function):
     """sum_i softplus(l_i) over the last dimension, the normalizer of a Bernoulli log-prob: [...].
@@ -126,8 +128,8 @@ def _bernoulli(logits: torch.Tensor, sample_shape: tuple[int, ...] = ()) -> torc
 
     The sigmoid is taken before broadcasting, so logits shared by all samples cost one pass."""
     probs = torch.sigmoid(logits)
-    uniform = torch.rand((*sample_shape, *logits.shape), dtype=logits.dtype, device=logits.device)
-    return (uniform < probs).to(logits.dtype)
+    draws = uniform((*sample_shape, *logits.shape), logits.dtype, logits.device)
+    return (draws < probs).to(logits.dtype)
 
 
 class SBNLayer(BernoulliLayer):

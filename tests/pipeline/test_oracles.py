@@ -14,6 +14,7 @@ Each test also asserts that the tolerance is tight enough to tell the right answ
 wrong one (unweighted averaging, a log-likelihood that is unbiased in log p instead of p, ...).
 """
 
+import copy
 import itertools
 import math
 
@@ -350,14 +351,17 @@ def test_wake_sleep_q_gradient_is_sum_of_wake_and_sleep(model):
 
 
 def test_compiled_step_gradients_match_exact_gradients():
-    """torch.compile(rws_surrogates), as `RWSModule(compile=True)` trains, draws with inductor's own RNG
-    and fuses the log-prob passes: its P and wake-Q gradients must still match the exact ones."""
+    """torch.compile(rws_surrogates) in float32, as `RWSModule(compile=True)` trains: it draws from the
+    Philox uniforms of `pipeline.philox` and fuses the log-prob passes; its P and wake-Q gradients must
+    still match the exact (float64) ones."""
     torch.manual_seed(8)
     model = make_model("sbn", "sbn")
     x = all_x()
     p_params, q_params = model.p_parameters(), model.q_parameters()
-    surrogates = torch.compile(rws_surrogates, dynamic=False)(model, x, GRADIENT_SAMPLES, "wake")
-    p_estimate, q_estimate = flat_grad(surrogates.p_loss, p_params), flat_grad(surrogates.q_loss, q_params)
+    model32 = copy.deepcopy(model).float()
+    surrogates = torch.compile(rws_surrogates, dynamic=False)(model32, x.float(), GRADIENT_SAMPLES, "wake")
+    p_estimate = flat_grad(surrogates.p_loss, model32.p_parameters()).double()
+    q_estimate = flat_grad(surrogates.q_loss, model32.q_parameters()).double()
 
     posterior = exact_posterior(model, x)
     log_q = log_q_table(model, x)

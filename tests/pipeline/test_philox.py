@@ -1,0 +1,74 @@
+"""The Philox uniforms that compiled CPU steps draw their Bernoulli samples from."""
+
+import math
+
+import pytest
+import torch
+
+from pipeline import philox
+from pipeline.layers import _bernoulli
+from pipeline.philox import philox4x32, philox_uniform
+
+
+@pytest.mark.parametrize(
+    "counter, key, expected",
+    [  # Random123's known-answer vectors for philox4x32_10 (kat_vectors)
+        ([0, 0, 0, 0], [0, 0], "6627e8d5 e169c58d bc57ac4c 9b00dbd8"),
+        ([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2, "408f276d 41c83b0e a20bc7c6 6d5451fd"),
+        ([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0], "d16cfe09 94fdcceb 5001e420 24126ea1"),
+    ],
+)
+def test_philox_matches_the_published_known_answers(counter, key, expected):
+    words = philox4x32([torch.tensor([c]) for c in counter], [torch.tensor(k) for k in key])
+    assert " ".join(f"{int(word):08x}" for word in words) == expected
+
+
+def test_uniforms_are_on_the_float32_grid_and_uniform():
+    shape = (3, 1001, 333)  # numel not a multiple of 4: the last block is cut
+    u = philox_uniform(shape, torch.tensor([12345, 678]))
+    assert u.shape == shape and u.dtype == torch.float32
+    assert u.min() >= 0 and u.max() < 1
+    assert torch.equal(u * 2**24, (u * 2**24).round())  # 24-bit grid, as torch.rand
+    n = u.numel()
+    assert abs(u.mean().item() - 0.5) < 5 / math.sqrt(12 * n)
+    counts = torch.histc(u, bins=64, min=0, max=1)
+    chi_square = ((counts - n / 64) ** 2 / (n / 64)).sum().item()
+    assert chi_square < 63 + 6 * math.sqrt(2 * 63)  # 63 degrees of freedom, a 6-sigma bound
+    flat = u.flatten()[: n // 4 * 4].view(4, -1)  # the four words of one block sit n/4 apart
+    for a, b in [(0, 1), (1, 2), (2, 3), (0, 3)]:
+        correlation = torch.corrcoef(flat[[a, b]])[0, 1].item()
+        assert abs(correlation) < 6 / math.sqrt(flat.shape[1])
+
+
+def test_keys_give_independent_streams():
+    a = philox_uniform((10_000,), torch.tensor([1, 0]))
+    b = philox_uniform((10_000,), torch.tensor([2, 0]))
+    assert torch.equal(a, philox_uniform((10_000,), torch.tensor([1, 0])))
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 6 / math.sqrt(10_000)
+
+
+def test_compiled_cpu_draws_use_philox_and_follow_the_probabilities(monkeypatch):
+    """Inside torch.compile the draws come from Philox keyed by torch's generator: seeded runs repeat,
+    successive calls differ, and the frequencies match sigmoid(logits). Eager draws use torch.rand."""
+    traced_shapes = []
+
+    def recording_philox_uniform(shape, key):
+        traced_shapes.append(tuple(shape))
+        return philox_uniform(shape, key)
+
+    monkeypatch.setattr(philox, "philox_uniform", recording_philox_uniform)
+    logits = torch.linspace(-4, 4, 9)
+    _bernoulli(logits, (3,))
+    assert traced_shapes == []
+    draw = torch.compile(lambda logits: _bernoulli(logits, (20_000,)), dynamic=False)
+    torch.manual_seed(0)
+    first, second = draw(logits), draw(logits)
+    torch.manual_seed(0)
+    assert torch.equal(draw(logits), first)
+    assert not torch.equal(first, second)
+    assert traced_shapes and set(traced_shapes) == {(20_000, 9)}
+    probs = torch.sigmoid(logits)
+    for sample in (first, second):
+        assert set(sample.unique().tolist()) <= {0.0, 1.0}
+        stderr = (probs * (1 - probs) / sample.shape[0]).sqrt()
+        assert ((sample.mean(0) - probs).abs() <= 5 * stderr).all()
