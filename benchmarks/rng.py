@@ -1,0 +1,60 @@
+"""Cost of one Bernoulli draw (sigmoid, uniform, comparison) per number, three ways, on this CPU.
+
+    python benchmarks/rng.py [--threads N] [--rows 5000] [--units 400]
+
+- compiled, Philox tensor ops: `pipeline.layers._bernoulli` under torch.compile, which is what a
+  compiled training step runs (uniforms from `pipeline.philox`);
+- compiled, inductor rand: the same expression with `torch.rand`, lowered by inductor;
+- eager torch.rand: the same expression without compiling (aten's mt19937).
+Median of 20 calls after warm-up; prints a table (not appended to RESULTS.md).
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.layers import _bernoulli  # noqa: E402
+
+
+def torch_rand_bernoulli(logits: torch.Tensor) -> torch.Tensor:
+    return (torch.rand_like(logits) < torch.sigmoid(logits)).to(logits.dtype)
+
+
+def median_seconds(fn, *args, calls: int = 20) -> float:
+    for _ in range(3):
+        fn(*args)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--rows", type=int, default=5000, help="K x B rows of logits")
+    parser.add_argument("--units", type=int, default=400)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logits = torch.randn(args.rows, args.units)
+    variants = {
+        "compiled, Philox tensor ops (what training runs)": (torch.compile(_bernoulli, dynamic=False), logits),
+        "compiled, inductor rand": (torch.compile(torch_rand_bernoulli, dynamic=False), logits),
+        "eager torch.rand": (torch_rand_bernoulli, logits),
+    }
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, logits [{args.rows}, {args.units}]")
+    print("| Bernoulli draws | ns per number |\n|---|---:|")
+    for name, (fn, arg) in variants.items():
+        print(f"| {name} | {1e9 * median_seconds(fn, arg) / logits.numel():.2f} |")
+
+
+if __name__ == "__main__":
+    main()
