@@ -121,6 +121,7 @@ class HelmholtzMachine(nn.Module):
         return x, hs
 
     def floats_per_sample(self) -> int:
-        """Activation floats one (sample, data point) pair needs in a log-prob pass (for chunking)."""
+        """Activation floats one (sample, data point) pair needs in a log-prob pass (for chunking): one
+        logit per unit (NADE's hidden activations go through in chunks of their own, see layers.py)."""
         layers: list[BernoulliLayer] = [*self.p_conditionals, self.p_prior, *self.q_conditionals]
-        return sum(layer.size * (1 + getattr(layer, "hidden_size", 0)) for layer in layers)
+        return sum(layer.size for layer in layers)
