@@ -3,7 +3,6 @@
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,8 @@ from lightning_modules.launch import (
     dry_run,
     resolve_devices,
 )
+
+from ..ports import free_port
 
 ROOT = Path(__file__).parents[2]
 DEBUG = str(ROOT / "configs" / "debug.yaml")
@@ -182,11 +183,6 @@ def docs_torchrun_command() -> list[str]:
     assert command[0] == "torchrun" and "--nproc-per-node" in command
     return command
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_torchrun(extra: list[str], tmp_path: Path) -> subprocess.CompletedProcess:

@@ -7,7 +7,6 @@ sys.argv, and a SIGKILL must not take pytest with it. An epoch is 5 batches = 10
 hooks are environment variables read by lightning_modules/checkpointing.py.
 """
 
-import itertools
 import os
 import shutil
 import signal
@@ -23,10 +22,10 @@ from lightning_modules.cli import main
 from pipeline import checkpoint as ckpt
 
 from ..assertions import assert_same_state
+from ..ports import free_port
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 N = 10  # steps per epoch
-_ports = itertools.count(29500 + os.getpid() % 400 * 10)
 
 TINY = [
     "--config", str(CONFIGS / "debug.yaml"), "--model.layer_sizes", "[784, 20, 5]",
@@ -42,7 +41,7 @@ def fit(run: Path, *args: str, env: dict | None = None, devices: int = 1, timeou
     command = [sys.executable, "-m", "lightning_modules.cli", "fit", *TINY, "--trainer.default_root_dir", str(run)]
     if devices > 1:
         command += ["--trainer.strategy", "ddp", "--trainer.devices", str(devices)]
-    full_env = {**os.environ, "MASTER_PORT": str(next(_ports)), "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {**os.environ, "MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen(
         [*command, *args], cwd=run.parent, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,  # so a hung DDP peer can be killed with its process group

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,16 +29,12 @@ from lightning_modules.datamodule import BinarizedMNISTDataModule
 from lightning_modules.module import RWSModule
 from pipeline.data import load_binarized_mnist
 from pipeline.estimators import log_likelihood
+from ..ports import free_port
 
 ROOT = Path(__file__).parents[2]
 CONFIGS = ROOT / "configs"
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _env(**extra: str) -> dict:

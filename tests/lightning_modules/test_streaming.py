@@ -23,6 +23,8 @@ from lightning_modules.datamodule import BinarizedMNISTDataModule
 from pipeline.data import load_binarized_mnist
 from pipeline.shards import ShardError, StreamingLoader, prepare_split
 
+from ..ports import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 
@@ -250,7 +252,7 @@ def test_two_process_ddp_fit_streams_by_data_parallel_rank(tmp_path, embedded, s
         *fit_args(str(directory), tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu",
                   "--data.num_workers", "1", "--model.num_samples", "4", "--model.sample_parallel", str(sample_parallel),
                   "--trainer.callbacks+=tests.lightning_modules.test_streaming.BatchRecorder"),
-        cwd=ROOT, env={"MASTER_PORT": str(29000 + (os.getpid() + 7 * sample_parallel) % 1000), "RECORD_DIR": str(record)},
+        cwd=ROOT, env={"MASTER_PORT": str(free_port()), "RECORD_DIR": str(record)},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -5,7 +5,6 @@ import json
 import os
 import pickle
 import random
-import socket
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch.multiprocessing as mp
 from pipeline import checkpoint as ckpt
 
 from ..assertions import assert_same_state
+from ..ports import free_port
 
 
 def nested_state() -> dict:
@@ -244,11 +244,6 @@ def test_list_and_find_ignore_partial_deleting_and_foreign_dirs(two_checkpoints)
 # ---- two processes: per-rank keys, replicated tensors written once, resharding to one process
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _two_rank_save(rank: int, root: str, port: int) -> None:
     import torch.distributed as dist
@@ -270,7 +265,7 @@ def _two_rank_save(rank: int, root: str, port: int) -> None:
 
 
 def test_two_ranks_write_in_parallel_per_rank_keys_and_reshard_to_one(tmp_path):
-    mp.start_processes(_two_rank_save, args=(str(tmp_path), _free_port()), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_two_rank_save, args=(str(tmp_path), free_port()), nprocs=2, join=True, start_method="fork")
     path = tmp_path / "step000000005"
     marker = ckpt.verify(path)
     assert marker["world_size"] == 2

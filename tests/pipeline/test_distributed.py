@@ -33,7 +33,6 @@ accumulated rounding and is still 10^4 x tighter than the 1e-5 asked for.
 """
 
 import math
-import socket
 import tempfile
 from datetime import timedelta
 from pathlib import Path
@@ -60,6 +59,7 @@ from .enumeration import (
     table_grads,
 )
 from .test_oracles import _check_gradient, all_x, make_model
+from ..ports import free_port
 
 WORLD = 2
 RTOL, ATOL = 1e-9, 1e-12  # float64, same numbers summed in a different order (see the module docstring)
@@ -79,11 +79,6 @@ ORACLE_SLEEP_DRAWS = 100_000  # total sleep draws over the 2 ranks
 def _name(spec) -> str:
     return spec if isinstance(spec, str) else "-".join(spec)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------------------
