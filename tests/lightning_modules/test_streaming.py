@@ -153,10 +153,14 @@ def test_bad_training_shard_fails_at_setup_or_is_skipped(tmp_path, embedded):
 
 
 def rws(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lightning_modules.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-    )  # fmt: skip
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "lightning_modules.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as error:  # keep what the hung run printed: its stderr is the diagnosis
+        stderr = error.stderr.decode(errors="replace") if isinstance(error.stderr, bytes) else error.stderr or ""
+        pytest.fail(f"rws {' '.join(args[:2])} ran past 300 s; its stderr ends with:\n{stderr[-4000:]}")
 
 
 def test_rws_data_prepare_command(tmp_path, embedded, capsys):
