@@ -1,10 +1,10 @@
 """Uniform random numbers for the samplers: Philox4x32-10 written in tensor ops for compiled CPU steps.
 
 Why: under torch.compile on a CPU, inductor draws each random number with its own scalar Philox
-call and keeps one of its four outputs (about 10 ns per number here), which made the Bernoulli draws
-of Q's K samples a quarter of the compiled K=50 training step. The same generator written as int64
-tensor ops compiles into one vectorized loop that keeps all four outputs (under 1 ns per number,
-sigmoid and comparison included; see benchmarks/RESULTS.md). Eager steps keep `torch.rand`: there
+call and keeps one of its four outputs (5.6 ns per Bernoulli draw here), which made the draws of
+Q's K samples a quarter of the compiled K=50 training step. The same generator written as int64
+tensor ops compiles into one vectorized loop that keeps all four outputs (0.8 ns per draw;
+`python benchmarks/rng.py`). Eager steps keep `torch.rand`: there
 these ops would be dozens of passes over memory, and CUDA's generator is Philox already.
 Caveat: inductor keeps the four words in one loop only when it fuses them horizontally, which
 depends on the surrounding graph (an experimental log-prob function once made it inline them into
