@@ -6,35 +6,25 @@
   compiled training step runs (uniforms from `pipeline.philox`);
 - compiled, inductor rand: the same expression with `torch.rand`, lowered by inductor;
 - eager torch.rand: the same expression without compiling (aten's mt19937).
-Median of 20 calls after warm-up; prints a table (not appended to RESULTS.md).
+Median of 20 calls after warm-up (throughput.py's `time_steps`); prints a table (not appended to
+RESULTS.md).
 """
 
 import argparse
-import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.throughput import time_steps  # noqa: E402
 from pipeline.layers import _bernoulli  # noqa: E402
 
 
 def torch_rand_bernoulli(logits: torch.Tensor) -> torch.Tensor:
     return (torch.rand_like(logits) < torch.sigmoid(logits)).to(logits.dtype)
-
-
-def median_seconds(fn, *args, calls: int = 20) -> float:
-    for _ in range(3):
-        fn(*args)
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv=None):
@@ -46,14 +36,15 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     logits = torch.randn(args.rows, args.units)
     variants = {
-        "compiled, Philox tensor ops (what training runs)": (torch.compile(_bernoulli, dynamic=False), logits),
-        "compiled, inductor rand": (torch.compile(torch_rand_bernoulli, dynamic=False), logits),
-        "eager torch.rand": (torch_rand_bernoulli, logits),
+        "compiled, Philox tensor ops (what training runs)": torch.compile(_bernoulli, dynamic=False),
+        "compiled, inductor rand": torch.compile(torch_rand_bernoulli, dynamic=False),
+        "eager torch.rand": torch_rand_bernoulli,
     }
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, logits [{args.rows}, {args.units}]")
     print("| Bernoulli draws | ns per number |\n|---|---:|")
-    for name, (fn, arg) in variants.items():
-        print(f"| {name} | {1e9 * median_seconds(fn, arg) / logits.numel():.2f} |")
+    for name, draw in variants.items():
+        ((seconds, _),) = time_steps([partial(draw, logits)], steps=20, warmup=3, budget_s=60.0)
+        print(f"| {name} | {1e9 * seconds / logits.numel():.2f} |")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ class RWSModule(pl.LightningModule):
             remaining factor is data parallelism. K must be divisible by S.
         compile: run the training step's `rws_surrogates` through `torch.compile`, which fuses its
             elementwise passes (and their backward) around the matmuls: on a 2-core CPU an SBN
-            784-200-200-10 step is about 1.2-1.5x faster (benchmarks/RESULTS.md). The first step pays
+            784-200-200-10 step is about 1.4-1.7x faster (benchmarks/RESULTS.md). The first step pays
             the compilation (about 15 s there), so short runs and tests leave it off.
         matmul_precision: `torch.set_float32_matmul_precision` for the run: 'high' lets GPUs use
             TF32 for the matmuls (float32 accumulation; the log-probs stay float32). Lower-precision

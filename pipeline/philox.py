@@ -16,6 +16,8 @@ vectors (tests/pipeline/test_philox.py). Each call keys a fresh stream with 64 b
 torch's generator, so `torch.manual_seed` still makes a run reproducible.
 """
 
+import math
+
 import torch
 
 _MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)
@@ -50,9 +52,7 @@ def philox_uniform(shape: tuple[int, ...], key: torch.Tensor) -> torch.Tensor:
     `key`: int64 [2] in [0, 2^32). Counter i = (i, 0, 0, 0) yields numbers i, n/4 + i, n/2 + i and
     3n/4 + i: four separate outputs that inductor writes from one loop, one Philox call per four.
     """
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     blocks = -(-numel // 4)
     index = torch.arange(blocks, dtype=torch.int64, device=key.device)  # [n / 4]
     zero = torch.zeros_like(index)
