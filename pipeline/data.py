@@ -189,7 +189,9 @@ def _to_pixels(array: np.ndarray, where: str) -> np.ndarray:
         # is not packed data, and unpacking it would silently produce garbage.
         if array.dtype != np.uint8:
             raise ValueError(f"{where} has shape {array.shape} and dtype {array.dtype}, expected {expected}")
-        return np.unpackbits(array, axis=1)[:, :NUM_PIXELS]
+        # Why ascontiguousarray: unpackbits returns the pixels column-major here, and every consumer
+        # reads rows (batches, shards), which would then touch 784 cache lines per row.
+        return np.ascontiguousarray(np.unpackbits(array, axis=1)[:, :NUM_PIXELS])
     if array.dtype.kind not in "biuf":
         raise ValueError(f"{where} has dtype {array.dtype}; expected bool, integer or float 0/1 values")
     bad = (array != 0) & (array != 1)  # NaN counts as bad: it differs from both

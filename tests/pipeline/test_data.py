@@ -101,6 +101,16 @@ def test_packed_and_unpacked_npz_round_trip_and_agree(tmp_path, pixels):
     assert all(torch.equal(packed[s], unpacked[s]) for s in SPLITS)
 
 
+def test_npz_arrays_stored_column_major_load_row_major(tmp_path, pixels):
+    """Batches and shards read rows, so a split comes back row-major whatever order the file keeps
+    (the standard file stores its packed arrays column-major, and unpackbits keeps that order)."""
+    file = tmp_path / "fortran.npz"
+    np.savez(file, **{s: np.asfortranarray(np.packbits(x, axis=1)) for s, x in pixels.items()})
+    loaded = load_binarized_mnist(file)
+    assert_same(loaded, pixels)
+    assert all(images.is_contiguous() for images in loaded.values())
+
+
 @pytest.mark.parametrize("dtype", [bool, np.int64, np.float32, np.float64])
 def test_unpacked_npz_accepts_any_numeric_dtype_of_0_1(tmp_path, pixels, dtype):
     file = tmp_path / "data.npz"
