@@ -132,6 +132,14 @@ def _bernoulli(logits: torch.Tensor, sample_shape: tuple[int, ...] = ()) -> torc
     return (draws < probs).to(logits.dtype)
 
 
+def _logistic_noise(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Logistic(0, 1) noise eps = logit(u), u uniform: [l > eps] is a Bernoulli(sigmoid(l)) draw.
+
+    The sequential samplers draw all their noise up front, so each unit's step is one comparison
+    of a logit against its threshold instead of a sigmoid, a uniform draw and a comparison."""
+    return torch.logit(uniform(shape, dtype, device))
+
+
 class SBNLayer(BernoulliLayer):
     """Sigmoid belief layer: p(h_i = 1 | cond) = sigmoid(b_i + W_i . cond), units independent."""
 
@@ -164,11 +172,14 @@ class DARNLayer(BernoulliLayer):
 
     @torch.compiler.disable  # a loop over units: torch.compile would unroll it (minutes of compiling)
     def _sample(self, base, cond, sample_shape):
-        base = base.expand(*sample_shape, *base.shape)
-        h = torch.zeros_like(base)
-        weight = self.autoregressive_weight
+        logits = base.expand(*sample_shape, *base.shape).clone()  # running logits: b + W cond + A h_<i
+        noise = _logistic_noise(logits.shape, logits.dtype, logits.device)
+        h = torch.zeros_like(logits)
+        later_weight = self.autoregressive_weight.T.contiguous()  # row i: A_{j,i}, what unit i adds to unit j
+        units, unit_logits, unit_noise = h.unbind(-1), logits.unbind(-1), noise.unbind(-1)  # views, made once
         for i in range(self.size):  # sequential by definition: unit i depends on the units before it
-            h[..., i] = _bernoulli(base[..., i] + h[..., :i] @ weight[i, :i])
+            torch.gt(unit_logits[i], unit_noise[i], out=units[i])
+            logits[..., i + 1 :].addcmul_(units[i].unsqueeze(-1), later_weight[i, i + 1 :])
         return h
 
 
@@ -206,12 +217,13 @@ class NADELayer(BernoulliLayer):
     @torch.compiler.disable  # a loop over units: torch.compile would unroll it (minutes of compiling)
     def _sample(self, base, cond, sample_shape):
         base = base.expand(*sample_shape, *base.shape)
+        threshold = _logistic_noise(base.shape, base.dtype, base.device) - base  # h_i = [V_i . sigmoid(a) > threshold_i]
         activation = self.hidden_offset(cond).expand(*base.shape[:-1], self.hidden_size).clone()
         h = torch.zeros_like(base)
+        units, unit_thresholds = h.unbind(-1), threshold.unbind(-1)  # views, made once
         for i in range(self.size):  # running sum: add unit i's contribution once it is drawn
-            logit = base[..., i] + torch.sigmoid(activation) @ self.output_weight[i]
-            h[..., i] = _bernoulli(logit)
-            activation += h[..., i, None] * self.input_weight[i]
+            torch.gt(torch.sigmoid(activation) @ self.output_weight[i], unit_thresholds[i], out=units[i])
+            activation.addcmul_(units[i].unsqueeze(-1), self.input_weight[i])
         return h
 
 
