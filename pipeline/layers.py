@@ -227,11 +227,11 @@ class NADELayer(BernoulliLayer):
         return h
 
 
-# Hidden activations per chunk of rows in NADEHiddenLogits: 2 MB, so that a chunk's dozen elementwise
-# passes run in cache. Measured on the 2-core CPU of benchmarks/RESULTS.md (1 MB L2 per core), NADE
-# 784-200 training steps with 2^19 floats ran 1.2x (K=5) to 1.7x (K=1) faster than with 2^21 (8 MB);
-# 2^18 and 2^20 were within noise of 2^19.
-_NADE_CHUNK_FLOATS = 2**19
+# Hidden activations per chunk of rows in NADEHiddenLogits: 4 MB, so that a chunk's dozen elementwise
+# passes run in cache. On the 2-core CPU of benchmarks/RESULTS.md (1 MB L2 per core), NADE 784-200
+# training steps side by side: 2^20 floats ran 1.3x (K = 1, 5, 10) and 1.1x (K = 50) faster than 2^21;
+# 2^19 matched 2^20 at K <= 5 and lost at K >= 10, where the per-chunk overhead of more chunks shows.
+_NADE_CHUNK_FLOATS = 2**20
 
 
 def _nade_activations(h: torch.Tensor, offset: torch.Tensor, input_weight: torch.Tensor) -> torch.Tensor:
@@ -251,7 +251,7 @@ class NADEHiddenLogits(torch.autograd.Function):
 
     Why a custom function: autograd would keep the [N, size, hidden] activations (N = K B rows: 3 GB
     for 784 x 200 units at K = 50, B = 100) and run its backward as a dozen more passes over tensors
-    of that size. Here the rows go through in chunks of about 2^19 activations, the forward keeps
+    of that size. Here the rows go through in chunks of about 2^20 activations, the forward keeps
     none of them, and the backward recomputes a chunk's activations once and reduces them into the
     gradients while they are in cache.
     """
