@@ -7,8 +7,9 @@ tensor ops compiles into one vectorized loop that keeps all four outputs (0.8 ns
 `python benchmarks/rng.py`). Eager steps keep `torch.rand`: there
 these ops would be dozens of passes over memory, and CUDA's generator is Philox already.
 Caveat: inductor keeps the four words in one loop only when it fuses them horizontally, which
-depends on the surrounding graph (an experimental log-prob function once made it inline them into
-their consumers, and the step ran 1.6x slower). benchmarks/throughput.py is the check.
+depends on the surrounding graph. An experimental log-prob function once ran 1.6x slower, which was
+put down to inlined words; a column-major data batch (since fixed in pipeline/data.py) also made that
+graph read x transposed. benchmarks/throughput.py is the check.
 
 Philox4x32-10 is the counter-based generator of Salmon et al., "Parallel random numbers: as easy as
 1, 2, 3" (SC 2011), the one cuRAND and JAX use; `philox4x32` reproduces its published known-answer
