@@ -248,12 +248,13 @@ def test_draws_stay_on_the_layers_device(kind):
     assert h.device.type == "meta" and h.shape == (5, 7, SIZE) and log_prob.shape == (5, 7)
 
 
+@pytest.mark.parametrize("size", [9, 32])  # 9 units: aten's scan; 32: the blocked scan, two blocks of 16
 @pytest.mark.parametrize("rows_per_chunk", [1, 3, 100])
-def test_nade_chunked_logits_match_plain_autograd(monkeypatch, rows_per_chunk):
+def test_nade_chunked_logits_match_plain_autograd(monkeypatch, rows_per_chunk, size):
     """NADE's teacher-forced logits go through `NADEHiddenLogits` in chunks of rows with a hand-written
     backward: values and gradients (parameters, h and cond) equal plain autograd through the same
     formula, for chunks that split the rows unevenly, and for h shared by the samples of cond."""
-    size, cond_size, hidden = 9, 5, 7
+    cond_size, hidden = 5, 7
     monkeypatch.setattr(layers, "_NADE_CHUNK_FLOATS", rows_per_chunk * size * hidden)
     torch.manual_seed(11)
     layer = NADELayer(size, cond_size, hidden_size=hidden).double()
@@ -278,3 +279,9 @@ def test_nade_chunked_logits_match_plain_autograd(monkeypatch, rows_per_chunk):
         want_grads = torch.autograd.grad((want * weights).sum(), inputs)
         for name, g, w in zip(["h", "cond", *(n for n, _ in layer.named_parameters())], got_grads, want_grads, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("size", [7, 16, 48])
+def test_blocked_cumsum_over_units_equals_cumsum(size):
+    values = torch.randn(3, size, 5, dtype=torch.float64)
+    torch.testing.assert_close(layers._cumsum_over_units(values), values.cumsum(-2), rtol=1e-12, atol=1e-12)
