@@ -241,7 +241,7 @@ def _cumsum_over_units(values: torch.Tensor, block: int = 16) -> torch.Tensor:
     n, size, hidden = values.shape
     if size % block:
         return values.cumsum(-2)
-    blocks = values.view(n, size // block, block, hidden)
+    blocks = values.reshape(n, size // block, block, hidden)
     within = torch.matmul(values.new_ones(block, block).tril(), blocks)  # [N, size / block, block, hidden]
     totals = blocks.sum(-2)
     return (within + (totals.cumsum(-2) - totals).unsqueeze(-2)).view(n, size, hidden)
