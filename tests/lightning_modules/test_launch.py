@@ -184,7 +184,6 @@ def docs_torchrun_command() -> list[str]:
     return command
 
 
-
 def run_torchrun(extra: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     command = docs_torchrun_command()
     # torchrun is torch.distributed.run's console script; run it with this interpreter.

@@ -29,6 +29,7 @@ from lightning_modules.datamodule import BinarizedMNISTDataModule
 from lightning_modules.module import RWSModule
 from pipeline.data import load_binarized_mnist
 from pipeline.estimators import log_likelihood
+
 from ..ports import free_port
 
 ROOT = Path(__file__).parents[2]

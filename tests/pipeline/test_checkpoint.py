@@ -244,7 +244,6 @@ def test_list_and_find_ignore_partial_deleting_and_foreign_dirs(two_checkpoints)
 # ---- two processes: per-rank keys, replicated tensors written once, resharding to one process
 
 
-
 def _two_rank_save(rank: int, root: str, port: int) -> None:
     import torch.distributed as dist
 
