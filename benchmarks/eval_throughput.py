@@ -1,13 +1,15 @@
 """`rws eval` at K = 100000: throughput and peak memory, for the 10k-point MNIST test set.
 
-    python benchmarks/eval_throughput.py CHECKPOINT [--points 100] [--num-samples 100000] [--threads 2] [--no-append]
+    python benchmarks/eval_throughput.py CHECKPOINT [--points 100] [--num-samples 100000] [--threads 2]
+        [--compile] [--chunk-size C] [--no-append]
 
-Runs `rws eval --num-samples K --max-points N --json` in a child process (the real command, its
+Runs `rws eval --num-samples K --max-points N --json [--compile] [--chunk-size C]` in a child process (the real command, its
 chunked estimator and data loading) and reports its wall time, data points x samples per second
 and peak resident memory (the child's ru_maxrss). The estimator draws the K samples of each batch
 in chunks sized from a fixed activation budget and keeps one running logsumexp per point, so memory
 does not grow with K or with the number of points: the peak on N points is the peak on all 10k,
-and the full test set takes 10000 / N times as long. The table is appended to RESULTS.md.
+and the full test set takes 10000 / N times as long (with --compile, the compile time is in the
+wall time, so the extrapolation over-counts it). The table is appended to RESULTS.md.
 """
 
 import argparse
@@ -40,6 +42,8 @@ def main(argv=None) -> int:
     parser.add_argument("--num-samples", type=int, default=100_000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--compile", action="store_true", help="pass --compile to rws eval (compile time included)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="pass --chunk-size to rws eval (default: its own)")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args(argv)
 
@@ -47,6 +51,7 @@ def main(argv=None) -> int:
         "eval", "--checkpoint", args.checkpoint, "--num-samples", str(args.num_samples), "--split", "test",
         "--max-points", str(args.points), "--data-path", args.data, "--json",
     ]  # fmt: skip
+    command += ["--compile"] * args.compile + ["--chunk-size", str(args.chunk_size)] * (args.chunk_size is not None)
     result = subprocess.run(
         [sys.executable, "-c", CHILD, str(args.threads), *command], cwd=ROOT, capture_output=True, text=True, check=False
     )
@@ -57,9 +62,11 @@ def main(argv=None) -> int:
     rate = estimate["num_points"] * args.num_samples / estimate["seconds"]
     full_hours = 10_000 * args.num_samples / rate / 3600
     rows = [
-        "| K | points | threads | test LL (nats) | stderr | wall s | points x samples/s | peak RSS | 10k test points (extrapolated) |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| {args.num_samples} | {estimate['num_points']} | {args.threads} | {estimate['log_likelihood']:.2f} "
+        "| K | points | threads | chunk | compiled | test LL (nats) | stderr | wall s | points x samples/s | peak RSS "
+        "| 10k test points (extrapolated) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| {args.num_samples} | {estimate['num_points']} | {args.threads} | {args.chunk_size or 'default'} "
+        f"| {'yes' if args.compile else 'no'} | {estimate['log_likelihood']:.2f} "
         f"| {estimate['stderr']:.2f} | {estimate['seconds']:.1f} | {rate:,.0f} | {peak_kb / 2**20:.2f} GiB | {full_hours:.1f} h |",
     ]
     meta = (

@@ -50,6 +50,12 @@ def eval_main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=100, help="data points per batch")
     parser.add_argument("--chunk-size", type=int, default=None, help="samples per chunk (default: from a memory budget)")
     parser.add_argument("--max-points", type=int, default=None, help="evaluate only the first N points of the split")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="run each chunk of samples through torch.compile: about 2x the throughput on a CPU, "
+        "after 10-30 s of compiling (worth it for K in the thousands and up)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -73,7 +79,7 @@ def eval_main(argv: list[str]) -> int:
     with tqdm(total=len(points), desc=desc, unit="pt", file=sys.stderr, disable=rank != 0) as progress:
         for batch in points.split(args.batch_size):
             x = batch.to(device=device, dtype=torch.float32)
-            estimates.append(log_likelihood(model, x, args.num_samples, args.chunk_size, sample_group).cpu())
+            estimates.append(log_likelihood(model, x, args.num_samples, args.chunk_size, sample_group, args.compile).cpu())
             progress.update(len(batch))
     if rank != 0:
         return 0  # every rank holds the same estimates; one prints them

@@ -53,6 +53,16 @@ def test_eval_json(trained_run):
     assert 0 < report["stderr"] < 20
 
 
+def test_eval_compiled_agrees_with_eager(trained_run):
+    """`--compile` draws other samples (its own generator), so the two runs agree within Monte Carlo error."""
+    args = ("eval", "--checkpoint", "runs", "--num-samples", "200", "--max-points", "50", "--json")
+    eager, compiled = (rws(*args, *extra, cwd=trained_run) for extra in ((), ("--compile",)))
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-3000:]
+    eager, compiled = json.loads(eager.stdout), json.loads(compiled.stdout)
+    assert compiled["num_points"] == 50 and compiled["log_likelihood"] != eager["log_likelihood"]
+    assert abs(compiled["log_likelihood"] - eager["log_likelihood"]) < 1.0, (compiled, eager)
+
+
 def test_eval_table_and_progress(trained_run):
     result = rws("eval", "--checkpoint", "runs", "--num-samples", "5", "--max-points", "10", "--split", "valid", cwd=trained_run)
     assert result.returncode == 0, result.stderr
