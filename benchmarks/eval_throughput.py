@@ -24,7 +24,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "binarized_mnist.npz"
-HEADING = "## rws eval at K = 100000 (issue 8)"
 CHILD = (
     "import resource, sys, torch\n"
     "torch.set_num_threads(int(sys.argv[1]))\n"
@@ -80,7 +79,7 @@ def main(argv=None) -> int:
     print(meta + "\n" + table)
     if not args.no_append:
         with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write(f"\n{HEADING}\n\n{meta}\n{table}\n")
+            f.write(f"\n## rws eval at K = {args.num_samples} (issue 8)\n\n{meta}\n{table}\n")
     return 0
 
 

@@ -7,8 +7,8 @@
 # Runs (one thread each, PARALLEL side by side; the budget is process CPU time, so sharing the
 # machine does not change the compute each run gets):
 #   sbn_k10   configs/sbn_200_200_10.yaml, K=10, torch.compile      eval K=1000 on the 10k test points
-#   darn      configs/darn_200.yaml (DARN P, NADE Q), K=5, compile    eval K=100 on the first 1000
-#   nade      configs/nade_200.yaml (NADE P and Q), K=5, compile      eval K=100 on the first 1000
+#   darn      configs/darn_200.yaml (DARN P, NADE Q), K=5, compile    eval K=100 on the 10k test points
+#   nade      configs/nade_200.yaml (NADE P and Q), K=5, compile      eval K=100 on the 10k test points
 # DARN and NADE steps are slow on a CPU (batch 25), so their "epochs" are 200 batches (5000 points),
 # for a learning curve and budget checks that often. (SBN K=5 at 1200 CPU-s is the issue-3 run in
 # RESULTS.md.) Results: benchmarks/out/reproduce/.
@@ -31,8 +31,8 @@ run() {  # NAME CONFIG K EVAL_K EVAL_POINTS TRAIN_BATCHES_PER_EPOCH
 }
 export -f run
 
-printf '%s\n' "sbn_k10 configs/sbn_200_200_10.yaml 10 1000 10000 1.0" "darn configs/darn_200.yaml 5 100 1000 200" \
-  "nade configs/nade_200.yaml 5 100 1000 200" | xargs -P "$parallel" -L 1 bash -c 'run "$@"' _
+printf '%s\n' "sbn_k10 configs/sbn_200_200_10.yaml 10 1000 10000 1.0" "darn configs/darn_200.yaml 5 100 10000 200" \
+  "nade configs/nade_200.yaml 5 100 10000 200" | xargs -P "$parallel" -L 1 bash -c 'run "$@"' _
 
 for name in sbn_k10 darn nade; do
   echo "== $name: $(grep -c '^epoch' "$OUT/$name.train.log") epochs; last: $(grep '^epoch' "$OUT/$name.train.log" | tail -n 1)"
