@@ -3,9 +3,9 @@
     python benchmarks/eval_throughput.py CHECKPOINT [--points 100] [--num-samples 100000] [--threads 2]
         [--compile] [--chunk-size C] [--no-append]
 
-Runs `rws eval --num-samples K --max-points N --json [--compile] [--chunk-size C]` in a child process (the real command, its
-chunked estimator and data loading) and reports its wall time, data points x samples per second
-and peak resident memory (the child's ru_maxrss). The estimator draws the K samples of each batch
+Runs `rws eval --num-samples K --max-points N --json [--compile] [--chunk-size C]` in a child
+process (the real command, its chunked estimator and data loading) and reports its wall time, data
+points x samples per second and peak resident memory (the child's ru_maxrss). The estimator draws the K samples of each batch
 in chunks sized from a fixed activation budget and keeps one running logsumexp per point, so memory
 does not grow with K or with the number of points: the peak on N points is the peak on all 10k,
 and the full test set takes 10000 / N times as long (with --compile, the compile time is in the

@@ -210,21 +210,29 @@ def test_log_likelihood_counts_every_sample_across_chunks(num_samples, chunk_siz
     torch.testing.assert_close(estimate, exact, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, None])
-def test_log_likelihood_chunk_sizes_agree_with_exact(chunk_size):
+@pytest.mark.parametrize(
+    "chunk_size, compile", [(1, False), (7, False), (None, False), (64, True)], ids=["1", "7", "default", "64-compiled"]
+)
+def test_log_likelihood_chunk_sizes_agree_with_exact(chunk_size, compile):
     """Chunk sizes draw different samples, so each is compared to the exact log p(x), not to each other.
 
     Every data point is repeated R times along the batch (independent estimates), and the R * K samples
     per data point are pooled: the mean of exp(estimate) over the R rows estimates p(x) without bias, with
-    relative standard error sqrt(chi^2 / (K R)).
+    relative standard error sqrt(chi^2 / (K R)). With `compile=True` the model runs in float32, so its
+    compiled chunks draw Q's samples from the tensor-op Philox generator (pipeline/philox.py).
     """
     model = tiny_model()
     x = all_binary(4)[[2, 9]]
     runs, num_samples = 500, 200
+    dtype = torch.float32 if compile else torch.float64
     torch.manual_seed(2)
-    estimates = log_likelihood(model, x.repeat(runs, 1), num_samples, chunk_size=chunk_size).reshape(runs, 2)
+    estimates = log_likelihood(
+        model.to(dtype), x.to(dtype).repeat(runs, 1), num_samples, chunk_size=chunk_size, compile=compile
+    )
+    estimates = estimates.double().reshape(runs, 2)
     assert torch.isfinite(estimates).all()
     with torch.no_grad():
+        model.double()
         exact = exact_log_marginal(model, x)
     relative_error = Z * torch.sqrt(chi_square(model, x) / (num_samples * runs))
     assert (relative_error < 0.1).all(), "setup: tolerance too loose"
@@ -233,6 +241,7 @@ def test_log_likelihood_chunk_sizes_agree_with_exact(chunk_size):
     # Each single estimate is itself close to log p(x) (delta method, K = 200).
     per_row_tolerance = Z * torch.sqrt(chi_square(model, x) / num_samples) + 0.05
     assert ((estimates - exact).abs() < per_row_tolerance).all()
+    assert estimates.std(0).min() > 0, "every row must draw its own samples"
 
 
 def test_compiled_log_likelihood_counts_every_sample_across_chunks():
@@ -245,25 +254,6 @@ def test_compiled_log_likelihood_counts_every_sample_across_chunks():
     with torch.no_grad():
         exact = exact_log_marginal(model, x)
     torch.testing.assert_close(estimate, exact, rtol=0, atol=1e-12)
-
-
-def test_compiled_log_likelihood_agrees_with_exact():
-    """The compiled chunks of a float32 SBN draw Q's samples from the tensor-op Philox generator
-    (pipeline/philox.py): pooled over independent rows, the estimate matches the exact log p(x)."""
-    model = tiny_model()
-    x = all_binary(4)[[2, 9]]
-    runs, num_samples = 500, 200
-    torch.manual_seed(2)
-    estimates = log_likelihood(model.float(), x.float().repeat(runs, 1), num_samples, chunk_size=64, compile=True)
-    estimates = estimates.double().reshape(runs, 2)
-    assert torch.isfinite(estimates).all()
-    with torch.no_grad():
-        model.double()
-        exact = exact_log_marginal(model, x)
-        relative_error = Z * torch.sqrt(chi_square(model, x) / (num_samples * runs))
-    pooled = torch.logsumexp(estimates, 0) - math.log(runs)
-    assert ((pooled - exact).abs() < relative_error).all(), (pooled, exact, relative_error)
-    assert estimates.std(0).min() > 0, "every row must draw its own samples"
 
 
 def test_log_likelihood_with_100000_samples():
