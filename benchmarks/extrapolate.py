@@ -1,6 +1,6 @@
 """Extrapolate a training run's validation curve: where would it level off, and how soon?
 
-    python benchmarks/extrapolate.py TRAIN_LOG [TRAIN_LOG ...] [--holdout-from EPOCH] [--no-append]
+    python benchmarks/extrapolate.py TRAIN_LOG [TRAIN_LOG ...] [--fit-first N] [--no-append]
 
 Reads the `epoch E step S: val/log_likelihood V nats` lines that `rws fit` prints (several logs of
 one run, e.g. the first run and its `--resume` continuations, are merged by epoch) and fits the
@@ -10,7 +10,7 @@ saturating power law
 
 whose asymptote `a` is the validation log-likelihood the run would reach if trained forever at the
 same settings. c is found on a grid, a and b by least squares for each c. The fit is checked the
-honest way: it is refitted on the epochs before --holdout-from only, and its predictions for the
+honest way: it is refitted on the first N epochs only (--fit-first), and its predictions for the
 later epochs, which the run did measure, are compared with them. How far the asymptote moves
 between that early fit and the full fit shows how much to trust it.
 
@@ -78,7 +78,7 @@ def epochs_to_within(params: tuple[float, float, float], nats: float) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("logs", nargs="+", type=Path, help="`rws fit` logs of one run, in order")
-    parser.add_argument("--holdout-from", type=int, help="refit on the epochs before this one and predict the rest (default: the last third)")
+    parser.add_argument("--fit-first", type=int, help="refit on the first N epochs only and predict the rest (default: all but the last third)")
     parser.add_argument("--skip", type=int, default=5, help="leave out the first N epochs (the fast initial rise) from every fit")
     parser.add_argument("--no-append", action="store_true")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
@@ -87,14 +87,14 @@ def main(argv=None) -> int:
     t, v = read_curve(args.logs)
     keep = t > args.skip
     t, v = t[keep], v[keep]
-    holdout = args.holdout_from if args.holdout_from is not None else int(t[0] + 2 * (t[-1] - t[0]) / 3)
+    holdout = args.fit_first if args.fit_first is not None else int(t[0] + 2 * (t[-1] - t[0]) / 3)
     early = t <= holdout
     if early.sum() < 4 or (~early).sum() < 1:
-        raise SystemExit(f"--holdout-from {holdout} leaves {int(early.sum())} epochs to fit and {int((~early).sum())} to predict")
+        raise SystemExit(f"--fit-first {holdout} leaves {int(early.sum())} epochs to fit and {int((~early).sum())} to predict")
     full, part = fit_saturating(t, v), fit_saturating(t[early], v[early])
     held_error = predict(part, t[~early]) - v[~early]
     rows = []
-    for name, params, points in (("all epochs", full, t), (f"epochs <= {holdout} only", part, t[early])):
+    for name, params, points in (("all epochs", full, t), (f"the first {holdout} epochs only", part, t[early])):
         a, b, c = params
         rms = float(np.sqrt(((predict(params, points) - v[np.isin(t, points)]) ** 2).mean()))
         rows.append(
@@ -102,13 +102,13 @@ def main(argv=None) -> int:
             f"| {epochs_to_within(params, 1.0):,.0f} | {epochs_to_within(params, 0.5):,.0f} |"
         )
     table = (
-        "| fit on | epochs | asymptote a (nats) | b | c | rms residual | epochs to 1 nat below a | to 0.5 nat below a |\n"
+        "| fit on | epochs done | asymptote a (nats) | b | c | rms residual | epochs to 1 nat below a | to 0.5 nat below a |\n"
         "|---|---|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows)
     )
-    last = f"measured at epoch {int(t[-1])}: {v[-1]:.2f}"
+    last = f"measured after {int(t[-1])} epochs: {v[-1]:.2f}"
     check = (
-        f"- held out: epochs {int(t[~early][0])}-{int(t[-1])} ({int((~early).sum())} points), predicted by the fit on "
-        f"epochs <= {holdout}: mean error {held_error.mean():+.3f} nats, largest {held_error[np.abs(held_error).argmax()]:+.3f}"
+        f"- held out: the values after {int(t[~early][0])}-{int(t[-1])} epochs ({int((~early).sum())} points), predicted by the fit on "
+        f"the first {holdout} epochs: mean error {held_error.mean():+.3f} nats, largest {held_error[np.abs(held_error).argmax()]:+.3f}"
     )
     meta = (
         f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n"
