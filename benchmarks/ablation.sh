@@ -42,23 +42,24 @@ run() {  # K Q_UPDATE SEED
 }
 export -f run
 
-for k in $KS; do for q in $Q_UPDATES; do for seed in $SEEDS; do echo "$k $q $seed"; done; done; done \
-  | xargs -P "$parallel" -L 1 bash -c 'run "$0" "$1" "$2"'
+grid() {  # one line per run: K Q_UPDATE SEED
+  for k in $KS; do for q in $Q_UPDATES; do for seed in $SEEDS; do echo "$k $q $seed"; done; done; done
+}
+grid | xargs -P "$parallel" -L 1 bash -c 'run "$0" "$1" "$2"'
 
-python - "$out" <<'PY'
-import json, os, statistics, sys
+# The table reads "K Q_UPDATE NAME" lines in grid order, so that name_of stays the one naming rule.
+CELLS=$(grid | while read -r k q seed; do echo "$k $q $(name_of "$k" "$q" "$seed")"; done) python - "$out" <<'PY'
+import itertools, json, os, statistics, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-seeds = os.environ["SEEDS"].split()
 print("| K | Q update | test LL (nats) | stderr over points | seeds | spread over seeds (sd) | train wall s |")
 print("|---|---|---|---|---|---|---|")
-for k in os.environ["KS"].split():
-    for q in os.environ["Q_UPDATES"].split():
-        names = [f"k{k}-{q}" if seed == "1234" else f"k{k}-{q}-seed{seed}" for seed in seeds]
-        runs = [json.loads((out / f"{name}.json").read_text()) for name in names]
-        lls = [r["log_likelihood"] for r in runs]
-        spread = f"{statistics.stdev(lls):.2f}" if len(lls) > 1 else "-"
-        label = f"{q} (classical wake-sleep)" if (k, q) == ("1", "sleep") else q
-        print(f"| {k} | {label} | {statistics.mean(lls):.2f} | {statistics.mean(r['stderr'] for r in runs):.2f} "
-              f"| {len(runs)} | {spread} | {round(statistics.mean(r['train_seconds'] for r in runs))} |")
+lines = [line.split() for line in os.environ["CELLS"].splitlines()]
+for (k, q), cell in itertools.groupby(lines, key=lambda fields: tuple(fields[:2])):
+    runs = [json.loads((out / f"{name}.json").read_text()) for _, _, name in cell]
+    lls = [r["log_likelihood"] for r in runs]
+    spread = f"{statistics.stdev(lls):.2f}" if len(lls) > 1 else "-"
+    label = f"{q} (classical wake-sleep)" if (k, q) == ("1", "sleep") else q
+    print(f"| {k} | {label} | {statistics.mean(lls):.2f} | {statistics.mean(r['stderr'] for r in runs):.2f} "
+          f"| {len(runs)} | {spread} | {round(statistics.mean(r['train_seconds'] for r in runs))} |")
 PY
