@@ -87,18 +87,21 @@ def main(argv=None) -> int:
     t, v = read_curve(args.logs)
     keep = t > args.skip
     t, v = t[keep], v[keep]
-    holdout = args.fit_first if args.fit_first is not None else int(t[0] + 2 * (t[-1] - t[0]) / 3)
-    early = t <= holdout
+    fit_first = args.fit_first if args.fit_first is not None else int(t[0] + 2 * (t[-1] - t[0]) / 3)
+    early = t <= fit_first
     if early.sum() < 4 or (~early).sum() < 1:
-        raise SystemExit(f"--fit-first {holdout} leaves {int(early.sum())} epochs to fit and {int((~early).sum())} to predict")
-    full, part = fit_saturating(t, v), fit_saturating(t[early], v[early])
-    held_error = predict(part, t[~early]) - v[~early]
+        raise SystemExit(f"--fit-first {fit_first} leaves {int(early.sum())} epochs to fit and {int((~early).sum())} to predict")
+    full_fit, early_fit = fit_saturating(t, v), fit_saturating(t[early], v[early])
+    held_error = predict(early_fit, t[~early]) - v[~early]  # on the epochs the early fit did not see
     rows = []
-    for name, params, points in (("all epochs", full, t), (f"the first {holdout} epochs only", part, t[early])):
+    for name, params, fit_t, fit_v in (
+        ("all epochs", full_fit, t, v),
+        (f"the first {fit_first} epochs only", early_fit, t[early], v[early]),
+    ):
         a, b, c = params
-        rms = float(np.sqrt(((predict(params, points) - v[np.isin(t, points)]) ** 2).mean()))
+        rms = float(np.sqrt(((predict(params, fit_t) - fit_v) ** 2).mean()))
         rows.append(
-            f"| {name} | {int(points[0])}-{int(points[-1])} | {a:.2f} | {b:.1f} | {c:.3f} | {rms:.3f} "
+            f"| {name} | {int(fit_t[0])}-{int(fit_t[-1])} | {a:.2f} | {b:.1f} | {c:.3f} | {rms:.3f} "
             f"| {epochs_to_within(params, 1.0):,.0f} | {epochs_to_within(params, 0.5):,.0f} |"
         )
     table = (
@@ -108,7 +111,7 @@ def main(argv=None) -> int:
     last = f"measured after {int(t[-1])} epochs: {v[-1]:.2f}"
     check = (
         f"- held out: the values after {int(t[~early][0])}-{int(t[-1])} epochs ({int((~early).sum())} points), predicted by the fit on "
-        f"the first {holdout} epochs: mean error {held_error.mean():+.3f} nats, largest {held_error[np.abs(held_error).argmax()]:+.3f}"
+        f"the first {fit_first} epochs: mean error {held_error.mean():+.3f} nats, largest {held_error[np.abs(held_error).argmax()]:+.3f}"
     )
     meta = (
         f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n"

@@ -37,7 +37,7 @@ def test_resumed_logs_merge_by_epoch_and_the_later_log_wins(tmp_path):
     assert v[7] == -143 and v[8:].tolist() == [-1.0, -2.0, -3.0, -4.0]
 
 
-def test_held_out_prediction_is_reported_and_appended(tmp_path, capsys):
+def test_held_out_prediction_is_reported_and_appended(tmp_path):
     epochs = range(0, 90)
     log = write_log(tmp_path / "train.log", epochs, [-88 - 70 * (e + 1) ** -0.45 for e in epochs])
     results = tmp_path / "RESULTS.md"
