@@ -1,6 +1,6 @@
 """Training throughput of RWS against Pyro's ReweightedWakeSleep, and against this machine's roofline.
 
-    python benchmarks/throughput.py [--threads N] [--steps N] [--models sbn,darn,nade] [--no-append]
+    python benchmarks/throughput.py [--threads N] [--steps N] [--models sbn,darn,nade] [--weights RUN] [--no-append]
 
 Times the full training step as `lightning_modules/module.py` runs it (sample Q, log-probs, both
 surrogates, backward of p_loss + q_loss, the module's two fused Adam steps) on batch 100 of real
@@ -24,6 +24,13 @@ runs, same threads, before and after the steps; the higher median is used) and t
 unavoidable matmul FLOPs are counted (see `sbn_step_flops`); the achieved fraction is (FLOPs / peak) / step time. RWS and Pyro steps alternate during timing, so that
 both see the same machine conditions (this 2-core VM drifts by tens of percent between runs).
 
+Weights: by default every model starts from its fresh initialization. `--weights RUN` starts the SBN
+rows (rws and Pyro alike) from a trained `rws fit` checkpoint of SBN 784-200-200-10 instead (a run
+directory or checkpoint, as `rws eval --checkpoint` takes). That matters for rws: its products of
+Q's samples with P's bottom weights take a sparse path once the samples agree
+(`pipeline/sample_linear.py`), which an untrained Q's fair coins never do. The table's notes give
+the fraction of h_1's entries that differ from their per-point majority at each K.
+
 The table is printed and appended to benchmarks/RESULTS.md under "## Training throughput (issue 8)".
 """
 
@@ -46,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 from lightning_modules.module import RWSModule  # noqa: E402
 from pipeline.data import load_binarized_mnist  # noqa: E402
 from pipeline.models import HelmholtzMachine  # noqa: E402
+from pipeline.sample_linear import MAX_DIFFERING, differing_fraction  # noqa: E402
 
 BATCH = 100
 KS = (1, 5, 10, 50)
@@ -154,6 +162,21 @@ def rws_step_fn(model: HelmholtzMachine, x: torch.Tensor, k: int, compile: bool)
     return step
 
 
+def dense_logits(layer, cond: torch.Tensor) -> torch.Tensor:
+    """An SBN layer's logits as the plain F.linear that Pyro users write (not rws's sparse sample path)."""
+    return torch.nn.functional.linear(cond, layer.cond_weight.weight, layer.bias)
+
+
+def load_weights(path: str) -> HelmholtzMachine:
+    """The SBN 784-200-200-10 model of an `rws fit` checkpoint (run directory or checkpoint)."""
+    from lightning_modules.checkpoints import load_checkpoint
+
+    model = load_checkpoint(path)[0].model
+    if model.layer_sizes != SBN_SIZES:
+        raise SystemExit(f"--weights {path}: the model has layer sizes {model.layer_sizes}, the benchmark needs {SBN_SIZES}")
+    return model
+
+
 def pyro_step_fn(model: HelmholtzMachine, x: torch.Tensor, k: int):
     """The same SBN trained by pyro.infer.ReweightedWakeSleep through SVI."""
     import pyro
@@ -170,7 +193,7 @@ def pyro_step_fn(model: HelmholtzMachine, x: torch.Tensor, k: int):
             top = p_prior.bias.expand(x.shape[0], p_prior.size)
             h = pyro.sample(f"h{num_latent}", dist.Bernoulli(logits=top).to_event(1))
             for l in reversed(range(num_latent)):  # p(h_l | h_{l+1}), h_0 = x observed
-                logits = p_conds[l].cond_logits(h)
+                logits = dense_logits(p_conds[l], h)
                 name, obs = ("x", x) if l == 0 else (f"h{l}", None)
                 h = pyro.sample(name, dist.Bernoulli(logits=logits).to_event(1), obs=obs)
 
@@ -181,7 +204,7 @@ def pyro_step_fn(model: HelmholtzMachine, x: torch.Tensor, k: int):
         with pyro.plate("data", x.shape[0]):
             cond = x
             for l in range(num_latent):  # q(h_{l+1} | h_l), h_0 = x
-                logits = q_conds[l].cond_logits(cond)
+                logits = dense_logits(q_conds[l], cond)
                 cond = pyro.sample(f"h{l + 1}", dist.Bernoulli(logits=logits).to_event(1))
 
     loss = pyro.infer.ReweightedWakeSleep(
@@ -214,6 +237,8 @@ def main(argv=None):
     parser.add_argument("--budget", type=float, default=20.0, help="max seconds of timed steps per configuration")
     parser.add_argument("--models", default="sbn,darn,nade", help="comma-separated subset of sbn,darn,nade")
     parser.add_argument("--ks", default=",".join(map(str, KS)))
+    parser.add_argument("--weights", help="start the SBN rows from this `rws fit` checkpoint of SBN 784-200-200-10 "
+                        "(run directory or checkpoint) instead of a fresh initialization")
     parser.add_argument("--no-pyro", action="store_true")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--no-append", action="store_true")
@@ -236,12 +261,17 @@ def main(argv=None):
     print(f"torch {torch.__version__}, pyro {pyro_version}, threads {torch.get_num_threads()}, "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s, data: {source}", flush=True)
 
+    trained = load_weights(args.weights) if args.weights else None
     peak_before = peak
-    rows = []  # markdown table rows; roofline cells are filled in once both peak measurements are in
+    rows, agreement = [], []  # markdown table rows; roofline cells are filled in once both peak measurements are in
     for name in models:
         for k in ks:
             torch.manual_seed(0)
-            base = HelmholtzMachine(**MODELS[name])
+            base = trained if name == "sbn" and trained is not None else HelmholtzMachine(**MODELS[name])
+            if name == "sbn":
+                with torch.no_grad():
+                    h1 = base.sample_q(x.to(torch.float32), k)[0]
+                agreement.append(f"K={k}: {100 * differing_fraction(h1):.1f}%")
             fns = {"eager": rws_step_fn(copy.deepcopy(base), x, k, compile=False)}
             if not args.no_compile:
                 fns["compiled"] = rws_step_fn(copy.deepcopy(base), x, k, compile=True)
@@ -287,6 +317,9 @@ def main(argv=None):
         f"steps, {peak_after / 1e9:.1f} after; the roofline column uses the higher\n"
         f"- load average (1/5/15 min) before: {load_before}; after: {load_after}\n"
         f"- data: batch of {BATCH} rows from {source}; q_update wake-sleep; Adam lr {LR} for P and Q\n"
+        f"- weights: {f'`{args.weights}` (trained) for the SBN rows' if args.weights else 'fresh initialization'}\n"
+        f"- SBN rows: entries of Q's samples of h_1 that differ from their per-point majority (sparse products "
+        f"below {100 * MAX_DIFFERING:g}%): {', '.join(agreement) or '-'}\n"
         f"- command: `python {shlex.join(['benchmarks/throughput.py', *(argv if argv is not None else sys.argv[1:])])}`\n"
     )
     print(meta)

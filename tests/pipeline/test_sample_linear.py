@@ -1,0 +1,153 @@
+"""`sample_linear`: F.linear over K binary samples, computed from where they differ from their majority.
+
+The sparse path must give the dense product's values and gradients (to float64 rounding here), whatever
+the shape, and must be the path taken when the samples are confident: the tests check both.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pipeline.sample_linear as sample_linear_module
+from pipeline.estimators import rws_surrogates
+from pipeline.models import HelmholtzMachine
+from pipeline.sample_linear import sample_linear
+
+
+def confident_samples(shape, flip: float, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    """0/1 samples [K, ..., H] that differ from a shared per-point pattern in about `flip` of their entries."""
+    generator = torch.Generator().manual_seed(seed)
+    pattern = torch.rand(shape[1:], generator=generator) < 0.5
+    flips = torch.rand(shape, generator=generator) < flip
+    return (pattern ^ flips).to(dtype)
+
+
+def weights(outputs: int, units: int, dtype=torch.float64, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(outputs, units, generator=generator, dtype=dtype).requires_grad_()
+    bias = torch.randn(outputs, generator=generator, dtype=dtype).requires_grad_()
+    return weight, bias
+
+
+def dense(samples, weight, bias):
+    """The reference: the dense product, written without F.linear (which a fixture replaces)."""
+    return samples @ weight.T + bias
+
+
+def value_and_grads(fn, samples, weight, bias, grad_out):
+    weight.grad = bias.grad = None
+    out = fn(samples, weight, bias)
+    out.backward(grad_out)
+    return out.detach(), weight.grad.clone(), bias.grad.clone()
+
+
+@pytest.fixture
+def no_dense_inside_op(monkeypatch):
+    """Make the op's dense fallback fail, so that a test proves the sparse path ran."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the dense fallback ran")
+
+    monkeypatch.setattr(sample_linear_module.F, "linear", fail)
+
+
+@pytest.mark.parametrize("shape", [(16, 8, 40), (7, 3, 5, 40), (1, 12, 40)], ids=["K-B-H", "K-B1-B2-H", "K=1"])
+@pytest.mark.parametrize("flip", [0.0, 0.05])
+def test_sparse_path_matches_dense_product_and_gradients(shape, flip, no_dense_inside_op):
+    samples = confident_samples(shape, flip)
+    weight, bias = weights(24, shape[-1])
+    grad_out = torch.randn(*shape[:-1], 24, dtype=torch.float64)
+    expected = value_and_grads(dense, samples, weight, bias, grad_out)
+    got = value_and_grads(torch.ops.rws.sample_linear, samples, weight, bias, grad_out)
+    for name, g, e in zip(("logits", "weight grad", "bias grad"), got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_non_binary_samples_still_give_the_dense_product(no_dense_inside_op):
+    """The sparse path weights each difference by h - r, so values other than 0/1 stay exact."""
+    samples = confident_samples((16, 8, 40), 0.03)
+    samples[3, 2, 5] = 0.25
+    samples[0, 0, 0] = -2.0
+    weight, bias = weights(24, 40)
+    grad_out = torch.randn(16, 8, 24, dtype=torch.float64)
+    expected = value_and_grads(dense, samples, weight, bias, grad_out)
+    got = value_and_grads(torch.ops.rws.sample_linear, samples, weight, bias, grad_out)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_fair_coins_take_the_dense_product(monkeypatch):
+    """An untrained Q's samples differ from their majority in ~40% of entries: the op must not pay
+    for index lists there (the embedding_bag sums would be slower than the dense product)."""
+    samples = confident_samples((16, 8, 40), 0.5)
+    weight, bias = weights(24, 40)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the sparse path ran")
+
+    monkeypatch.setattr(sample_linear_module.F, "embedding_bag", fail)
+    torch.testing.assert_close(torch.ops.rws.sample_linear(samples, weight, bias), dense(samples, weight, bias))
+
+
+def test_dispatch_uses_the_op_only_for_wide_products_of_detached_cpu_samples(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.ops.rws, "sample_linear", lambda *args: calls.append(args) or F.linear(*args), raising=False)
+    wide = sample_linear_module._MIN_OUTPUTS
+    rows = sample_linear_module._MIN_ROWS
+    weight, bias = weights(wide, 8, torch.float32)
+    sample_linear(torch.zeros(2, rows // 2, 8), weight, bias)
+    assert len(calls) == 1
+    narrow_weight, narrow_bias = weights(wide - 1, 8, torch.float32)
+    sample_linear(torch.zeros(2, rows // 2, 8), narrow_weight, narrow_bias)  # too narrow
+    sample_linear(torch.zeros(2, rows // 4, 8), weight, bias)  # too few rows
+    sample_linear(torch.zeros(rows, 8), weight, bias)  # no sample dimension
+    samples = torch.zeros(2, rows // 2, 8, requires_grad=True)
+    sample_linear(samples, weight, bias).sum().backward()  # gradient wanted for the samples themselves
+    assert len(calls) == 1
+    torch.testing.assert_close(samples.grad, weight.detach().sum(0).expand_as(samples))
+
+
+def test_compiled_op_matches_eager():
+    samples = confident_samples((16, 8, 40), 0.05, dtype=torch.float32)
+    weight, bias = weights(300, 40, torch.float32)
+    grad_out = torch.randn(16, 8, 300)
+    eager = value_and_grads(torch.ops.rws.sample_linear, samples, weight, bias, grad_out)
+    compiled = value_and_grads(torch.compile(torch.ops.rws.sample_linear, dynamic=False), samples, weight, bias, grad_out)
+    for g, e in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(g, e)
+
+
+def test_rws_step_gradients_match_the_dense_products(monkeypatch):
+    """A whole RWS step on a model whose Q is confident, through the sparse path and through dense
+    products only: the same losses and gradients to float32 rounding."""
+    torch.manual_seed(0)
+    model = HelmholtzMachine([784, 64, 32])
+    with torch.no_grad():
+        for layer in model.q_conditionals:  # large logits: confident Q, samples mostly agree
+            layer.cond_weight.weight.mul_(40)
+            layer.bias.copy_(torch.randn_like(layer.bias) * 8)
+    x = (torch.rand(64, 784) < 0.3).float()
+    monkeypatch.setattr(sample_linear_module, "_MIN_ROWS", 64)
+    monkeypatch.setattr(sample_linear_module, "_MIN_OUTPUTS", 64)
+
+    def step(m, sparse: bool):
+        monkeypatch.setattr(sample_linear_module, "MAX_DIFFERING", 0.125 if sparse else -1.0)
+        taken = []
+        majority = sample_linear_module._majority
+        monkeypatch.setattr(sample_linear_module, "_majority", lambda s: taken.append(majority(s) is not None) or majority(s))
+        torch.manual_seed(1)
+        s = rws_surrogates(m, x, 16, "wake-sleep")
+        (s.p_loss + s.q_loss).backward()
+        monkeypatch.setattr(sample_linear_module, "_majority", majority)
+        return s, taken
+
+    sparse_model, dense_model = model, copy.deepcopy(model)
+    sparse, sparse_taken = step(sparse_model, True)
+    dense, dense_taken = step(dense_model, False)
+    assert sparse_taken and all(sparse_taken), "the sparse path did not run in the step"
+    assert not any(dense_taken)
+    torch.testing.assert_close(sparse.log_likelihood, dense.log_likelihood)
+    for (name, p), q in zip(sparse_model.named_parameters(), dense_model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
