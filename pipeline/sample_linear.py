@@ -9,8 +9,8 @@ a bias b, with r_b the per-unit majority of data point b's K samples:
 Both are exact identities. The first term of each is paid once per data point, not once per
 sample. h - r has entries in {-1, 0, +1} and is nonzero only where a sample differs from its
 majority. A trained Q is confident. For the SBN 200-200-10 model of benchmarks/RESULTS.md, its
-samples of h_1 differ from the majority in about 7% of the units. So each sample's logits add up
-about 14 rows of W^T instead of taking a 200-term product per output. Those sums run as one
+K = 50 samples of h_1 differ from the majority in 7.9% of the entries. So each sample's logits add
+up about 16 rows of W^T instead of taking a 200-term product per output. Those sums run as one
 `embedding_bag` over all samples, with rows of W^T and each data point's r_b W^T + b as its table.
 
 Why not always: an untrained Q draws near-fair coins, and then the dense product is faster.
@@ -22,8 +22,9 @@ rounding: the terms are the same, only their order of summation differs.
 import torch
 import torch.nn.functional as F
 
-# Above this fraction of differing entries, the dense product is faster (2-core CPU, K = 50, B = 100,
-# 200 -> 784 units: benchmarks/RESULTS.md, "Sparse sample products").
+# Above this fraction of differing entries, the dense product is faster: forward + backward break
+# even at 12-15% (2-core CPU, K = 50, B = 100, 200 -> 784 units; `python benchmarks/sample_linear.py`,
+# benchmarks/RESULTS.md, "Sparse sample products").
 MAX_DIFFERING = 0.125
 
 # The bookkeeping (majority, comparison, index lists) costs a few passes over the samples whatever
