@@ -23,6 +23,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import command_line  # noqa: E402
+
 DATA = ROOT.parent / "shared" / "data" / "binarized_mnist.npz"
 CHILD = (
     "import resource, sys, torch\n"
@@ -72,7 +76,7 @@ def main(argv=None) -> int:
         f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}; machine: {os.cpu_count()} CPUs, "
         f"{platform.processor() or platform.machine()}, python {platform.python_version()}; load average {os.getloadavg()[0]:.2f}\n"
         f"- checkpoint: `{args.checkpoint}`\n"
-        f"- command: `python {shlex.join(['benchmarks/eval_throughput.py', *(argv if argv is not None else sys.argv[1:])])}` "
+        f"- command: `{command_line(__file__, argv)}` "
         f"(runs `rws {shlex.join(command)}` with {args.threads} torch threads)\n"
     )
     table = "\n".join(rows)

@@ -21,13 +21,16 @@ The table is printed and appended to benchmarks/RESULTS.md under "## Learning-cu
 import argparse
 import datetime
 import re
-import shlex
 import sys
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import append_section, command_line  # noqa: E402
+
 HEADING = "## Learning-curve extrapolation (issue 8)"
 LINE = re.compile(r"^epoch (\d+) step \d+: val/log_likelihood (-?[\d.]+) nats")
 EXPONENTS = np.logspace(-2, 1, 600)  # the grid for c
@@ -117,14 +120,12 @@ def main(argv=None) -> int:
         f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n"
         f"- model: V(t) = a - b t^-c over epochs done t, fitted to the validation curve (first {args.skip} epochs left out); {last}\n"
         f"{check}\n"
-        f"- command: `python {shlex.join(['benchmarks/extrapolate.py', *(argv if argv is not None else sys.argv[1:])])}`\n"
+        f"- command: `{command_line(__file__, argv)}`\n"
     )
     print(table)
     print(meta)
     if not args.no_append:
-        with open(args.results, "a") as f:
-            f.write(f"\n{HEADING}\n\n{meta}\n{table}\n")
-        print(f"appended to {args.results}")
+        append_section(args.results, HEADING, meta, table)
     return 0
 
 

@@ -14,7 +14,6 @@ import argparse
 import datetime
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipeline.sample_linear as sample_linear_module  # noqa: E402
+from benchmarks.report import append_section, command_line  # noqa: E402
 
 NUM_SAMPLES, BATCH, UNITS, OUTPUTS = 50, 100, 200, 784
 FRACTIONS = (0.03, 0.07, 0.09, 0.11, 0.13, 0.15, 0.25)
@@ -106,15 +106,13 @@ def main(argv=None):
         f"- machine: {os.cpu_count()} CPUs, {platform.machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads\n"
         f"- product: [{NUM_SAMPLES}, {BATCH}, {UNITS}] samples x [{OUTPUTS}, {UNITS}] weight + bias, float32; "
         f"median of {args.repeats} alternated calls\n"
-        f"- command: `python {shlex.join(['benchmarks/sample_linear.py', *(argv if argv is not None else sys.argv[1:])])}`\n"
+        f"- command: `{command_line(__file__, argv)}`\n"
     )
     print()
     print(meta)
     print(table)
     if not args.no_append:
-        with open(args.results, "a") as f:
-            f.write(f"\n{HEADING}\n\n{meta}\n{table}\n")
-        print(f"appended to {args.results}")
+        append_section(args.results, HEADING, meta, table)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ import copy
 import datetime
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -50,6 +49,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import append_section, command_line  # noqa: E402
 from lightning_modules.module import RWSModule  # noqa: E402
 from pipeline.data import load_binarized_mnist  # noqa: E402
 from pipeline.models import HelmholtzMachine  # noqa: E402
@@ -320,13 +320,11 @@ def main(argv=None):
         f"- weights: {f'`{args.weights}` (trained) for the SBN rows' if args.weights else 'fresh initialization'}\n"
         f"- SBN rows: entries of Q's samples of h_1 that differ from their per-point majority (sparse products "
         f"below {100 * MAX_DIFFERING:g}%): {', '.join(agreement) or '-'}\n"
-        f"- command: `python {shlex.join(['benchmarks/throughput.py', *(argv if argv is not None else sys.argv[1:])])}`\n"
+        f"- command: `{command_line(__file__, argv)}`\n"
     )
     print(meta)
     if not args.no_append:
-        with open(args.results, "a") as f:
-            f.write(f"\n{HEADING}\n\n{meta}\n{table}\n")
-        print(f"appended to {args.results}")
+        append_section(args.results, HEADING, meta, table)
 
 
 if __name__ == "__main__":
