@@ -94,19 +94,34 @@ def test_fair_coins_take_the_dense_product(monkeypatch):
 def test_dispatch_uses_the_op_only_for_wide_products_of_detached_cpu_samples(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.ops.rws, "sample_linear", lambda *args: calls.append(args) or F.linear(*args), raising=False)
-    wide = sample_linear_module._MIN_OUTPUTS
-    rows = sample_linear_module._MIN_ROWS
-    weight, bias = weights(wide, 8, torch.float32)
-    sample_linear(torch.zeros(2, rows // 2, 8), weight, bias)
+    wide, rows = sample_linear_module._MIN_OUTPUTS, sample_linear_module._MIN_ROWS
+    units = sample_linear_module._MAX_NARROW_UNITS + 1
+    weight, bias = weights(wide, units, torch.float32)
+    sample_linear(torch.zeros(2, rows // 2, units), weight, bias)
     assert len(calls) == 1
-    narrow_weight, narrow_bias = weights(wide - 1, 8, torch.float32)
-    sample_linear(torch.zeros(2, rows // 2, 8), narrow_weight, narrow_bias)  # too narrow
-    sample_linear(torch.zeros(2, rows // 4, 8), weight, bias)  # too few rows
-    sample_linear(torch.zeros(rows, 8), weight, bias)  # no sample dimension
-    samples = torch.zeros(2, rows // 2, 8, requires_grad=True)
+    narrow_weight, narrow_bias = weights(wide - 1, units, torch.float32)
+    sample_linear(torch.zeros(2, rows // 2, units), narrow_weight, narrow_bias)  # too narrow
+    sample_linear(torch.zeros(2, rows // 4, units), weight, bias)  # too few rows
+    sample_linear(torch.zeros(rows, units), weight, bias)  # no sample dimension
+    samples = torch.zeros(2, rows // 2, units, requires_grad=True)
     sample_linear(samples, weight, bias).sum().backward()  # gradient wanted for the samples themselves
     assert len(calls) == 1
     torch.testing.assert_close(samples.grad, weight.detach().sum(0).expand_as(samples))
+
+
+def test_samples_with_few_units_get_the_dense_gradients(monkeypatch):
+    """Few units: the weight gradient is taken as (h^T g)^T, which must equal autograd's g^T h."""
+    units = sample_linear_module._MAX_NARROW_UNITS
+    samples = confident_samples((8, sample_linear_module._MIN_ROWS // 8, units), 0.3)
+    weight, bias = weights(48, units)
+    grad_out = torch.randn(*samples.shape[:-1], 48, dtype=torch.float64)
+    used = []
+    narrow = sample_linear_module._NarrowInputLinear.apply
+    monkeypatch.setattr(sample_linear_module._NarrowInputLinear, "apply", lambda *a: used.append(1) or narrow(*a))
+    got = value_and_grads(sample_linear, samples, weight, bias, grad_out)
+    assert used, "the narrow-input path did not run"
+    for g, e in zip(got, value_and_grads(dense, samples, weight, bias, grad_out), strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
 def test_compiled_op_matches_eager():
