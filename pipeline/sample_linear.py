@@ -89,16 +89,21 @@ class _NarrowInputLinear(torch.autograd.Function):
 
 def differing_fraction(samples: torch.Tensor) -> float:
     """Fraction of the entries of 0/1 samples [K, ..., H] that differ from their per-unit majority over K."""
-    ones = samples.sum(0)
-    return float(torch.minimum(ones, samples.shape[0] - ones).sum()) / samples.numel()
+    return _differing_fraction(samples.sum(0), samples.shape[0])
+
+
+def _differing_fraction(ones: torch.Tensor, num_samples: int) -> float:
+    """differing_fraction from the samples' sum over K, `ones`."""
+    return float(torch.minimum(ones, num_samples - ones).sum()) / (ones.numel() * num_samples)
 
 
 def _majority(samples: torch.Tensor) -> torch.Tensor | None:
     """The per-unit majority [B, H] of samples [K, B, H], or None when more than `MAX_DIFFERING` of
     the entries differ from it (the dense product is faster then)."""
-    if differing_fraction(samples) > MAX_DIFFERING:
+    ones, num_samples = samples.sum(0), samples.shape[0]  # [B, H]
+    if _differing_fraction(ones, num_samples) > MAX_DIFFERING:
         return None
-    return (2 * samples.sum(0) > samples.shape[0]).to(samples.dtype)
+    return (2 * ones > num_samples).to(samples.dtype)
 
 
 def _differences_at(samples: torch.Tensor, majority: torch.Tensor, rows, columns) -> torch.Tensor:
