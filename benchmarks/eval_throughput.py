@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import command_line  # noqa: E402
+from benchmarks.report import append_section, command_line  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "binarized_mnist.npz"
 CHILD = (
@@ -82,8 +82,7 @@ def main(argv=None) -> int:
     table = "\n".join(rows)
     print(meta + "\n" + table)
     if not args.no_append:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write(f"\n## rws eval at K = {args.num_samples} (issue 8)\n\n{meta}\n{table}\n")
+        append_section(ROOT / "benchmarks" / "RESULTS.md", f"## rws eval at K = {args.num_samples} (issue 8)", meta, table)
     return 0
 
 
