@@ -60,7 +60,7 @@ def sample_linear(samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         return _NarrowInputLinear.apply(samples, weight, bias)
     if weight.shape[0] < _MIN_OUTPUTS:
         return F.linear(samples, weight, bias)
-    return torch.ops.rws.sample_linear(samples, weight, bias)
+    return sample_linear_op(samples, weight, bias)
 
 
 class _NarrowInputLinear(torch.autograd.Function):
@@ -89,93 +89,125 @@ class _NarrowInputLinear(torch.autograd.Function):
 
 def differing_fraction(samples: torch.Tensor) -> float:
     """Fraction of the entries of 0/1 samples [K, ..., H] that differ from their per-unit majority over K."""
-    return _differing_fraction(samples.sum(0), samples.shape[0])
+    return _differing_count(samples.sum(0), samples.shape[0]) / samples.numel()
 
 
-def _differing_fraction(ones: torch.Tensor, num_samples: int) -> float:
-    """differing_fraction from the samples' sum over K, `ones`."""
-    return float(torch.minimum(ones, num_samples - ones).sum()) / (ones.numel() * num_samples)
+def _differing_count(ones: torch.Tensor, num_samples: int) -> float:
+    """How many of the 0/1 samples differ from their per-unit majority, from their sum over K, `ones`.
+
+    Summed in float64: exact to 2^53 entries, where float32 would round past 2^24."""
+    return float(torch.minimum(ones, num_samples - ones).sum(dtype=torch.float64))
 
 
-def _majority(samples: torch.Tensor) -> torch.Tensor | None:
-    """The per-unit majority [B, H] of samples [K, B, H], or None when more than `MAX_DIFFERING` of
-    the entries differ from it (the dense product is faster then)."""
+def _majority(samples: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    """The per-unit majority [B, H] of samples [K, B, H] and how many entries differ from it, or None
+    when more than `MAX_DIFFERING` of the entries do (the dense product is faster then)."""
     ones, num_samples = samples.sum(0), samples.shape[0]  # [B, H]
-    if _differing_fraction(ones, num_samples) > MAX_DIFFERING:
+    differing = _differing_count(ones, num_samples)
+    if differing > MAX_DIFFERING * samples.numel():
         return None
-    return (2 * ones > num_samples).to(samples.dtype)
+    return (2 * ones > num_samples).to(samples.dtype), differing
 
 
-def _differences_at(samples: torch.Tensor, majority: torch.Tensor, rows, columns) -> torch.Tensor:
-    """h - r at the (sample row, unit) pairs given, for samples [K, B, H] and majority [B, H]."""
-    units, batch = samples.shape[-1], samples.shape[1]
-    return samples.reshape(-1).take(rows * units + columns) - majority.reshape(-1).take(rows % batch * units + columns)
+def sample_linear_op(samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`torch.ops.rws.sample_linear` without `sample_linear`'s dispatch rules: the logits [K, ..., O]."""
+    return torch.ops.rws.sample_linear(samples, weight, bias)[0]
 
 
 @torch.library.custom_op("rws::sample_linear", mutates_args=())
-def _sample_linear(samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """samples [K, ..., H] W^T + b: [K, ..., O], dense or from the differences to the majority."""
+def _sample_linear(samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """samples [K, ..., H] W^T + b: [K, ..., O], and the reference r [B, H] it was computed from.
+
+    r is the per-point majority when the sparse path ran, zeros when the dense product did (then
+    h - r = h): the backward splits the weight gradient at the same r.
+    """
     leading, units = samples.shape[:-1], samples.shape[-1]
     samples3 = samples.reshape(leading[0], -1, units)  # [K, B, H]
-    num_rows, batch = leading.numel(), samples3.shape[1]
-    majority = _majority(samples3)
-    if majority is None:
-        return F.linear(samples, weight, bias)
-    base = torch.addmm(bias, majority, weight.t())  # [B, O]: r_b W^T + b
-    # One bag per sample row: the rows of W^T where it differs from its majority, weighted by
-    # h - r, plus its data point's base row (table index H + b) with weight 1.
-    differs = (samples3 != majority).view(num_rows, units)
-    marks = torch.cat([differs, differs.new_ones(num_rows, 1)], 1)  # [K B, H + 1]
-    rows, columns = marks.nonzero().unbind(1)  # sorted by row
-    is_base = columns == units
-    indices = torch.where(is_base, units + rows % batch, columns)
-    values = torch.where(is_base, 1.0, _differences_at(samples3, majority, rows, columns.clamp(max=units - 1)))
-    offsets = torch.searchsorted(rows, torch.arange(num_rows))
-    table = torch.cat([weight.t(), base])  # [H + B, O]
-    logits = F.embedding_bag(indices, table, offsets, mode="sum", per_sample_weights=values.to(table.dtype))
-    return logits.view(*leading, weight.shape[0])
+    found = _majority(samples3)
+    logits = None if found is None else _logits_from_differences(samples3, weight, bias, *found)
+    if logits is None:
+        return F.linear(samples, weight, bias), samples.new_zeros(samples3.shape[1:])
+    return logits.view(*leading, weight.shape[0]), found[0]
+
+
+def _logits_from_differences(samples, weight, bias, majority, differing: float) -> torch.Tensor | None:
+    """samples [K, B, H] W^T + b as [K B, O] from the entries that differ from `majority` [B, H]:
+    one embedding_bag over all sample rows. None if the samples turn out not to be all 0/1."""
+    num_samples, batch, units = samples.shape
+    num_rows = num_samples * batch
+    # Bag of sample row (k, b): the rows of W^T where it differs from r_b, weighted by h - r = 1 - 2 r,
+    # then its data point's base row r_b W^T + b (table row H + b), weighted 1.
+    marks = torch.empty(num_rows, units + 1, dtype=torch.bool)  # [K B, H + 1]
+    torch.ne(samples, majority, out=marks[:, :units].view(samples.shape))
+    marks[:, units] = True
+    positions = marks.view(-1).nonzero().squeeze(1)  # (k B + b) (H + 1) + column, sorted by row
+    if positions.numel() - num_rows != differing:
+        # Entries in [0, 1] differ from the majority at least as often as their sums predict, and
+        # exactly as often only if all are 0 or 1 (then h - r = 1 - 2 r). Anything else: dense.
+        return None
+    in_point = positions % (batch * (units + 1))  # b (H + 1) + column: the entry's place in its data point
+    table_rows = torch.cat([torch.arange(units).expand(batch, units), units + torch.arange(batch)[:, None]], 1)
+    signs = torch.cat([1 - 2 * majority, majority.new_ones(batch, 1)], 1)  # [B, H + 1]
+    table = torch.cat([weight.t(), torch.addmm(bias, majority, weight.t())])  # [H + B, O]
+    return F.embedding_bag(
+        table_rows.view(-1).take(in_point),
+        table,
+        torch.searchsorted(positions, torch.arange(0, num_rows * (units + 1), units + 1)),  # bag starts
+        mode="sum",
+        per_sample_weights=signs.view(-1).take(in_point).to(table.dtype),
+    )
 
 
 @_sample_linear.register_fake
 def _(samples, weight, bias):
-    return samples.new_empty(*samples.shape[:-1], weight.shape[0])
+    batch = samples.shape[1:-1].numel()
+    return samples.new_empty(*samples.shape[:-1], weight.shape[0]), samples.new_empty(batch, samples.shape[-1])
 
 
 @torch.library.custom_op("rws::sample_linear_backward", mutates_args=())
-def _sample_linear_backward(grad: torch.Tensor, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of sample_linear's weight [O, H] and bias [O] given the output's gradient [K, ..., O]."""
+def _sample_linear_backward(grad: torch.Tensor, samples: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """sum_kb g_kb (h_kb - r_b)^T: [O, H], for the output's gradient g [K, ..., O] and reference r [B, H].
+
+    A reference of zeros (the forward's dense product) gives the dense g^T h.
+    """
     units, outputs = samples.shape[-1], grad.shape[-1]
     samples3 = samples.reshape(samples.shape[0], -1, units)  # [K, B, H]
-    grad3 = grad.reshape(*samples3.shape[:2], outputs)  # [K, B, O]
-    flat_grad = grad3.reshape(-1, outputs)  # [K B, O]
-    majority = _majority(samples3)
-    if majority is None:
-        return flat_grad.t() @ samples3.reshape(-1, units), flat_grad.sum(0)
-    grad_per_point = grad3.sum(0)  # [B, O]
-    grad_weight = grad_per_point.t() @ majority  # [O, H]: sum_b (sum_k g_kb) r_b^T
-    # One bag per unit j: the gradient rows of the samples that differ from the majority at j.
-    differs_by_unit = torch.empty(units, flat_grad.shape[0], dtype=torch.bool)  # [H, K B]: rows of one unit together
-    torch.ne(samples3, majority, out=differs_by_unit.t().view(samples3.shape))
-    columns, rows = differs_by_unit.nonzero().unbind(1)  # sorted by unit
-    values = _differences_at(samples3, majority, rows, columns)
-    offsets = torch.searchsorted(columns, torch.arange(units))
-    grad_weight += F.embedding_bag(rows, flat_grad, offsets, mode="sum", per_sample_weights=values.to(grad.dtype)).t()
-    return grad_weight, grad_per_point.sum(0)
+    batch, num_rows = samples3.shape[1], samples3.shape[:2].numel()
+    flat_grad = grad.reshape(num_rows, outputs)  # [K B, O]
+    if not reference.any():
+        return flat_grad.t() @ samples3.reshape(num_rows, units)
+    # One bag per unit j: the gradient rows of the samples that differ from the reference at j,
+    # weighted by h - r = 1 - 2 r.
+    differs_by_unit = torch.empty(units, num_rows, dtype=torch.bool)  # [H, K B]: rows of one unit together
+    torch.ne(samples3, reference, out=differs_by_unit.t().view(samples3.shape))
+    positions = differs_by_unit.view(-1).nonzero().squeeze(1)  # j K B + k B + b, sorted by unit
+    signs = (1 - 2 * reference).t().reshape(-1)  # [H B]
+    offsets = torch.searchsorted(positions, torch.arange(0, units * num_rows, num_rows))
+    return F.embedding_bag(
+        positions % num_rows,
+        flat_grad,
+        offsets,
+        mode="sum",
+        per_sample_weights=signs.take(positions // num_rows * batch + positions % batch).to(grad.dtype),
+    ).t().contiguous()  # [O, H], the layout the fake kernel promises
 
 
 @_sample_linear_backward.register_fake
-def _(grad, samples):
-    return grad.new_empty(grad.shape[-1], samples.shape[-1]), grad.new_empty(grad.shape[-1])
+def _(grad, samples, reference):
+    return grad.new_empty(grad.shape[-1], samples.shape[-1])
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
+    ctx.save_for_backward(inputs[0], output[1])
 
 
-def _backward(ctx, grad):
-    (samples,) = ctx.saved_tensors
-    grad_weight, grad_bias = torch.ops.rws.sample_linear_backward(grad, samples)
-    return None, grad_weight, grad_bias
+def _backward(ctx, grad, _):
+    """The r-terms of the weight gradient and the bias gradient, outside the op: in a compiled step
+    the sum over K then runs inside the kernel that produced `grad`, instead of as one more pass."""
+    samples, reference = ctx.saved_tensors
+    grad_per_point = grad.reshape(samples.shape[0], *reference.shape[:-1], grad.shape[-1]).sum(0)  # [B, O]
+    grad_weight = grad_per_point.t() @ reference + torch.ops.rws.sample_linear_backward(grad, samples, reference)
+    return None, grad_weight, grad_per_point.sum(0)
 
 
 _sample_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import pipeline.sample_linear as sample_linear_module
 from pipeline.estimators import rws_surrogates
 from pipeline.models import HelmholtzMachine
-from pipeline.sample_linear import sample_linear
+from pipeline.sample_linear import sample_linear, sample_linear_op
 
 
 def confident_samples(shape, flip: float, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
@@ -60,21 +60,26 @@ def test_sparse_path_matches_dense_product_and_gradients(shape, flip, no_dense_i
     weight, bias = weights(24, shape[-1])
     grad_out = torch.randn(*shape[:-1], 24, dtype=torch.float64)
     expected = value_and_grads(dense, samples, weight, bias, grad_out)
-    got = value_and_grads(torch.ops.rws.sample_linear, samples, weight, bias, grad_out)
+    got = value_and_grads(sample_linear_op, samples, weight, bias, grad_out)
     for name, g, e in zip(("logits", "weight grad", "bias grad"), got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=name)
 
 
-def test_non_binary_samples_still_give_the_dense_product(no_dense_inside_op):
-    """The sparse path weights each difference by h - r, so values other than 0/1 stay exact."""
+@pytest.mark.parametrize("value", [0.25, 0.5, 0.999])
+def test_samples_not_all_zero_or_one_fall_back_to_the_dense_product(value, monkeypatch):
+    """The sparse path weights each difference by 1 - 2 r, right for 0/1 entries only. Entries
+    in [0, 1] that are not 0/1 must be caught (the op compares its count of differing entries with
+    the count the sums predict) and get the dense product."""
     samples = confident_samples((16, 8, 40), 0.03)
-    samples[3, 2, 5] = 0.25
-    samples[0, 0, 0] = -2.0
+    samples[3, 2, 5] = value
     weight, bias = weights(24, 40)
     grad_out = torch.randn(16, 8, 24, dtype=torch.float64)
-    expected = value_and_grads(dense, samples, weight, bias, grad_out)
-    got = value_and_grads(torch.ops.rws.sample_linear, samples, weight, bias, grad_out)
-    for g, e in zip(got, expected, strict=True):
+    dense_calls = []
+    linear = sample_linear_module.F.linear
+    monkeypatch.setattr(sample_linear_module.F, "linear", lambda *a: dense_calls.append(1) or linear(*a))
+    got = value_and_grads(sample_linear_op, samples, weight, bias, grad_out)
+    assert dense_calls, "the sparse path ran on samples that are not all 0/1"
+    for g, e in zip(got, value_and_grads(dense, samples, weight, bias, grad_out), strict=True):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
@@ -88,12 +93,12 @@ def test_fair_coins_take_the_dense_product(monkeypatch):
         raise AssertionError("the sparse path ran")
 
     monkeypatch.setattr(sample_linear_module.F, "embedding_bag", fail)
-    torch.testing.assert_close(torch.ops.rws.sample_linear(samples, weight, bias), dense(samples, weight, bias))
+    torch.testing.assert_close(sample_linear_op(samples, weight, bias), dense(samples, weight, bias))
 
 
 def test_dispatch_uses_the_op_only_for_wide_products_of_detached_cpu_samples(monkeypatch):
     calls = []
-    monkeypatch.setattr(torch.ops.rws, "sample_linear", lambda *args: calls.append(args) or F.linear(*args), raising=False)
+    monkeypatch.setattr(sample_linear_module, "sample_linear_op", lambda *args: calls.append(args) or F.linear(*args))
     wide, rows = sample_linear_module._MIN_OUTPUTS, sample_linear_module._MIN_ROWS
     units = sample_linear_module._MAX_NARROW_UNITS + 1
     weight, bias = weights(wide, units, torch.float32)
@@ -128,8 +133,8 @@ def test_compiled_op_matches_eager():
     samples = confident_samples((16, 8, 40), 0.05, dtype=torch.float32)
     weight, bias = weights(300, 40, torch.float32)
     grad_out = torch.randn(16, 8, 300)
-    eager = value_and_grads(torch.ops.rws.sample_linear, samples, weight, bias, grad_out)
-    compiled = value_and_grads(torch.compile(torch.ops.rws.sample_linear, dynamic=False), samples, weight, bias, grad_out)
+    eager = value_and_grads(sample_linear_op, samples, weight, bias, grad_out)
+    compiled = value_and_grads(torch.compile(sample_linear_op, dynamic=False), samples, weight, bias, grad_out)
     for g, e in zip(compiled, eager, strict=True):
         torch.testing.assert_close(g, e)
 
