@@ -14,9 +14,14 @@ up about 16 rows of W^T instead of taking a 200-term product per output. Those s
 `embedding_bag` over all samples, with rows of W^T and each data point's r_b W^T + b as its table.
 
 Why not always: an untrained Q draws near-fair coins, and then the dense product is faster.
-Forward and backward each count the differing entries (on a CPU, so no device sync) and pick
-the dense product above `MAX_DIFFERING`. The results agree with the dense product to float32
-rounding: the terms are the same, only their order of summation differs.
+`bags_by_sample` counts the differing entries (on a CPU, so no device sync) and builds no bags
+above `MAX_DIFFERING`; the product and its backward then take the dense path. The samples must be
+0/1 (draws): entries in [0, 1] that are not are caught by that count and get the dense product too.
+The results agree with the dense product to float32 rounding: the terms are the same, only their
+order of summation differs.
+
+The bags depend on the samples alone, so they are their own op: in a compiled step, products that
+read the same samples (Q's q(h_2 | h_1) and P's p(x | h_1) both read h_1) share them.
 """
 
 import torch
@@ -27,11 +32,16 @@ import torch.nn.functional as F
 # benchmarks/RESULTS.md, "Sparse sample products").
 MAX_DIFFERING = 0.125
 
-# The bookkeeping (majority, comparison, index lists) costs a few passes over the samples whatever
-# the output width; below this many outputs it costs more than the dense product saves. With SBN
-# 784-200-200-10's 200-wide products on the sparse path too, the K = 50 step was 1.11x faster than
-# dense, against 1.15x with only the 784-wide one (benchmarks/RESULTS.md).
+# The bags (majority, comparison, index lists) cost a few passes over the samples whatever the
+# output width. Eagerly, every product builds its own, and below this many outputs they cost more
+# than the dense product saves: with SBN 784-200-200-10's 200-wide products on the sparse path too,
+# the eager K = 50 step ran 0.92x as fast (trained weights, side by side).
 _MIN_OUTPUTS = 256
+
+# In a compiled step, products that read the same samples share one set of bags (`sample_linear_op`),
+# and Q's q(h_2 | h_1) shares P's p(x | h_1)'s: with the 200-wide products on the sparse path, the
+# compiled K = 50 step ran 1.08-1.11x faster (trained weights, side by side; fresh weights 0.97x).
+_MIN_OUTPUTS_COMPILED = 128
 
 # Below this many sample rows (K x B), the dense product is cheap whatever its width: K = 5, B = 100
 # steps ran at 0.97x with the floor at 256.
@@ -58,7 +68,7 @@ def sample_linear(samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         return F.linear(samples, weight, bias)
     if samples.shape[-1] <= _MAX_NARROW_UNITS:
         return _NarrowInputLinear.apply(samples, weight, bias)
-    if weight.shape[0] < _MIN_OUTPUTS:
+    if weight.shape[0] < (_MIN_OUTPUTS_COMPILED if torch.compiler.is_compiling() else _MIN_OUTPUTS):
         return F.linear(samples, weight, bias)
     return sample_linear_op(samples, weight, bias)
 
@@ -110,104 +120,182 @@ def _majority(samples: torch.Tensor) -> tuple[torch.Tensor, float] | None:
 
 
 def sample_linear_op(samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """`torch.ops.rws.sample_linear` without `sample_linear`'s dispatch rules: the logits [K, ..., O]."""
-    return torch.ops.rws.sample_linear(samples, weight, bias)[0]
+    """The sparse product without `sample_linear`'s dispatch rules: logits [K, ..., O].
 
-
-@torch.library.custom_op("rws::sample_linear", mutates_args=())
-def _sample_linear(samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """samples [K, ..., H] W^T + b: [K, ..., O], and the reference r [B, H] it was computed from.
-
-    r is the per-point majority when the sparse path ran, zeros when the dense product did (then
-    h - r = h): the backward splits the weight gradient at the same r.
+    Two ops: one builds the bags from the samples alone, one sums them for this weight. Layers that
+    read the same samples (Q's q(h_2 | h_1) and P's p(x | h_1) both read h_1) build identical bags;
+    in a compiled step the graph keeps one of the identical calls, so they share the bookkeeping.
     """
-    leading, units = samples.shape[:-1], samples.shape[-1]
-    samples3 = samples.reshape(leading[0], -1, units)  # [K, B, H]
+    return torch.ops.rws.sample_linear(samples, weight, bias, *torch.ops.rws.bags_by_sample(samples))
+
+
+def _padded(values: torch.Tensor, length: int) -> torch.Tensor:
+    """`values` at the front of a 1-D tensor of `length` entries; the rest is never read.
+
+    Why: the ops' outputs must have sizes known from the input shapes, so that a compiled step
+    traces them without a graph break. Index lists are padded to their largest possible length,
+    and the lengths travel in the last entry of the bag starts."""
+    padded = values.new_empty(length)
+    padded[: values.numel()] = values
+    return padded
+
+
+def _most_entries(num_rows: int, units: int) -> int:
+    """At most half the entries differ from their majority, plus one base row per sample row."""
+    return num_rows * units // 2 + num_rows
+
+
+@torch.library.custom_op("rws::bags_by_sample", mutates_args=())
+def _bags_by_sample(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward's bags for samples [K, ..., H]: (reference r [B, H], entries, entry weights, bag starts).
+
+    Bag of sample row (k, b): the rows of W^T where it differs from r_b, weighted h - r = 1 - 2 r,
+    then its data point's base row r_b W^T + b (table row H + b), weighted 1. r is the per-point
+    majority. Bag starts [K B + 1] end with the number of entries; when the dense product is faster,
+    r is zeros and that number is 0.
+    """
+    samples3 = samples.reshape(samples.shape[0], -1, samples.shape[-1])  # [K, B, H]
+    num_samples, batch, units = samples3.shape
+    num_rows, most = num_samples * batch, _most_entries(num_samples * batch, units)
     found = _majority(samples3)
-    logits = None if found is None else _logits_from_differences(samples3, weight, bias, *found)
-    if logits is None:
-        return F.linear(samples, weight, bias), samples.new_zeros(samples3.shape[1:])
-    return logits.view(*leading, weight.shape[0]), found[0]
-
-
-def _logits_from_differences(samples, weight, bias, majority, differing: float) -> torch.Tensor | None:
-    """samples [K, B, H] W^T + b as [K B, O] from the entries that differ from `majority` [B, H]:
-    one embedding_bag over all sample rows. None if the samples turn out not to be all 0/1."""
-    num_samples, batch, units = samples.shape
-    num_rows = num_samples * batch
-    # Bag of sample row (k, b): the rows of W^T where it differs from r_b, weighted by h - r = 1 - 2 r,
-    # then its data point's base row r_b W^T + b (table row H + b), weighted 1.
-    marks = torch.empty(num_rows, units + 1, dtype=torch.bool)  # [K B, H + 1]
-    torch.ne(samples, majority, out=marks[:, :units].view(samples.shape))
-    marks[:, units] = True
-    positions = marks.view(-1).nonzero().squeeze(1)  # (k B + b) (H + 1) + column, sorted by row
-    if positions.numel() - num_rows != differing:
+    if found is not None:
+        majority, differing = found
+        marks = torch.empty(num_rows, units + 1, dtype=torch.bool)  # [K B, H + 1]
+        torch.ne(samples3, majority, out=marks[:, :units].view(samples3.shape))
+        marks[:, units] = True
+        positions = marks.view(-1).nonzero().squeeze(1)  # (k B + b) (H + 1) + column, sorted by row
         # Entries in [0, 1] differ from the majority at least as often as their sums predict, and
         # exactly as often only if all are 0 or 1 (then h - r = 1 - 2 r). Anything else: dense.
-        return None
-    in_point = positions % (batch * (units + 1))  # b (H + 1) + column: the entry's place in its data point
-    table_rows = torch.cat([torch.arange(units).expand(batch, units), units + torch.arange(batch)[:, None]], 1)
-    signs = torch.cat([1 - 2 * majority, majority.new_ones(batch, 1)], 1)  # [B, H + 1]
-    table = torch.cat([weight.t(), torch.addmm(bias, majority, weight.t())])  # [H + B, O]
-    return F.embedding_bag(
-        table_rows.view(-1).take(in_point),
-        table,
-        torch.searchsorted(positions, torch.arange(0, num_rows * (units + 1), units + 1)),  # bag starts
-        mode="sum",
-        per_sample_weights=signs.view(-1).take(in_point).to(table.dtype),
+        if positions.numel() - num_rows == differing:
+            in_point = positions % (batch * (units + 1))  # b (H + 1) + column: the entry's place in its point
+            table_rows = torch.cat([torch.arange(units).expand(batch, units), units + torch.arange(batch)[:, None]], 1)
+            signs = torch.cat([1 - 2 * majority, majority.new_ones(batch, 1)], 1)  # [B, H + 1]
+            bag_starts = torch.searchsorted(positions, torch.arange(0, (num_rows + 1) * (units + 1), units + 1))
+            return (
+                majority,
+                _padded(table_rows.view(-1).take(in_point), most),
+                _padded(signs.view(-1).take(in_point), most),
+                bag_starts,
+            )
+    return (
+        samples.new_zeros(batch, units),
+        samples.new_empty(most, dtype=torch.int64),
+        samples.new_empty(most),
+        samples.new_zeros(num_rows + 1, dtype=torch.int64),
     )
 
 
+@_bags_by_sample.register_fake
+def _(samples):
+    batch, units = samples.shape[1:-1].numel(), samples.shape[-1]
+    num_rows = samples.shape[0] * batch
+    most = _most_entries(num_rows, units)
+    return (
+        samples.new_empty(batch, units),
+        samples.new_empty(most, dtype=torch.int64),
+        samples.new_empty(most),
+        samples.new_empty(num_rows + 1, dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op("rws::sample_linear", mutates_args=())
+def _sample_linear(
+    samples: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    reference: torch.Tensor,
+    entries: torch.Tensor,
+    entry_weights: torch.Tensor,
+    bag_starts: torch.Tensor,
+) -> torch.Tensor:
+    """samples [K, ..., H] W^T + b: [K, ..., O], from `bags_by_sample`'s bags (dense if there are none)."""
+    count = int(bag_starts[-1])
+    if count == 0:
+        return F.linear(samples, weight, bias)
+    table = torch.cat([weight.t(), torch.addmm(bias, reference, weight.t())])  # [H + B, O]
+    logits = F.embedding_bag(
+        entries[:count], table, bag_starts[:-1], mode="sum", per_sample_weights=entry_weights[:count].to(table.dtype)
+    )
+    return logits.view(*samples.shape[:-1], weight.shape[0])
+
+
 @_sample_linear.register_fake
-def _(samples, weight, bias):
-    batch = samples.shape[1:-1].numel()
-    return samples.new_empty(*samples.shape[:-1], weight.shape[0]), samples.new_empty(batch, samples.shape[-1])
+def _(samples, weight, bias, reference, entries, entry_weights, bag_starts):
+    return samples.new_empty(*samples.shape[:-1], weight.shape[0])
 
 
-@torch.library.custom_op("rws::sample_linear_backward", mutates_args=())
-def _sample_linear_backward(grad: torch.Tensor, samples: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """sum_kb g_kb (h_kb - r_b)^T: [O, H], for the output's gradient g [K, ..., O] and reference r [B, H].
-
-    A reference of zeros (the forward's dense product) gives the dense g^T h.
-    """
-    units, outputs = samples.shape[-1], grad.shape[-1]
+@torch.library.custom_op("rws::bags_by_unit", mutates_args=())
+def _bags_by_unit(
+    samples: torch.Tensor, reference: torch.Tensor, sample_bag_starts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward's bags: (sample rows, their weights h - r, bag starts [H + 1] ending with the
+    number of rows), one bag per unit j holding the sample rows that differ from r at j. Built only
+    where the forward used bags (`sample_bag_starts` ends with their number, 0 if it was dense)."""
+    units = samples.shape[-1]
     samples3 = samples.reshape(samples.shape[0], -1, units)  # [K, B, H]
     batch, num_rows = samples3.shape[1], samples3.shape[:2].numel()
-    flat_grad = grad.reshape(num_rows, outputs)  # [K B, O]
-    if not reference.any():
-        return flat_grad.t() @ samples3.reshape(num_rows, units)
-    # One bag per unit j: the gradient rows of the samples that differ from the reference at j,
-    # weighted by h - r = 1 - 2 r.
+    most = _most_entries(num_rows, units)
+    if int(sample_bag_starts[-1]) == 0:
+        return samples.new_empty(most, dtype=torch.int64), samples.new_empty(most), samples.new_zeros(units + 1, dtype=torch.int64)
     differs_by_unit = torch.empty(units, num_rows, dtype=torch.bool)  # [H, K B]: rows of one unit together
     torch.ne(samples3, reference, out=differs_by_unit.t().view(samples3.shape))
     positions = differs_by_unit.view(-1).nonzero().squeeze(1)  # j K B + k B + b, sorted by unit
     signs = (1 - 2 * reference).t().reshape(-1)  # [H B]
-    offsets = torch.searchsorted(positions, torch.arange(0, units * num_rows, num_rows))
-    return F.embedding_bag(
-        positions % num_rows,
-        flat_grad,
-        offsets,
-        mode="sum",
-        per_sample_weights=signs.take(positions // num_rows * batch + positions % batch).to(grad.dtype),
-    ).t().contiguous()  # [O, H], the layout the fake kernel promises
+    return (
+        _padded(positions % num_rows, most),
+        _padded(signs.take(positions // num_rows * batch + positions % batch), most),
+        torch.searchsorted(positions, torch.arange(0, (units + 1) * num_rows, num_rows)),
+    )
 
 
-@_sample_linear_backward.register_fake
-def _(grad, samples, reference):
+@_bags_by_unit.register_fake
+def _(samples, reference, sample_bag_starts):
+    units = samples.shape[-1]
+    most = _most_entries(samples.shape[:-1].numel(), units)
+    return samples.new_empty(most, dtype=torch.int64), samples.new_empty(most), samples.new_empty(units + 1, dtype=torch.int64)
+
+
+@torch.library.custom_op("rws::difference_weight_grad", mutates_args=())
+def _difference_weight_grad(
+    grad: torch.Tensor,
+    samples: torch.Tensor,
+    sample_bag_starts: torch.Tensor,
+    rows: torch.Tensor,
+    row_weights: torch.Tensor,
+    unit_bag_starts: torch.Tensor,
+) -> torch.Tensor:
+    """sum_kb g_kb (h_kb - r_b)^T: [O, H], for the output's gradient g [K, ..., O], from `bags_by_unit`'s
+    bags; where the forward was dense (r = 0), the dense g^T h."""
+    flat_grad = grad.reshape(-1, grad.shape[-1])  # [K B, O]
+    if int(sample_bag_starts[-1]) == 0:
+        return flat_grad.t() @ samples.reshape(-1, samples.shape[-1])
+    count = int(unit_bag_starts[-1])
+    grad_rows = F.embedding_bag(
+        rows[:count], flat_grad, unit_bag_starts[:-1], mode="sum", per_sample_weights=row_weights[:count].to(grad.dtype)
+    )
+    return grad_rows.t().contiguous()  # [O, H], the layout the fake kernel promises
+
+
+@_difference_weight_grad.register_fake
+def _(grad, samples, sample_bag_starts, rows, row_weights, unit_bag_starts):
     return grad.new_empty(grad.shape[-1], samples.shape[-1])
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], output[1])
+    samples, _, _, reference, _, _, bag_starts = inputs
+    ctx.save_for_backward(samples, reference, bag_starts)
 
 
-def _backward(ctx, grad, _):
-    """The r-terms of the weight gradient and the bias gradient, outside the op: in a compiled step
-    the sum over K then runs inside the kernel that produced `grad`, instead of as one more pass."""
-    samples, reference = ctx.saved_tensors
-    grad_per_point = grad.reshape(samples.shape[0], *reference.shape[:-1], grad.shape[-1]).sum(0)  # [B, O]
-    grad_weight = grad_per_point.t() @ reference + torch.ops.rws.sample_linear_backward(grad, samples, reference)
-    return None, grad_weight, grad_per_point.sum(0)
+def _backward(ctx, grad):
+    """Weight gradient sum_b (sum_k g_kb) r_b^T + sum_kb g_kb (h_kb - r_b)^T, and the bias gradient.
+
+    The r-terms are written here, outside the ops: in a compiled step the sum over K then runs inside
+    the kernel that produced `grad`, and layers that read the same samples share `bags_by_unit`."""
+    samples, reference, bag_starts = ctx.saved_tensors
+    grad_per_point = grad.reshape(samples.shape[0], reference.shape[0], grad.shape[-1]).sum(0)  # [B, O]
+    bags = torch.ops.rws.bags_by_unit(samples, reference, bag_starts)
+    differences = torch.ops.rws.difference_weight_grad(grad, samples, bag_starts, *bags)
+    return None, grad_per_point.t() @ reference + differences, grad_per_point.sum(0), None, None, None, None
 
 
 _sample_linear.register_autograd(_backward, setup_context=_setup_context)

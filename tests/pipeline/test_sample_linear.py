@@ -171,3 +171,33 @@ def test_rws_step_gradients_match_the_dense_products(monkeypatch):
     torch.testing.assert_close(sparse.log_likelihood, dense.log_likelihood)
     for (name, p), q in zip(sparse_model.named_parameters(), dense_model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_compiled_products_of_the_same_samples_share_their_bags(monkeypatch):
+    """Two layers that read the same samples (as Q's q(h_2 | h_1) and P's p(x | h_1) read h_1) must
+    build the bags once in a compiled graph, and still give the dense products' values and gradients."""
+    samples = confident_samples((16, 80, 40), 0.05, dtype=torch.float32)
+    width = sample_linear_module._MIN_OUTPUTS_COMPILED
+    (weight_a, bias_a), (weight_b, bias_b) = weights(width, 40, torch.float32, 1), weights(width, 40, torch.float32, 2)
+    monkeypatch.setattr(sample_linear_module, "_MIN_ROWS", 64)
+    built = []
+    majority = sample_linear_module._majority
+    monkeypatch.setattr(sample_linear_module, "_majority", lambda s: built.append(1) or majority(s))
+
+    def two_products(product, samples, weight_a, bias_a, weight_b, bias_b):
+        return (product(samples, weight_a, bias_a).sin().sum() + product(samples, weight_b, bias_b).cos().sum())
+
+    compiled = torch.compile(two_products, dynamic=False, fullgraph=True)
+    got = compiled(sample_linear, samples, weight_a, bias_a, weight_b, bias_b)
+    built.clear()
+    got = compiled(sample_linear, samples, weight_a, bias_a, weight_b, bias_b)
+    assert len(built) == 1, f"the bags were built {len(built)} times for one samples tensor"
+    got.backward()
+    got_grads = [t.grad.clone() for t in (weight_a, bias_a, weight_b, bias_b)]
+    for t in (weight_a, bias_a, weight_b, bias_b):
+        t.grad = None
+    expected = two_products(dense, samples, weight_a, bias_a, weight_b, bias_b)
+    expected.backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
+    for g, t in zip(got_grads, (weight_a, bias_a, weight_b, bias_b), strict=True):
+        torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-4)
