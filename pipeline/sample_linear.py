@@ -129,14 +129,14 @@ def sample_linear_op(samples: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return torch.ops.rws.sample_linear(samples, weight, bias, *torch.ops.rws.bags_by_sample(samples))
 
 
-def _padded(values: torch.Tensor, length: int) -> torch.Tensor:
-    """`values` at the front of a 1-D tensor of `length` entries; the rest is never read.
+def _gather_padded(source: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
+    """source[index] for 1-D `source`, at the front of a 1-D tensor of `length` entries; the rest is never read.
 
     Why: the ops' outputs must have sizes known from the input shapes, so that a compiled step
     traces them without a graph break. Index lists are padded to their largest possible length,
     and the lengths travel in the last entry of the bag starts."""
-    padded = values.new_empty(length)
-    padded[: values.numel()] = values
+    padded = source.new_empty(length)
+    torch.index_select(source, 0, index, out=padded[: index.numel()])
     return padded
 
 
@@ -173,8 +173,8 @@ def _bags_by_sample(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
             bag_starts = torch.searchsorted(positions, torch.arange(0, (num_rows + 1) * (units + 1), units + 1))
             return (
                 majority,
-                _padded(table_rows.view(-1).take(in_point), most),
-                _padded(signs.view(-1).take(in_point), most),
+                _gather_padded(table_rows.view(-1), in_point, most),
+                _gather_padded(signs.view(-1), in_point, most),
                 bag_starts,
             )
     return (
@@ -241,9 +241,11 @@ def _bags_by_unit(
     torch.ne(samples3, reference, out=differs_by_unit.t().view(samples3.shape))
     positions = differs_by_unit.view(-1).nonzero().squeeze(1)  # j K B + k B + b, sorted by unit
     signs = (1 - 2 * reference).t().reshape(-1)  # [H B]
+    rows = positions.new_empty(most)
+    torch.remainder(positions, num_rows, out=rows[: positions.numel()])
     return (
-        _padded(positions % num_rows, most),
-        _padded(signs.take(positions // num_rows * batch + positions % batch), most),
+        rows,
+        _gather_padded(signs, positions // num_rows * batch + positions % batch, most),
         torch.searchsorted(positions, torch.arange(0, (units + 1) * num_rows, num_rows)),
     )
 
