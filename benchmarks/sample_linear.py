@@ -3,7 +3,7 @@
     python benchmarks/sample_linear.py [--threads N] [--repeats N] [--no-append]
 
 Times forward and forward + backward of P's bottom-layer product in SBN 784-200-200-10 at K = 50,
-B = 100 ([K, B, 200] samples times a [784, 200] weight): F.linear against `torch.ops.rws.sample_linear`
+B = 100 ([K, B, 200] samples times a [784, 200] weight): F.linear against `sample_linear_op`
 with its dense fallback switched off, on samples that differ from a per-point pattern in a given
 fraction of their entries. The two alternate call by call, so that both see the same machine
 conditions. The crossover sets `MAX_DIFFERING` in pipeline/sample_linear.py. The table is printed and
@@ -83,9 +83,9 @@ def main(argv=None):
         fwd_dense, fwd_sparse, both_dense, both_sparse = alternate(
             [
                 forward(F.linear, samples),
-                forward(torch.ops.rws.sample_linear, samples),
+                forward(sample_linear_module.sample_linear_op, samples),
                 forward_backward(F.linear, samples),
-                forward_backward(torch.ops.rws.sample_linear, samples),
+                forward_backward(sample_linear_module.sample_linear_op, samples),
             ],
             args.repeats,
         )

@@ -24,8 +24,16 @@ The bags depend on the samples alone, so they are their own op: in a compiled st
 read the same samples (Q's q(h_2 | h_1) and P's p(x | h_1) both read h_1) share them.
 """
 
+import hashlib
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+
+# The ops' namespace carries a hash of this file. torch.compile's on-disk cache keys a graph by the
+# names of the custom ops in it, not by the backward formulas registered for them (pytorch#144344):
+# a changed formula under the same names would reuse a stale compiled backward, with wrong gradients.
+_OPS = "rws_" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
 
 # Above this fraction of differing entries, the dense product is faster: forward + backward break
 # even at 12-15% (2-core CPU, K = 50, B = 100, 200 -> 784 units; `python benchmarks/sample_linear.py`,
@@ -35,13 +43,11 @@ MAX_DIFFERING = 0.125
 # The bags (majority, comparison, index lists) cost a few passes over the samples whatever the
 # output width. Eagerly, every product builds its own, and below this many outputs they cost more
 # than the dense product saves: with SBN 784-200-200-10's 200-wide products on the sparse path too,
-# the eager K = 50 step ran 0.92x as fast (trained weights, side by side).
+# the eager K = 50 step ran 0.92x as fast (trained weights, side by side). In a compiled step,
+# products that read the same samples share one set of bags (`sample_linear_op`), and there every
+# product takes the op: all of SBN 784-200-200-10's products of h_1 and h_2 on it ran 1.10-1.15x
+# faster than the 784-wide one alone (K = 50, trained weights, side by side; benchmarks/RESULTS.md).
 _MIN_OUTPUTS = 256
-
-# In a compiled step, products that read the same samples share one set of bags (`sample_linear_op`),
-# and Q's q(h_2 | h_1) shares P's p(x | h_1)'s: with the 200-wide products on the sparse path, the
-# compiled K = 50 step ran 1.08-1.11x faster (trained weights, side by side; fresh weights 0.97x).
-_MIN_OUTPUTS_COMPILED = 128
 
 # Below this many sample rows (K x B), the dense product is cheap whatever its width: K = 5, B = 100
 # steps ran at 0.97x with the floor at 256.
@@ -54,9 +60,10 @@ _MAX_NARROW_UNITS = 32
 def sample_linear(samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """F.linear(samples, weight, bias) for binary samples [K, ..., H] (K samples first): [K, ..., O].
 
-    On a CPU, wide enough products go through `torch.ops.rws.sample_linear`, which computes the
-    same values from where the samples differ from their majority (module docstring), and samples
-    with few units take the weight gradient in MKL's faster orientation (`_NarrowInputLinear`).
+    On a CPU, products of many samples go through `sample_linear_op`, which computes the same
+    values from where the samples differ from their majority (module docstring): eagerly only wide
+    ones, in a compiled step all. Samples with few units take the weight gradient in MKL's faster
+    orientation instead (`_NarrowInputLinear`).
     Gradients flow to `weight` and `bias` only, as the samples are draws.
     """
     if (
@@ -68,7 +75,7 @@ def sample_linear(samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         return F.linear(samples, weight, bias)
     if samples.shape[-1] <= _MAX_NARROW_UNITS:
         return _NarrowInputLinear.apply(samples, weight, bias)
-    if weight.shape[0] < (_MIN_OUTPUTS_COMPILED if torch.compiler.is_compiling() else _MIN_OUTPUTS):
+    if weight.shape[0] < _MIN_OUTPUTS and not torch.compiler.is_compiling():
         return F.linear(samples, weight, bias)
     return sample_linear_op(samples, weight, bias)
 
@@ -126,7 +133,7 @@ def sample_linear_op(samples: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     read the same samples (Q's q(h_2 | h_1) and P's p(x | h_1) both read h_1) build identical bags;
     in a compiled step the graph keeps one of the identical calls, so they share the bookkeeping.
     """
-    return torch.ops.rws.sample_linear(samples, weight, bias, *torch.ops.rws.bags_by_sample(samples))
+    return _sample_linear(samples, weight, bias, *_bags_by_sample(samples))
 
 
 def _gather_padded(source: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
@@ -145,7 +152,7 @@ def _most_entries(num_rows: int, units: int) -> int:
     return num_rows * units // 2 + num_rows
 
 
-@torch.library.custom_op("rws::bags_by_sample", mutates_args=())
+@torch.library.custom_op(f"{_OPS}::bags_by_sample", mutates_args=())
 def _bags_by_sample(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward's bags for samples [K, ..., H]: (reference r [B, H], entries, entry weights, bag starts).
 
@@ -198,7 +205,7 @@ def _(samples):
     )
 
 
-@torch.library.custom_op("rws::sample_linear", mutates_args=())
+@torch.library.custom_op(f"{_OPS}::sample_linear", mutates_args=())
 def _sample_linear(
     samples: torch.Tensor,
     weight: torch.Tensor,
@@ -224,80 +231,89 @@ def _(samples, weight, bias, reference, entries, entry_weights, bag_starts):
     return samples.new_empty(*samples.shape[:-1], weight.shape[0])
 
 
-@torch.library.custom_op("rws::bags_by_unit", mutates_args=())
+@torch.library.custom_op(f"{_OPS}::bags_by_unit", mutates_args=())
 def _bags_by_unit(
-    samples: torch.Tensor, reference: torch.Tensor, sample_bag_starts: torch.Tensor
+    samples: torch.Tensor, entries: torch.Tensor, entry_weights: torch.Tensor, bag_starts: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backward's bags: (sample rows, their weights h - r, bag starts [H + 1] ending with the
-    number of rows), one bag per unit j holding the sample rows that differ from r at j. Built only
-    where the forward used bags (`sample_bag_starts` ends with their number, 0 if it was dense)."""
+    """The backward's bags, from `bags_by_sample`'s: (sample rows, their weights h - r, bag starts [H + 1]
+    ending with the number of rows), one bag per unit j holding the sample rows that differ from r
+    at j. None (bag starts all 0) where the forward was dense.
+
+    The forward's entries are in sample-row order; a stable sort by unit puts them in unit order.
+    The sort keys are int16 (for fewer than 2^15 units), which torch sorts by radix: 0.2 ms for the 84k
+    entries of [50, 100, 200] trained samples, against 1.9 ms for comparing the samples with their
+    majority again and listing the differences unit by unit.
+    """
     units = samples.shape[-1]
-    samples3 = samples.reshape(samples.shape[0], -1, units)  # [K, B, H]
-    batch, num_rows = samples3.shape[1], samples3.shape[:2].numel()
+    num_rows, count = bag_starts.numel() - 1, int(bag_starts[-1])
     most = _most_entries(num_rows, units)
-    if int(sample_bag_starts[-1]) == 0:
+    if count == 0:
         return samples.new_empty(most, dtype=torch.int64), samples.new_empty(most), samples.new_zeros(units + 1, dtype=torch.int64)
-    differs_by_unit = torch.empty(units, num_rows, dtype=torch.bool)  # [H, K B]: rows of one unit together
-    torch.ne(samples3, reference, out=differs_by_unit.t().view(samples3.shape))
-    positions = differs_by_unit.view(-1).nonzero().squeeze(1)  # j K B + k B + b, sorted by unit
-    signs = (1 - 2 * reference).t().reshape(-1)  # [H B]
-    rows = positions.new_empty(most)
-    torch.remainder(positions, num_rows, out=rows[: positions.numel()])
+    unit_of_entry = entries[:count].clamp(max=units)  # a unit, or H for a data point's base row
+    keys = unit_of_entry.to(torch.int16 if units < 2**15 else torch.int32)
+    by_unit = torch.argsort(keys, stable=True)  # differences by unit, then the base rows
+    differing = count - num_rows
+    row_of_entry = torch.repeat_interleave(torch.arange(num_rows), bag_starts.diff())  # [count]
+    per_unit = torch.bincount(unit_of_entry, minlength=units + 1)[:units]
     return (
-        rows,
-        _gather_padded(signs, positions // num_rows * batch + positions % batch, most),
-        torch.searchsorted(positions, torch.arange(0, (units + 1) * num_rows, num_rows)),
+        _gather_padded(row_of_entry, by_unit[:differing], most),
+        _gather_padded(entry_weights[:count], by_unit[:differing], most),
+        F.pad(per_unit.cumsum(0), (1, 0)),
     )
 
 
 @_bags_by_unit.register_fake
-def _(samples, reference, sample_bag_starts):
+def _(samples, entries, entry_weights, bag_starts):
     units = samples.shape[-1]
     most = _most_entries(samples.shape[:-1].numel(), units)
     return samples.new_empty(most, dtype=torch.int64), samples.new_empty(most), samples.new_empty(units + 1, dtype=torch.int64)
 
 
-@torch.library.custom_op("rws::difference_weight_grad", mutates_args=())
-def _difference_weight_grad(
+@torch.library.custom_op(f"{_OPS}::sample_linear_weight_grad", mutates_args=())
+def _sample_linear_weight_grad(
     grad: torch.Tensor,
+    grad_per_point: torch.Tensor,
     samples: torch.Tensor,
+    reference: torch.Tensor,
     sample_bag_starts: torch.Tensor,
     rows: torch.Tensor,
     row_weights: torch.Tensor,
     unit_bag_starts: torch.Tensor,
 ) -> torch.Tensor:
-    """sum_kb g_kb (h_kb - r_b)^T: [O, H], for the output's gradient g [K, ..., O], from `bags_by_unit`'s
-    bags; where the forward was dense (r = 0), the dense g^T h."""
+    """The weight gradient [O, H] for the output's gradient g [K, ..., O] with its sum over K, [B, O]:
+
+        sum_b (sum_k g_kb) r_b^T + sum_kb g_kb (h_kb - r_b)^T    from `bags_by_unit`'s bags,
+        g^T h                                                   where the forward was dense.
+    """
     flat_grad = grad.reshape(-1, grad.shape[-1])  # [K B, O]
     if int(sample_bag_starts[-1]) == 0:
         return flat_grad.t() @ samples.reshape(-1, samples.shape[-1])
     count = int(unit_bag_starts[-1])
-    grad_rows = F.embedding_bag(
+    differences = F.embedding_bag(
         rows[:count], flat_grad, unit_bag_starts[:-1], mode="sum", per_sample_weights=row_weights[:count].to(grad.dtype)
-    )
-    return grad_rows.t().contiguous()  # [O, H], the layout the fake kernel promises
+    )  # [H, O]
+    return torch.addmm(differences, reference.t(), grad_per_point).t().contiguous()  # [O, H], as the fake kernel
 
 
-@_difference_weight_grad.register_fake
-def _(grad, samples, sample_bag_starts, rows, row_weights, unit_bag_starts):
+@_sample_linear_weight_grad.register_fake
+def _(grad, grad_per_point, samples, reference, sample_bag_starts, rows, row_weights, unit_bag_starts):
     return grad.new_empty(grad.shape[-1], samples.shape[-1])
 
 
 def _setup_context(ctx, inputs, output):
-    samples, _, _, reference, _, _, bag_starts = inputs
-    ctx.save_for_backward(samples, reference, bag_starts)
+    samples, _, _, reference, entries, entry_weights, bag_starts = inputs
+    ctx.save_for_backward(samples, reference, entries, entry_weights, bag_starts)
 
 
 def _backward(ctx, grad):
-    """Weight gradient sum_b (sum_k g_kb) r_b^T + sum_kb g_kb (h_kb - r_b)^T, and the bias gradient.
-
-    The r-terms are written here, outside the ops: in a compiled step the sum over K then runs inside
-    the kernel that produced `grad`, and layers that read the same samples share `bags_by_unit`."""
-    samples, reference, bag_starts = ctx.saved_tensors
+    """The weight and bias gradients. The sum over K is written here, outside the ops: in a compiled
+    step it runs inside the kernel that produced `grad`, and layers that read the same samples
+    share `bags_by_unit`."""
+    samples, reference, entries, entry_weights, bag_starts = ctx.saved_tensors
     grad_per_point = grad.reshape(samples.shape[0], reference.shape[0], grad.shape[-1]).sum(0)  # [B, O]
-    bags = torch.ops.rws.bags_by_unit(samples, reference, bag_starts)
-    differences = torch.ops.rws.difference_weight_grad(grad, samples, bag_starts, *bags)
-    return None, grad_per_point.t() @ reference + differences, grad_per_point.sum(0), None, None, None, None
+    bags = _bags_by_unit(samples, entries, entry_weights, bag_starts)
+    grad_weight = _sample_linear_weight_grad(grad, grad_per_point, samples, reference, bag_starts, *bags)
+    return None, grad_weight, grad_per_point.sum(0), None, None, None, None
 
 
 _sample_linear.register_autograd(_backward, setup_context=_setup_context)

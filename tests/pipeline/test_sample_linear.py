@@ -5,6 +5,7 @@ the shape, and must be the path taken when the samples are confident: the tests 
 """
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,7 +54,9 @@ def no_dense_inside_op(monkeypatch):
     monkeypatch.setattr(sample_linear_module.F, "linear", fail)
 
 
-@pytest.mark.parametrize("shape", [(16, 8, 40), (7, 3, 5, 40), (1, 12, 40)], ids=["K-B-H", "K-B1-B2-H", "K=1"])
+@pytest.mark.parametrize(
+    "shape", [(16, 8, 40), (7, 3, 5, 40), (1, 12, 40), (6, 5, 300)], ids=["K-B-H", "K-B1-B2-H", "K=1", "H=300"]
+)
 @pytest.mark.parametrize("flip", [0.0, 0.05])
 def test_sparse_path_matches_dense_product_and_gradients(shape, flip, no_dense_inside_op):
     samples = confident_samples(shape, flip)
@@ -177,7 +180,7 @@ def test_compiled_products_of_the_same_samples_share_their_bags(monkeypatch):
     """Two layers that read the same samples (as Q's q(h_2 | h_1) and P's p(x | h_1) read h_1) must
     build the bags once in a compiled graph, and still give the dense products' values and gradients."""
     samples = confident_samples((16, 80, 40), 0.05, dtype=torch.float32)
-    width = sample_linear_module._MIN_OUTPUTS_COMPILED
+    width = 24  # narrower than the eager floor: compiled, every product of samples takes the op
     (weight_a, bias_a), (weight_b, bias_b) = weights(width, 40, torch.float32, 1), weights(width, 40, torch.float32, 2)
     monkeypatch.setattr(sample_linear_module, "_MIN_ROWS", 64)
     built = []
@@ -201,3 +204,19 @@ def test_compiled_products_of_the_same_samples_share_their_bags(monkeypatch):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
     for g, t in zip(got_grads, (weight_a, bias_a, weight_b, bias_b), strict=True):
         torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_editing_the_ops_file_renames_the_ops(tmp_path):
+    """torch.compile's disk cache keys graphs by custom op names, not by their backward formulas
+    (pytorch#144344): an edited formula must come with new op names, or a stale compiled backward
+    would run. The names carry a hash of the file."""
+    import importlib.util
+
+    source = Path(sample_linear_module.__file__).read_text()
+    edited = tmp_path / "sample_linear_edited.py"
+    edited.write_text(source.replace("def _backward(ctx, grad):", "def _backward(ctx, grad):  # edited", 1))
+    spec = importlib.util.spec_from_file_location("sample_linear_edited", edited)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module._OPS != sample_linear_module._OPS
+    assert hasattr(getattr(torch.ops, module._OPS), "sample_linear")
