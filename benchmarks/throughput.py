@@ -31,6 +31,10 @@ Q's samples with P's bottom weights take a sparse path once the samples agree
 (`pipeline/sample_linear.py`), which an untrained Q's fair coins never do. The table's notes give
 the fraction of h_1's entries that differ from their per-point majority at each K.
 
+Allocator: by default both run under the C library's malloc settings, as a plain process does.
+`rws fit` keeps freed memory in the heap (pipeline/allocator.py), which makes its steps faster;
+--retain-freed-memory applies that to the whole benchmark process, so Pyro's steps get it too.
+
 The table is printed and appended to benchmarks/RESULTS.md under "## Training throughput (issue 8)".
 """
 
@@ -51,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import append_section, command_line  # noqa: E402
 from lightning_modules.module import RWSModule  # noqa: E402
+from pipeline.allocator import retain_freed_memory  # noqa: E402
 from pipeline.data import load_binarized_mnist  # noqa: E402
 from pipeline.models import HelmholtzMachine  # noqa: E402
 from pipeline.sample_linear import MAX_DIFFERING, differing_fraction  # noqa: E402
@@ -241,11 +246,14 @@ def main(argv=None):
                         "(run directory or checkpoint) instead of a fresh initialization")
     parser.add_argument("--no-pyro", action="store_true")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="keep freed memory in the heap, as `rws fit` does (pipeline/allocator.py), for rws and Pyro alike")
     parser.add_argument("--no-append", action="store_true")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    retained = args.retain_freed_memory and retain_freed_memory()
     ks = [int(k) for k in args.ks.split(",")]
     models = [m for m in args.models.split(",") if m]
     load_before = load_average()
@@ -313,6 +321,7 @@ def main(argv=None):
         f"- machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {cpu_model()}\n"
         f"- torch {torch.__version__}, pyro-ppl {pyro_version}, python {platform.python_version()}\n"
         f"- torch threads: {torch.get_num_threads()}\n"
+        f"- allocator: {'glibc malloc keeping freed memory (pipeline/allocator.py, as `rws fit` sets it), for rws and Pyro alike' if retained else 'the C library default, for rws and Pyro alike (`rws fit` keeps freed memory: --retain-freed-memory)'}\n"
         f"- float32 matmul peak (torch.mm 2048x2048, median of 15 runs): {peak_before / 1e9:.1f} GFLOP/s before the "
         f"steps, {peak_after / 1e9:.1f} after; the roofline column uses the higher\n"
         f"- load average (1/5/15 min) before: {load_before}; after: {load_after}\n"

@@ -11,6 +11,7 @@ from typing import Literal
 import pytorch_lightning as pl
 import torch
 
+from pipeline.allocator import retain_freed_memory
 from pipeline.distributed import init_sample_parallel_mesh, rank_seed
 from pipeline.estimators import log_likelihood, rws_surrogates
 from pipeline.models import HelmholtzMachine
@@ -91,6 +92,7 @@ class RWSModule(pl.LightningModule):
                 "matmuls use --model.matmul_precision high (TF32) instead"
             )
         torch.set_float32_matmul_precision(self.hparams.matmul_precision)
+        retain_freed_memory()  # each rank: its steps' temporaries stay mapped (pipeline/allocator.py)
         world_size = self.trainer.world_size
         if world_size > 1:
             self.mesh = init_sample_parallel_mesh(self.hparams.sample_parallel, self.trainer.strategy.root_device.type)
