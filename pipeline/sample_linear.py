@@ -45,8 +45,9 @@ MAX_DIFFERING = 0.125
 # than the dense product saves: with SBN 784-200-200-10's 200-wide products on the sparse path too,
 # the eager K = 50 step ran 0.92x as fast (trained weights, side by side). In a compiled step,
 # products that read the same samples share one set of bags (`sample_linear_op`), and there every
-# product takes the op: all of SBN 784-200-200-10's products of h_1 and h_2 on it ran 1.10-1.15x
-# faster than the 784-wide one alone (K = 50, trained weights, side by side; benchmarks/RESULTS.md).
+# product takes the op: the K = 50 step ran 1.08-1.11x faster with SBN 784-200-200-10's 200-wide
+# products on it too, and another 1.04x with the 10-wide one (trained weights, side by side;
+# benchmarks/RESULTS.md, "Shared bags").
 _MIN_OUTPUTS = 256
 
 # Below this many sample rows (K x B), the dense product is cheap whatever its width: K = 5, B = 100
@@ -184,24 +185,20 @@ def _bags_by_sample(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
                 _gather_padded(signs.view(-1), in_point, most),
                 bag_starts,
             )
+    return _no_sample_bags(samples)
+
+
+@_bags_by_sample.register_fake
+def _no_sample_bags(samples):
+    """`bags_by_sample`'s outputs for the dense product: r = 0 and no entries (their shapes, for tracing)."""
+    batch, units = samples.shape[1:-1].numel(), samples.shape[-1]
+    num_rows = samples.shape[0] * batch
+    most = _most_entries(num_rows, units)
     return (
         samples.new_zeros(batch, units),
         samples.new_empty(most, dtype=torch.int64),
         samples.new_empty(most),
         samples.new_zeros(num_rows + 1, dtype=torch.int64),
-    )
-
-
-@_bags_by_sample.register_fake
-def _(samples):
-    batch, units = samples.shape[1:-1].numel(), samples.shape[-1]
-    num_rows = samples.shape[0] * batch
-    most = _most_entries(num_rows, units)
-    return (
-        samples.new_empty(batch, units),
-        samples.new_empty(most, dtype=torch.int64),
-        samples.new_empty(most),
-        samples.new_empty(num_rows + 1, dtype=torch.int64),
     )
 
 
@@ -248,7 +245,7 @@ def _bags_by_unit(
     num_rows, count = bag_starts.numel() - 1, int(bag_starts[-1])
     most = _most_entries(num_rows, units)
     if count == 0:
-        return samples.new_empty(most, dtype=torch.int64), samples.new_empty(most), samples.new_zeros(units + 1, dtype=torch.int64)
+        return _no_unit_bags(samples, entries, entry_weights, bag_starts)
     unit_of_entry = entries[:count].clamp(max=units)  # a unit, or H for a data point's base row
     keys = unit_of_entry.to(torch.int16 if units < 2**15 else torch.int32)
     by_unit = torch.argsort(keys, stable=True)  # differences by unit, then the base rows
@@ -263,10 +260,11 @@ def _bags_by_unit(
 
 
 @_bags_by_unit.register_fake
-def _(samples, entries, entry_weights, bag_starts):
+def _no_unit_bags(samples, entries, entry_weights, bag_starts):
+    """`bags_by_unit`'s outputs where the forward was dense: no rows (their shapes, for tracing)."""
     units = samples.shape[-1]
     most = _most_entries(samples.shape[:-1].numel(), units)
-    return samples.new_empty(most, dtype=torch.int64), samples.new_empty(most), samples.new_empty(units + 1, dtype=torch.int64)
+    return samples.new_empty(most, dtype=torch.int64), samples.new_empty(most), samples.new_zeros(units + 1, dtype=torch.int64)
 
 
 @torch.library.custom_op(f"{_OPS}::sample_linear_weight_grad", mutates_args=())

@@ -44,6 +44,21 @@ def value_and_grads(fn, samples, weight, bias, grad_out):
     return out.detach(), weight.grad.clone(), bias.grad.clone()
 
 
+def assert_dense_values_and_grads(fn, samples, weight, bias, grad_out):
+    """fn's values and gradients equal the dense product's, to float64 rounding."""
+    got = value_and_grads(fn, samples, weight, bias, grad_out)
+    expected = value_and_grads(dense, samples, weight, bias, grad_out)
+    for name, g, e in zip(("logits", "weight grad", "bias grad"), got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def spy(monkeypatch, owner, name: str) -> list:
+    """Record every call of owner.name (which still runs); returns the list of calls."""
+    calls, original = [], getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *args: calls.append(args) or original(*args))
+    return calls
+
+
 @pytest.fixture
 def no_dense_inside_op(monkeypatch):
     """Make the op's dense fallback fail, so that a test proves the sparse path ran."""
@@ -61,11 +76,7 @@ def no_dense_inside_op(monkeypatch):
 def test_sparse_path_matches_dense_product_and_gradients(shape, flip, no_dense_inside_op):
     samples = confident_samples(shape, flip)
     weight, bias = weights(24, shape[-1])
-    grad_out = torch.randn(*shape[:-1], 24, dtype=torch.float64)
-    expected = value_and_grads(dense, samples, weight, bias, grad_out)
-    got = value_and_grads(sample_linear_op, samples, weight, bias, grad_out)
-    for name, g, e in zip(("logits", "weight grad", "bias grad"), got, expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=name)
+    assert_dense_values_and_grads(sample_linear_op, samples, weight, bias, torch.randn(*shape[:-1], 24, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("value", [0.25, 0.5, 0.999])
@@ -76,14 +87,9 @@ def test_samples_not_all_zero_or_one_fall_back_to_the_dense_product(value, monke
     samples = confident_samples((16, 8, 40), 0.03)
     samples[3, 2, 5] = value
     weight, bias = weights(24, 40)
-    grad_out = torch.randn(16, 8, 24, dtype=torch.float64)
-    dense_calls = []
-    linear = sample_linear_module.F.linear
-    monkeypatch.setattr(sample_linear_module.F, "linear", lambda *a: dense_calls.append(1) or linear(*a))
-    got = value_and_grads(sample_linear_op, samples, weight, bias, grad_out)
+    dense_calls = spy(monkeypatch, sample_linear_module.F, "linear")
+    assert_dense_values_and_grads(sample_linear_op, samples, weight, bias, torch.randn(16, 8, 24, dtype=torch.float64))
     assert dense_calls, "the sparse path ran on samples that are not all 0/1"
-    for g, e in zip(got, value_and_grads(dense, samples, weight, bias, grad_out), strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
 def test_fair_coins_take_the_dense_product(monkeypatch):
@@ -122,14 +128,9 @@ def test_samples_with_few_units_get_the_dense_gradients(monkeypatch):
     units = sample_linear_module._MAX_NARROW_UNITS
     samples = confident_samples((8, sample_linear_module._MIN_ROWS // 8, units), 0.3)
     weight, bias = weights(48, units)
-    grad_out = torch.randn(*samples.shape[:-1], 48, dtype=torch.float64)
-    used = []
-    narrow = sample_linear_module._NarrowInputLinear.apply
-    monkeypatch.setattr(sample_linear_module._NarrowInputLinear, "apply", lambda *a: used.append(1) or narrow(*a))
-    got = value_and_grads(sample_linear, samples, weight, bias, grad_out)
+    used = spy(monkeypatch, sample_linear_module._NarrowInputLinear, "apply")
+    assert_dense_values_and_grads(sample_linear, samples, weight, bias, torch.randn(*samples.shape[:-1], 48, dtype=torch.float64))
     assert used, "the narrow-input path did not run"
-    for g, e in zip(got, value_and_grads(dense, samples, weight, bias, grad_out), strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
 def test_compiled_op_matches_eager():
