@@ -143,11 +143,12 @@ def test_compiled_op_matches_eager():
         torch.testing.assert_close(g, e)
 
 
-def test_rws_step_gradients_match_the_dense_products(monkeypatch):
+@pytest.mark.parametrize(("p_layer", "compiled"), [("sbn", False), ("darn", False), ("sbn", True)])
+def test_rws_step_gradients_match_the_dense_products(p_layer, compiled, monkeypatch):
     """A whole RWS step on a model whose Q is confident, through the sparse path and through dense
-    products only: the same losses and gradients to float32 rounding."""
+    products only: the same losses and gradients to float32 rounding (compiled: with the shared bags)."""
     torch.manual_seed(0)
-    model = HelmholtzMachine([784, 64, 32])
+    model = HelmholtzMachine([784, 64, 32], p_layer=p_layer)
     with torch.no_grad():
         for layer in model.q_conditionals:  # large logits: confident Q, samples mostly agree
             layer.cond_weight.weight.mul_(40)
@@ -162,7 +163,7 @@ def test_rws_step_gradients_match_the_dense_products(monkeypatch):
         majority = sample_linear_module._majority
         monkeypatch.setattr(sample_linear_module, "_majority", lambda s: taken.append(majority(s) is not None) or majority(s))
         torch.manual_seed(1)
-        s = rws_surrogates(m, x, 16, "wake-sleep")
+        s = (torch.compile(rws_surrogates, dynamic=False) if compiled else rws_surrogates)(m, x, 16, "wake-sleep")
         (s.p_loss + s.q_loss).backward()
         monkeypatch.setattr(sample_linear_module, "_majority", majority)
         return s, taken
