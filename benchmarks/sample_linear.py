@@ -6,17 +6,16 @@ Times forward and forward + backward of P's bottom-layer product in SBN 784-200-
 B = 100 ([K, B, 200] samples times a [784, 200] weight): F.linear against `sample_linear_op`
 with its dense fallback switched off, on samples that differ from a per-point pattern in a given
 fraction of their entries. The two alternate call by call, so that both see the same machine
-conditions. The crossover sets `MAX_DIFFERING` in pipeline/sample_linear.py. The table is printed and
+conditions (throughput.py's `time_steps`). The crossover sets `MAX_DIFFERING` in pipeline/sample_linear.py. The table is printed and
 appended to benchmarks/RESULTS.md under "## Sparse sample products (issue 8)".
 """
 
 import argparse
 import datetime
+import math
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import pipeline.sample_linear as sample_linear_module  # noqa: E402
 from benchmarks.report import append_section, command_line  # noqa: E402
+from benchmarks.throughput import time_steps  # noqa: E402
 
 NUM_SAMPLES, BATCH, UNITS, OUTPUTS = 50, 100, 200, 784
 FRACTIONS = (0.03, 0.07, 0.09, 0.11, 0.13, 0.15, 0.25)
@@ -38,18 +38,6 @@ def samples_differing(fraction: float, generator: torch.Generator) -> torch.Tens
     pattern = torch.rand(BATCH, UNITS, generator=generator) < 0.5
     flips = torch.rand(NUM_SAMPLES, BATCH, UNITS, generator=generator) < fraction
     return (pattern ^ flips).float()
-
-
-def alternate(fns, repeats: int) -> list[float]:
-    """Median seconds of each function, called in turn `repeats` times after two warm-up rounds."""
-    times = [[] for _ in fns]
-    for round_ in range(repeats + 2):
-        for fn, ts in zip(fns, times, strict=True):
-            start = time.perf_counter()
-            fn()
-            if round_ >= 2:
-                ts.append(time.perf_counter() - start)
-    return [statistics.median(ts) for ts in times]
 
 
 def main(argv=None):
@@ -80,15 +68,18 @@ def main(argv=None):
     for fraction in FRACTIONS:
         samples = samples_differing(fraction, generator)
         measured = sample_linear_module.differing_fraction(samples)
-        fwd_dense, fwd_sparse, both_dense, both_sparse = alternate(
+        timings = time_steps(
             [
                 forward(F.linear, samples),
                 forward(sample_linear_module.sample_linear_op, samples),
                 forward_backward(F.linear, samples),
                 forward_backward(sample_linear_module.sample_linear_op, samples),
             ],
-            args.repeats,
+            steps=args.repeats,
+            warmup=2,
+            budget_s=math.inf,
         )
+        fwd_dense, fwd_sparse, both_dense, both_sparse = (seconds for seconds, _ in timings)
         line = (
             f"| {100 * measured:.1f}% | {1e3 * fwd_dense:.2f} | {1e3 * fwd_sparse:.2f} | {fwd_dense / fwd_sparse:.2f}x "
             f"| {1e3 * both_dense:.2f} | {1e3 * both_sparse:.2f} | {both_dense / both_sparse:.2f}x |"
