@@ -7,13 +7,15 @@
 - Faults: a failed trial is retried up to `max_failures` times from its last checkpoint
   (FailureConfig). Ray saves the experiment's state (trials, searcher, scheduler) under
   `storage_path/name`; `resume=True` continues it with `Tuner.restore`: finished trials stay
-  finished, unfinished and errored ones continue from their last checkpoint.
+  finished, unfinished and errored ones continue from their last checkpoint (a checkpoint that the
+  interruption left named but deleted is first replaced: `recover_lost_checkpoints`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import ray
@@ -21,7 +23,7 @@ import yaml
 from ray import tune
 
 from tune.space import SearchConfigError, SearchSpec
-from tune.trial import COORDINATOR_CPU, METRIC, run_trial, trial_dir_name
+from tune.trial import CHECKPOINT_FILE, COORDINATOR_CPU, METRIC, run_trial, trial_dir_name
 
 SEARCH_FILE = "search.yaml"  # the search (base config inlined) an experiment was started with
 
@@ -191,9 +193,53 @@ def prepare(spec: SearchSpec, resume: bool) -> Path:
     return directory
 
 
+def checkpoint_index(path: Path) -> int | None:
+    """NNNNNN of Ray's trial checkpoint directory `checkpoint_NNNNNN` (None for other names)."""
+    digits = path.name.removeprefix("checkpoint_")
+    return int(digits) if path.name.startswith("checkpoint_") and digits.isdigit() else None
+
+
+def recover_lost_checkpoints(directory: Path) -> None:
+    """Before a resume: where the saved state names a trial checkpoint that is gone, put the next
+    one in its place.
+
+    Ray's Tune deletes a trial's previous checkpoint as soon as it registers a new one, and saves
+    the experiment state (which names the checkpoint a resumed trial restores) a moment later, in
+    the background. An experiment killed in between names a deleted checkpoint, and Ray would fail
+    that trial on every resume ("Could not recover from checkpoint as it does not exist on storage
+    anymore"). The checkpoint that replaced it is complete (Ray registers a checkpoint only once it
+    is written, and deletes it only when the next one is registered): the oldest one after the lost
+    one is copied to the lost one's name. The trial then goes on from one epoch later than Ray's
+    state records: it skips no work, though Ray counts one iteration fewer than the epochs trained.
+    """
+    for trial in tune.ExperimentAnalysis(str(directory)).trials:
+        if trial.checkpoint is None or Path(trial.checkpoint.path).exists():
+            continue
+        lost = Path(trial.checkpoint.path)
+        later = [
+            path
+            for path in lost.parent.glob("checkpoint_*")
+            if (index := checkpoint_index(path)) is not None
+            and index > checkpoint_index(lost)
+            and (path / CHECKPOINT_FILE).is_file()
+        ]
+        if not later:
+            print(f"trial {trial.trial_id}: its last checkpoint {lost} is missing, and no later one: Ray will fail it")
+            continue
+        replacement = min(later, key=checkpoint_index)
+        shutil.copytree(replacement, lost)
+        print(
+            f"trial {trial.trial_id}: the interruption left its saved state naming {lost.name}, already "
+            f"replaced by {replacement.name}: resuming from {replacement.name}",
+            flush=True,
+        )
+
+
 def run(spec: SearchSpec, address: str | None, resume: bool) -> tune.ResultGrid:
     """Run (or resume) the search to its end; Ctrl-C stops it with its state saved."""
     directory = prepare(spec, resume)
+    if resume:
+        recover_lost_checkpoints(directory)
     init_ray(address)
     try:
         if resume:

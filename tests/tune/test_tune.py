@@ -1,18 +1,22 @@
 """`rws tune` end to end, through the real command line (each run its own Ray instance, in a
 subprocess): a 3-trial search killed after its first trial finished and resumed, its results and
-best config (which `rws fit` trains), a trial that fails once and resumes from its checkpoint, and
-(slow) trials of 2 data/sample-parallel workers through Ray Train."""
+best config (which `rws fit` trains), a resume whose saved state names a deleted checkpoint, a
+trial that fails once and resumes from its checkpoint, and (slow) trials of 2 data/sample-parallel
+workers through Ray Train."""
 
 import csv
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from unittest.mock import ANY
 
 import pytest
 import yaml
@@ -39,7 +43,8 @@ def run(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProces
 
 
 def trial_states(experiment: Path) -> dict[str, dict]:
-    """trial id -> {status, num_failures}, from Ray's newest saved experiment state ({} before one exists)."""
+    """trial id -> {status, num_failures, checkpoint}, from Ray's newest saved experiment state ({}
+    before one exists); checkpoint: the directory name of the checkpoint of the trial's last result."""
     states = sorted(experiment.glob("experiment_state-*.json"))
     if not states:
         return {}
@@ -50,7 +55,12 @@ def trial_states(experiment: Path) -> dict[str, dict]:
     trials = {}
     for trial_json, runtime_json in saved["trial_data"]:
         trial, runtime = json.loads(trial_json), json.loads(runtime_json)
-        trials[trial["trial_id"]] = {"status": trial["status"], "num_failures": runtime["num_failures"]}
+        checkpoint = re.search(r"'checkpoint_dir_name': '(checkpoint_\d+)'", str(runtime["last_result"]))
+        trials[trial["trial_id"]] = {
+            "status": trial["status"],
+            "num_failures": runtime["num_failures"],
+            "checkpoint": checkpoint and checkpoint.group(1),
+        }
     return trials
 
 
@@ -172,6 +182,46 @@ def test_best_config_is_the_best_trial_and_rws_fit_trains_it(resumed_search, tmp
     # One validation line per epoch (progress-bar redraws also mention the metric: count the epoch lines).
     lines = (result.stdout + result.stderr).splitlines()
     assert len([line for line in lines if line.startswith("epoch ") and "val/log_likelihood" in line]) == 2
+
+
+def test_resume_replaces_a_checkpoint_that_the_interruption_deleted(tmp_path):
+    """Ray deletes a trial's previous checkpoint when it registers the next, and saves the state that
+    names the checkpoint to resume from a moment later: a kill in between (as CI once did) leaves the
+    state naming a deleted checkpoint. This builds that state: a 1-trial search killed once its saved
+    state names a checkpoint, which is then deleted, with a later one beside it."""
+    search = (
+        "tune", "--config", str(DEBUG_SEARCH), "--name", "lost", "--num-trials", "1",
+        "--fixed.trainer.max_epochs", "4", "--scheduler.grace_period", "4",
+    )  # fmt: skip
+    experiment = tmp_path / "runs" / "tune" / "lost"
+    with (tmp_path / "first.log").open("w") as log:
+        first = subprocess.Popen(
+            rws(*search), cwd=tmp_path, env=environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            while not any(state["checkpoint"] for state in trial_states(experiment).values()):
+                assert first.poll() is None, "the search ended early:\n" + (tmp_path / "first.log").read_text()
+                time.sleep(0.05)
+        finally:
+            kill_session(first)
+    ((trial, killed),) = trial_states(experiment).items()
+    assert killed["status"] == "RUNNING", killed
+    directory = experiment / f"trial_{trial}"
+    named = directory / killed["checkpoint"]
+    index = int(named.name.removeprefix("checkpoint_"))
+    later = directory / f"checkpoint_{index + 1:06d}"
+    if not later.exists():  # the trial had not reported again: stand in for the checkpoint that would have
+        shutil.copytree(named, later)
+    shutil.rmtree(named)
+
+    resumed = run(*search, "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert trial_states(experiment)[trial] == {"status": "TERMINATED", "num_failures": 0, "checkpoint": ANY}
+    assert (
+        f"trial {trial}: the interruption left its saved state naming {named.name}, already replaced by {later.name}"
+    ) in resumed.stdout
+    epochs = reported_epochs(experiment, trial)
+    assert epochs[-1] == 3 and epochs == sorted(set(epochs)), epochs  # went on to the end, no epoch twice
 
 
 def test_failed_trial_is_retried_from_its_last_checkpoint(tmp_path):
