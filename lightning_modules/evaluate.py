@@ -1,11 +1,13 @@
 """`rws eval` and `rws sample`: importance-sampled test log-likelihood and sample grids of a checkpoint."""
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -14,8 +16,8 @@ from tqdm import tqdm
 from lightning_modules.checkpoints import load_checkpoint
 from pipeline.allocator import retain_freed_memory
 from pipeline.data import SPLITS, load_binarized_mnist
-from pipeline.estimators import log_likelihood
 from pipeline.distributed import rank_seed
+from pipeline.estimators import log_likelihood
 from pipeline.images import image_grid, save_png, square_shape
 
 
@@ -27,15 +29,25 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _join_launched_ranks(device: torch.device) -> tuple[dist.ProcessGroup | None, int]:
-    """Under torchrun (WORLD_SIZE > 1), join the process group: all ranks split the K samples."""
+@contextlib.contextmanager
+def _launched_ranks(device: torch.device) -> Iterator[tuple[dist.ProcessGroup | None, int]]:
+    """(process group, rank): under torchrun (WORLD_SIZE > 1) all ranks join one group and split
+    the K samples; alone, (None, 0). A group joined here is destroyed on the way out: gloo's threads
+    outliving it abort the process at exit ("terminate called without an active exception",
+    pytorch#190489)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None, 0
+        yield None, 0
+        return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    joined = not dist.is_initialized()
+    if joined:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.group.WORLD, dist.get_rank()
+    try:
+        yield dist.group.WORLD, dist.get_rank()
+    finally:
+        if joined:
+            dist.destroy_process_group()
 
 
 def eval_main(argv: list[str]) -> int:
@@ -71,18 +83,18 @@ def eval_main(argv: list[str]) -> int:
     points = load_binarized_mnist(data_path, splits=(args.split,))[args.split][: args.max_points]
     device = _device(args.device)
     model = module.model.to(device)
-    sample_group, rank = _join_launched_ranks(device)
-    torch.manual_seed(rank_seed(args.seed, rank))  # every rank draws its own share of the K samples
-    retain_freed_memory()  # the chunks' temporaries stay mapped between batches (pipeline/allocator.py)
-
-    start = time.perf_counter()
-    estimates = []
-    desc = f"rws eval K={args.num_samples}"
-    with tqdm(total=len(points), desc=desc, unit="pt", file=sys.stderr, disable=rank != 0) as progress:
-        for batch in points.split(args.batch_size):
-            x = batch.to(device=device, dtype=torch.float32)
-            estimates.append(log_likelihood(model, x, args.num_samples, args.chunk_size, sample_group, args.compile).cpu())
-            progress.update(len(batch))
+    with _launched_ranks(device) as (sample_group, rank):
+        torch.manual_seed(rank_seed(args.seed, rank))  # every rank draws its own share of the K samples
+        retain_freed_memory()  # the chunks' temporaries stay mapped between batches (pipeline/allocator.py)
+        start = time.perf_counter()
+        estimates = []
+        desc = f"rws eval K={args.num_samples}"
+        with tqdm(total=len(points), desc=desc, unit="pt", file=sys.stderr, disable=rank != 0) as progress:
+            for batch in points.split(args.batch_size):
+                x = batch.to(device=device, dtype=torch.float32)
+                log_px = log_likelihood(model, x, args.num_samples, args.chunk_size, sample_group, args.compile)
+                estimates.append(log_px.cpu())
+                progress.update(len(batch))
     if rank != 0:
         return 0  # every rank holds the same estimates; one prints them
     estimates = torch.cat(estimates).double()  # [N]

@@ -4,6 +4,7 @@ Thin glue around `pipeline`: one shared step computes the RWS surrogates, P and 
 optimizers and learning rates, and metrics are logged as `split/metric`.
 """
 
+import inspect
 import math
 import os
 from typing import Literal
@@ -77,7 +78,10 @@ class RWSModule(pl.LightningModule):
                 f"model.num_samples ({num_samples}) must be divisible by model.sample_parallel ({sample_parallel}), "
                 "so that every rank of a sample group draws the same number of samples"
             )
-        self.save_hyperparameters()
+        # Handed this frame (never held in a local), Lightning does not look it up itself, which leaves
+        # a reference cycle that keeps every caller's locals (`rws eval`'s process group) alive until a
+        # gc pass, as late as interpreter exit, where gloo's threads then abort.
+        self.save_hyperparameters(frame=inspect.currentframe())
         self.mesh = None  # the ("data", "sample") DeviceMesh, built in setup() once the processes exist
         self.model = HelmholtzMachine(layer_sizes, p_layer, q_layer, nade_hidden)
         self.automatic_optimization = False  # two optimizers, one backward: the losses touch disjoint parameters
