@@ -6,6 +6,7 @@ shards through `pipeline.shards.StreamingLoader`; validation and test read their
 shards into memory (they are small and must see every point), or fall back to `path`.
 """
 
+import inspect
 import logging
 import os
 from typing import Literal
@@ -64,7 +65,7 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
             raise ValueError(f"data.shuffle_buffer and data.num_workers must be >= 0, got {shuffle_buffer}, {num_workers}")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(frame=inspect.currentframe())  # no reference cycle: see RWSModule.__init__
         self.splits: dict[str, torch.Tensor] = {}
         self._location: ShardLocation | None = None
         self._train_loader: StreamingLoader | None = None
