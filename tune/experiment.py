@@ -216,15 +216,19 @@ def recover_lost_checkpoints(directory: Path) -> None:
         if trial.checkpoint is None or Path(trial.checkpoint.path).exists():
             continue
         lost = Path(trial.checkpoint.path)
+        lost_index = checkpoint_index(lost)
         later = [
             path
             for path in lost.parent.glob("checkpoint_*")
             if (index := checkpoint_index(path)) is not None
-            and index > checkpoint_index(lost)
+            and index > lost_index
             and (path / CHECKPOINT_FILE).is_file()
         ]
         if not later:
-            print(f"trial {trial.trial_id}: its last checkpoint {lost} is missing, and no later one: Ray will fail it")
+            print(
+                f"trial {trial.trial_id}: its last checkpoint {lost} is missing, and no later one: Ray will fail it",
+                flush=True,
+            )
             continue
         replacement = min(later, key=checkpoint_index)
         shutil.copytree(replacement, lost)
@@ -238,11 +242,10 @@ def recover_lost_checkpoints(directory: Path) -> None:
 def run(spec: SearchSpec, address: str | None, resume: bool) -> tune.ResultGrid:
     """Run (or resume) the search to its end; Ctrl-C stops it with its state saved."""
     directory = prepare(spec, resume)
-    if resume:
-        recover_lost_checkpoints(directory)
     init_ray(address)
     try:
         if resume:
+            recover_lost_checkpoints(directory)
             tuner = tune.Tuner.restore(
                 str(directory), trainable=trainable(spec), resume_unfinished=True, resume_errored=True
             )

@@ -98,28 +98,34 @@ def kill_session(process: subprocess.Popen) -> None:
     assert not session_processes(process.pid), "processes of the killed search are still running"
 
 
+def run_until_killed(args: tuple[str, ...], cwd: Path, experiment: Path, reached, what: str) -> dict[str, dict]:
+    """Start `rws ARGS` in its own session and SIGKILL it, as a crash would, as soon as
+    `reached(trial_states(experiment))`; returns the trial states it left. `what` names the moment."""
+    started = time.monotonic()
+    with (cwd / "first.log").open("w") as log:
+        process = subprocess.Popen(
+            rws(*args), cwd=cwd, env=environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            while not reached(trial_states(experiment)):
+                assert process.poll() is None, f"the search ended before {what}:\n" + (cwd / "first.log").read_text()
+                assert time.monotonic() - started < 300, f"not {what} within 5 minutes"
+                time.sleep(0.05)
+        finally:
+            kill_session(process)
+    return trial_states(experiment)
+
+
 @pytest.fixture(scope="module")
 def resumed_search(tmp_path_factory) -> SimpleNamespace:
     """The CI-sized search (3 tiny trials, embedded data), SIGKILLed as soon as Ray has recorded
     its first finished trial, then completed with --resume."""
     cwd = tmp_path_factory.mktemp("search")
     experiment = cwd / "runs" / "tune" / "debug"
-    started = time.monotonic()
-    with (cwd / "first.log").open("w") as log:
-        first = subprocess.Popen(
-            rws("tune", "--config", str(DEBUG_SEARCH)), cwd=cwd, env=environment(),
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        try:
-            while not any(state["status"] == "TERMINATED" for state in trial_states(experiment).values()):
-                assert first.poll() is None, (
-                    "the search ended before a trial finished:\n" + (cwd / "first.log").read_text()
-                )
-                assert time.monotonic() - started < 300, "no trial finished in 5 minutes"
-                time.sleep(0.2)
-        finally:
-            kill_session(first)
-    killed = trial_states(experiment)
+    killed = run_until_killed(
+        ("tune", "--config", str(DEBUG_SEARCH)), cwd, experiment,
+        lambda states: any(state["status"] == "TERMINATED" for state in states.values()), "a trial finished",
+    )  # fmt: skip
     finished = sorted(trial for trial, state in killed.items() if state["status"] == "TERMINATED")
     epochs = {trial: reported_epochs(experiment, trial) for trial in finished}
     resumed = run("tune", "--config", str(DEBUG_SEARCH), "--resume", cwd=cwd)
@@ -194,17 +200,11 @@ def test_resume_replaces_a_checkpoint_that_the_interruption_deleted(tmp_path):
         "--fixed.trainer.max_epochs", "4", "--scheduler.grace_period", "4",
     )  # fmt: skip
     experiment = tmp_path / "runs" / "tune" / "lost"
-    with (tmp_path / "first.log").open("w") as log:
-        first = subprocess.Popen(
-            rws(*search), cwd=tmp_path, env=environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            while not any(state["checkpoint"] for state in trial_states(experiment).values()):
-                assert first.poll() is None, "the search ended early:\n" + (tmp_path / "first.log").read_text()
-                time.sleep(0.05)
-        finally:
-            kill_session(first)
-    ((trial, killed),) = trial_states(experiment).items()
+    states = run_until_killed(
+        search, tmp_path, experiment, lambda states: any(state["checkpoint"] for state in states.values()),
+        "its saved state named a checkpoint",
+    )  # fmt: skip
+    ((trial, killed),) = states.items()
     assert killed["status"] == "RUNNING", killed
     directory = experiment / f"trial_{trial}"
     named = directory / killed["checkpoint"]
