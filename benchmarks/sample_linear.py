@@ -6,8 +6,9 @@ Times forward and forward + backward of P's bottom-layer product in SBN 784-200-
 B = 100 ([K, B, 200] samples times a [784, 200] weight): F.linear against `sample_linear_op`
 with its dense fallback switched off, on samples that differ from a per-point pattern in a given
 fraction of their entries. The two alternate call by call, so that both see the same machine
-conditions (throughput.py's `time_steps`). The crossover sets `MAX_DIFFERING` in pipeline/sample_linear.py. The table is printed and
-appended to benchmarks/RESULTS.md under "## Sparse sample products (issue 8)".
+conditions (throughput.py's `time_steps`). The crossover sets `MAX_DIFFERING` in
+pipeline/sample_linear.py. The table is printed and appended to benchmarks/RESULTS.md under
+"## Sparse sample products (issue 8)".
 """
 
 import argparse
