@@ -19,7 +19,7 @@ from pipeline.models import HelmholtzMachine
 
 
 class RWSModule(pl.LightningModule):
-    """Reweighted Wake-Sleep on a Helmholtz machine with separate Adam optimizers for P and Q.
+    """Reweighted Wake-Sleep on a Helmholtz machine with separate optimizers for P and Q.
 
     Args:
         layer_sizes: units per layer, data first: [D, H_1, ..., H_L].
@@ -29,8 +29,13 @@ class RWSModule(pl.LightningModule):
         nade_hidden: hidden units of each NADE layer.
         num_samples: K, samples from Q per data point in training.
         q_update: Q's update: 'wake', 'sleep' or 'wake-sleep'. K=1 with 'sleep' is classical wake-sleep.
-        p_lr: Adam learning rate of P.
-        q_lr: Adam learning rate of Q.
+        p_lr: learning rate of P.
+        q_lr: learning rate of Q (its wake and sleep updates).
+        optimizer: 'adam', or 'momentum': the update of the authors' code (jbornschein/reweighted-ws),
+            a moving average of gradients started at zero, buf <- m * buf + (1 - m) * grad and
+            param <- param - lr * buf. Their gradient is of the sum over the batch where ours is of
+            the mean, so their lr at batch size B is lr * B here: 1e-3 at B = 100 is 0.1.
+        momentum: m, the moving average's factor for optimizer='momentum' (the authors' 0.95).
         lr_schedule: 'constant', 'exponential' (times `lr_decay` each epoch) or 'cosine' (to 0 over
             the trainer's max_epochs).
         lr_decay: per-epoch factor of the exponential schedule.
@@ -59,6 +64,8 @@ class RWSModule(pl.LightningModule):
         q_update: Literal["wake", "sleep", "wake-sleep"] = "wake-sleep",
         p_lr: float = 1e-3,
         q_lr: float = 1e-3,
+        optimizer: Literal["adam", "momentum"] = "adam",
+        momentum: float = 0.95,
         lr_schedule: Literal["constant", "exponential", "cosine"] = "constant",
         lr_decay: float = 0.99,
         val_num_samples: int = 100,
@@ -73,6 +80,8 @@ class RWSModule(pl.LightningModule):
         for name, lr in (("model.p_lr", p_lr), ("model.q_lr", q_lr)):
             if not (lr > 0 and math.isfinite(lr)):
                 raise ValueError(f"{name} must be a positive number, got {lr}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"model.momentum must be in [0, 1), got {momentum}")
         if sample_parallel < 1 or num_samples % sample_parallel:
             raise ValueError(
                 f"model.num_samples ({num_samples}) must be divisible by model.sample_parallel ({sample_parallel}), "
@@ -118,11 +127,22 @@ class RWSModule(pl.LightningModule):
             return 0, 1
         return self.mesh["data"].get_local_rank(), self.mesh["data"].size()
 
+    def _optimizer(self, parameters, lr: float) -> torch.optim.Optimizer:
+        parameters = list(parameters)
+        if self.hparams.optimizer == "adam":
+            # fused: one kernel per parameter group instead of a dozen elementwise ops per tensor
+            return torch.optim.Adam(parameters, lr=lr, fused=True)
+        m = self.hparams.momentum
+        optimizer = torch.optim.SGD(parameters, lr=lr, momentum=m, dampening=m)
+        # SGD would start its buffer at the first gradient; the authors' average starts at zero.
+        for parameter in parameters:
+            optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
+        return optimizer
+
     def configure_optimizers(self):
         optimizers = [
-            # fused: one kernel per parameter group instead of a dozen elementwise ops per tensor
-            torch.optim.Adam(self.model.p_parameters(), lr=self.hparams.p_lr, fused=True),
-            torch.optim.Adam(self.model.q_parameters(), lr=self.hparams.q_lr, fused=True),
+            self._optimizer(self.model.p_parameters(), self.hparams.p_lr),
+            self._optimizer(self.model.q_parameters(), self.hparams.q_lr),
         ]
         if self.hparams.lr_schedule == "constant":
             return optimizers
@@ -132,6 +152,16 @@ class RWSModule(pl.LightningModule):
             epochs = max(1, self.trainer.max_epochs or 1)
             schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs) for opt in optimizers]
         return optimizers, schedulers
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning would load one optimizer's state into the other without a word (Adam's moments
+        # into SGD, and the saved hyperparameters over the configured ones).
+        saved = checkpoint.get("hyper_parameters", {}).get("optimizer", "adam")
+        if saved != self.hparams.optimizer:
+            raise ValueError(
+                f"model.optimizer={self.hparams.optimizer!r}, but the checkpoint was trained with {saved!r}, whose "
+                f"state cannot continue another optimizer: resume with --model.optimizer {saved}, or start a new run"
+            )
 
     def _data(self, batch) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch

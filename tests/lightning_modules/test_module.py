@@ -4,6 +4,7 @@ import gc
 import weakref
 
 import pytest
+import torch
 
 from lightning_modules.datamodule import BinarizedMNISTDataModule
 from lightning_modules.module import RWSModule
@@ -40,3 +41,39 @@ def test_building_frees_the_callers_locals_without_a_gc_pass(build):
     # keeps it in a reference cycle: the caller's locals (`rws eval`'s data and process group)
     # then live until a gc pass, as late as interpreter exit, where gloo's threads abort.
     assert not _locals_outlive_the_call(build)
+
+
+def test_momentum_optimizer_takes_the_authors_steps():
+    # jbornschein/reweighted-ws, learning/training.py: d <- m d + (1 - m) lr g, theta <- theta + d,
+    # with d starting at zero (g ascends log p; here gradients descend the loss, hence the signs).
+    lr, m = 0.1, 0.9
+    module = RWSModule(layer_sizes=[6, 4, 2], optimizer="momentum", momentum=m, p_lr=lr, q_lr=lr)
+    p_optimizer, q_optimizer = module.configure_optimizers()
+    parameters = list(module.model.parameters())
+    expected = [parameter.detach().clone() for parameter in parameters]
+    step = [torch.zeros_like(parameter) for parameter in parameters]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for parameter, param_step, param_expected in zip(parameters, step, expected, strict=True):
+            parameter.grad = torch.randn(parameter.shape, generator=generator)
+            param_step.mul_(m).add_((1 - m) * lr * parameter.grad)
+            param_expected.sub_(param_step)
+        p_optimizer.step()
+        q_optimizer.step()
+    for parameter, param_expected in zip(parameters, expected, strict=True):
+        torch.testing.assert_close(parameter.detach(), param_expected)
+
+
+def test_resuming_with_another_optimizer_is_refused():
+    module = RWSModule(layer_sizes=[6, 4, 2], optimizer="momentum")
+    with pytest.raises(ValueError, match=r"model.optimizer='momentum'.*trained with 'adam'.*--model.optimizer adam"):
+        module.on_load_checkpoint({"hyper_parameters": {"optimizer": "adam"}})
+    with pytest.raises(ValueError, match="trained with 'adam'"):  # checkpoints from before the option: Adam
+        module.on_load_checkpoint({"hyper_parameters": {}})
+    module.on_load_checkpoint({"hyper_parameters": {"optimizer": "momentum"}})
+
+
+@pytest.mark.parametrize("momentum", [-0.1, 1.0])
+def test_momentum_outside_0_1_is_refused(momentum):
+    with pytest.raises(ValueError, match="model.momentum must be in"):
+        RWSModule(layer_sizes=[6, 4, 2], optimizer="momentum", momentum=momentum)
