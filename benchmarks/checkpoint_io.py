@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import cpu_name  # noqa: E402
 from pipeline import checkpoint as ckpt  # noqa: E402
 from pipeline.models import HelmholtzMachine  # noqa: E402
 
@@ -158,16 +159,8 @@ def table(rows: list) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     load = ", load average %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-    return f"{cpu}, {os.cpu_count()} cores{load}; {platform.system()} {platform.release()}; torch {torch.__version__}"
+    return f"{cpu_name()}, {os.cpu_count()} cores{load}; {platform.system()} {platform.release()}; torch {torch.__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:

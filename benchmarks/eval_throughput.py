@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import append_section, command_line  # noqa: E402
+from benchmarks.report import append_section, command_line, cpu_name  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "binarized_mnist.npz"
 CHILD = (
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     ]
     meta = (
         f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}; machine: {os.cpu_count()} CPUs, "
-        f"{platform.processor() or platform.machine()}, python {platform.python_version()}; load average {os.getloadavg()[0]:.2f}\n"
+        f"{cpu_name()}, python {platform.python_version()}; load average {os.getloadavg()[0]:.2f}\n"
         f"- checkpoint: `{args.checkpoint}`\n"
         f"- command: `{command_line(__file__, argv)}` "
         f"(runs `rws {shlex.join(command)}` with {args.threads} torch threads)\n"

@@ -1,8 +1,28 @@
-"""What every benchmark script writes: the command that reproduces it, and its section in RESULTS.md."""
+"""What every benchmark script writes: the CPU it ran on, the command that reproduces it, and its section
+in RESULTS.md."""
 
+import platform
 import shlex
 import sys
 from pathlib import Path
+
+import torch
+
+
+def cpu_name() -> str:
+    """The CPU's model name and the vector instructions torch's CPU kernels use on it (AVX2, AVX512, ...).
+
+    Why both: the development VM is "AMD EPYC" on every day, but not always the same CPU. On an AVX2
+    one (2026-12-03) the Philox draws of a compiled step took 4.1 ns each against 0.8 ns before, and
+    the speed-ups over Pyro moved with it (benchmarks/RESULTS.md)."""
+    model = platform.processor() or platform.machine()
+    try:
+        model = next(
+            line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def command_line(script: str, argv: list[str] | None) -> str:

@@ -15,7 +15,6 @@ import argparse
 import datetime
 import math
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipeline.sample_linear as sample_linear_module  # noqa: E402
-from benchmarks.report import append_section, command_line  # noqa: E402
+from benchmarks.report import append_section, command_line, cpu_name  # noqa: E402
 from benchmarks.throughput import time_steps  # noqa: E402
 
 NUM_SAMPLES, BATCH, UNITS, OUTPUTS = 50, 100, 200, 784
@@ -95,7 +94,7 @@ def main(argv=None):
     table = header + "\n" + "\n".join(lines)
     meta = (
         f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n"
-        f"- machine: {os.cpu_count()} CPUs, {platform.machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads\n"
+        f"- machine: {os.cpu_count()} CPUs, {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads\n"
         f"- product: [{NUM_SAMPLES}, {BATCH}, {UNITS}] samples x [{OUTPUTS}, {UNITS}] weight + bias, float32; "
         f"median of {args.repeats} alternated calls\n"
         f"- command: `{command_line(__file__, argv)}`\n"

@@ -41,10 +41,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from pipeline.data import load_binarized_mnist
-from pipeline.distributed import init_sample_parallel_mesh, split_evenly
-from pipeline.estimators import rws_surrogates
-from pipeline.models import HelmholtzMachine
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.report import cpu_name  # noqa: E402
+from pipeline.data import load_binarized_mnist  # noqa: E402
+from pipeline.distributed import init_sample_parallel_mesh, split_evenly  # noqa: E402
+from pipeline.estimators import rws_surrogates  # noqa: E402
+from pipeline.models import HelmholtzMachine  # noqa: E402
 
 SECTION = "## Sample parallelism (issue 4)"
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -211,11 +214,7 @@ def table(rows: list[dict]) -> str:
 
 
 def machine() -> str:
-    model = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-        platform.processor() or "unknown",
-    )
-    return f"{os.cpu_count()} CPUs ({model}), no GPU used, torch {torch.__version__}, Python {platform.python_version()}"
+    return f"{os.cpu_count()} CPUs ({cpu_name()}), no GPU used, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def append_to_section(text: str, path: Path = RESULTS):

@@ -17,7 +17,6 @@ under "## Streaming throughput (issue 5)".
 import argparse
 import datetime
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import cpu_name  # noqa: E402
 from pipeline.data import load_binarized_mnist  # noqa: E402
 from pipeline.estimators import rws_surrogates  # noqa: E402
 from pipeline.models import HelmholtzMachine  # noqa: E402
@@ -103,17 +103,9 @@ def limited(iterable, count: int):
 
 
 def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     threads = torch.get_num_threads()
-    return f"{os.cpu_count()} CPUs ({model}), load average {load} at start, torch {torch.__version__}, {threads} torch thread(s)"
+    return f"{os.cpu_count()} CPUs ({cpu_name()}), load average {load} at start, torch {torch.__version__}, {threads} torch thread(s)"
 
 
 def main() -> int:

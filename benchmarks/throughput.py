@@ -53,7 +53,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import append_section, command_line  # noqa: E402
+from benchmarks.report import append_section, command_line, cpu_name  # noqa: E402
 from lightning_modules.module import RWSModule  # noqa: E402
 from pipeline.allocator import retain_freed_memory  # noqa: E402
 from pipeline.data import load_binarized_mnist  # noqa: E402
@@ -224,16 +224,6 @@ def load_average() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: torch's default here)")
@@ -318,7 +308,7 @@ def main(argv=None):
     print(table)
     meta = (
         f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n"
-        f"- machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {cpu_model()}\n"
+        f"- machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {cpu_name()}\n"
         f"- torch {torch.__version__}, pyro-ppl {pyro_version}, python {platform.python_version()}\n"
         f"- torch threads: {torch.get_num_threads()}\n"
         f"- allocator: {'glibc malloc keeping freed memory (pipeline/allocator.py, as `rws fit` sets it), for rws and Pyro alike' if retained else 'the C library default, for rws and Pyro alike (`rws fit` keeps freed memory: --retain-freed-memory)'}\n"

@@ -4,7 +4,8 @@ Why: under torch.compile on a CPU, inductor draws each random number with its ow
 call and keeps one of its four outputs (5.6 ns per Bernoulli draw here), which made the draws of
 Q's K samples a quarter of the compiled K=50 training step. The same generator written as int64
 tensor ops compiles into one vectorized loop that keeps all four outputs (0.8 ns per draw;
-`python benchmarks/rng.py`). Eager steps keep `torch.rand`: there
+`python benchmarks/rng.py`). On an AVX2 CPU the int64 multiplies run lane by lane, as ATen's AVX2
+vectors have no 64-bit multiply: 4.1 ns against inductor's 8.9 there. Eager steps keep `torch.rand`: there
 these ops would be dozens of passes over memory, and CUDA's generator is Philox already.
 Caveat: inductor keeps the four words in one loop only when it fuses them horizontally, which
 depends on the surrounding graph. An experimental log-prob function once ran 1.6x slower, which was
