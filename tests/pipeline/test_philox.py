@@ -40,6 +40,29 @@ def test_uniforms_are_on_the_float32_grid_and_uniform():
         assert abs(correlation) < 6 / math.sqrt(flat.shape[1])
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_uniforms_are_the_top_24_bits_of_the_published_generator(compiled):
+    # Checked against Python's exact integers, eager and compiled, for keys whose words use all 32
+    # bits: an int32 version of the words' products, compiled, went wrong for a first key word of
+    # 0xFFFFFFFF (its scalar C++ code overflowed signed ints, which the compiler may assume never happens).
+    draw = torch.compile(philox_uniform, dynamic=False) if compiled else philox_uniform
+    for key in ([0, 0], [0xFFFFFFFF, 0], [0x75BCD15, 0xEE6B2800], [0xA4093822, 0xFFFFFFFE]):
+        u = draw((4 * 1003,), torch.tensor(key))  # 1003 blocks: the vector loop and its tail
+        for i in (0, 1, 7, 8, 500, 1001, 1002):
+            words = _reference_philox([i, 0, 0, 0], key)
+            assert [u[j * 1003 + i].item() for j in range(4)] == [(word >> 8) * 2.0**-24 for word in words], (key, i)
+
+
+def _reference_philox(counter: list[int], key: list[int]) -> list[int]:
+    """Philox4x32-10 on Python integers (Salmon et al. 2011), the oracle for the tensor version."""
+    (c0, c1, c2, c3), (k0, k1) = counter, key
+    for _ in range(10):
+        p0, p1 = c0 * 0xD2511F53, c2 * 0xCD9E8D57
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & 0xFFFFFFFF, (p0 >> 32) ^ c3 ^ k1, p0 & 0xFFFFFFFF
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    return [c0, c1, c2, c3]
+
+
 def test_keys_give_independent_streams():
     a = philox_uniform((10_000,), torch.tensor([1, 0]))
     b = philox_uniform((10_000,), torch.tensor([2, 0]))
