@@ -264,6 +264,9 @@ def main(argv=None):
     rows, agreement = [], []  # markdown table rows; roofline cells are filled in once both peak measurements are in
     for name in models:
         for k in ks:
+            # Each configuration compiles the frames around the step's graph breaks (NADE's chunk loop)
+            # for new shapes; past 8 variants of one frame, dynamo would run it eagerly from then on.
+            torch._dynamo.reset()
             torch.manual_seed(0)
             base = trained if name == "sbn" and trained is not None else HelmholtzMachine(**MODELS[name])
             if name == "sbn":
