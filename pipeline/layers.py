@@ -212,6 +212,7 @@ class NADELayer(BernoulliLayer):
             offset.expand(*leading, self.hidden_size).reshape(-1, self.hidden_size),
             self.input_weight,
             self.output_weight,
+            torch.compiler.is_compiling() and h.device.type == "cpu",  # measured on CPUs only
         )  # [N, size]
         return base + hidden_part.view(*leading, self.size)
 
@@ -260,6 +261,44 @@ def _rows_per_chunk(input_weight: torch.Tensor) -> int:
     return max(1, _NADE_CHUNK_FLOATS // input_weight.numel())  # size x hidden activations per row
 
 
+def _forward_chunk(h, offset, input_weight, output_weight):
+    """NADE's hidden logits of one chunk of rows: [c, size]."""
+    return (_nade_activations(h, offset, input_weight) * output_weight).sum(-1)
+
+
+def _backward_chunk(h, offset, grad, input_weight, output_weight, needs_grad_h: bool):
+    """Gradients of one chunk: (offset [c, hidden], A, V, h [c, size] or None), from its activations
+    recomputed once and reduced while they are in cache."""
+    hidden = _nade_activations(h, offset, input_weight)  # [c, size, hidden]
+    grad_output = (grad.unsqueeze(-1) * hidden).sum(0)  # not einsum: its bmm is 10x slower here
+    grad_pre = grad.unsqueeze(-1) * output_weight * hidden * (1 - hidden)  # d/d(pre-activation of unit i)
+    total = grad_pre.sum(-2, keepdim=True)
+    later = total - _cumsum_over_units(grad_pre)  # unit j feeds every unit after it: sum over i > j
+    grad_input = (h.unsqueeze(-1) * later).sum(0)
+    grad_h = (later * input_weight).sum(-1) if needs_grad_h else None
+    return total.squeeze(-2), grad_input, grad_output, grad_h
+
+
+# Inside a compiled CPU step, the chunks run compiled too: inductor fuses a chunk's elementwise passes
+# around the blocked scan's matmuls. On the AVX2 CPU of 2026-12-03, the hidden logits of 784 units x 200
+# (forward and backward, 125 and 500 rows) ran 1.35-1.45x faster, and whole compiled NADE steps 1.1-1.2x
+# (benchmarks/RESULTS.md). Compiled once per layer shape, about 8 s: every chunk has the same number of
+# rows (the last one is padded).
+_compiled_chunks = (torch.compile(_forward_chunk, dynamic=False), torch.compile(_backward_chunk, dynamic=False))
+
+
+def _chunks(rows: int, *tensors: torch.Tensor):
+    """Chunks of `rows` rows of each tensor (fewer if the tensors have fewer), zipped; the last chunk
+    padded with zero rows to the same size.
+
+    Zero rows are exact padding: their h and gradient are 0, so they add 0 to the parameters'
+    gradients, and their own outputs are cut off by the caller."""
+    rows = max(1, min(rows, len(tensors[0])))
+    pad = -len(tensors[0]) % rows
+    padded = [F.pad(t, (0, 0, 0, pad)) if pad else t for t in tensors]
+    return zip(*(t.split(rows) for t in padded), strict=True)
+
+
 class NADEHiddenLogits(torch.autograd.Function):
     """The hidden part of NADE's teacher-forced logits, V_i . sigmoid(offset + sum_{j<i} h_j A_j): [N, size].
 
@@ -267,39 +306,38 @@ class NADEHiddenLogits(torch.autograd.Function):
     for 784 x 200 units at K = 50, B = 100) and run its backward as a dozen more passes over tensors
     of that size. Here the rows go through in chunks of about 2^20 activations, the forward keeps
     none of them, and the backward recomputes a chunk's activations once and reduces them into the
-    gradients while they are in cache.
+    gradients while they are in cache. `compiled`: run the chunks through `_compiled_chunks`.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(h, offset, input_weight, output_weight):
-        rows = _rows_per_chunk(input_weight)
-        return torch.cat([
-            (_nade_activations(h_chunk, offset_chunk, input_weight) * output_weight).sum(-1)
-            for h_chunk, offset_chunk in zip(h.split(rows), offset.split(rows), strict=True)
-        ])
+    def forward(h, offset, input_weight, output_weight, compiled: bool):
+        forward_chunk = _compiled_chunks[0] if compiled else _forward_chunk
+        chunks = _chunks(_rows_per_chunk(input_weight), h, offset)
+        outputs = [forward_chunk(*chunk, input_weight, output_weight) for chunk in chunks]
+        return torch.cat(outputs)[: len(h)]
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+        ctx.save_for_backward(*inputs[:4])
+        ctx.compiled = inputs[4]
 
     @staticmethod
     def backward(ctx, grad):
         h, offset, input_weight, output_weight = ctx.saved_tensors  # [N, size], [N, hidden], A, V
-        rows = _rows_per_chunk(input_weight)
-        grad_h, grad_offset, grad_input, grad_output = [], [], 0, 0
-        for h_chunk, offset_chunk, grad_chunk in zip(h.split(rows), offset.split(rows), grad.split(rows), strict=True):
-            hidden = _nade_activations(h_chunk, offset_chunk, input_weight)  # [c, size, hidden]
-            grad_output = grad_output + (grad_chunk.unsqueeze(-1) * hidden).sum(0)  # not einsum: its bmm is 10x slower here
-            grad_pre = grad_chunk.unsqueeze(-1) * output_weight * hidden * (1 - hidden)  # d/d(pre-activation of unit i)
-            total = grad_pre.sum(-2, keepdim=True)
-            grad_offset.append(total.squeeze(-2))
-            later = total - _cumsum_over_units(grad_pre)  # unit j feeds every unit after it: sum over i > j
-            grad_input = grad_input + (h_chunk.unsqueeze(-1) * later).sum(0)
-            if ctx.needs_input_grad[0]:
-                grad_h.append((later * input_weight).sum(-1))
-        return torch.cat(grad_h) if grad_h else None, torch.cat(grad_offset), grad_input, grad_output
+        backward_chunk = _compiled_chunks[1] if ctx.compiled else _backward_chunk
+        grad_offset, grad_h, grad_input, grad_output = [], [], 0, 0
+        for chunk in _chunks(_rows_per_chunk(input_weight), h, offset, grad):
+            offset_part, input_part, output_part, h_part = backward_chunk(
+                *chunk, input_weight, output_weight, ctx.needs_input_grad[0]
+            )
+            grad_offset.append(offset_part)
+            grad_h.append(h_part)
+            grad_input, grad_output = grad_input + input_part, grad_output + output_part
+        n = len(h)
+        grad_h = torch.cat(grad_h)[:n] if ctx.needs_input_grad[0] else None
+        return grad_h, torch.cat(grad_offset)[:n], grad_input, grad_output, None
 
 
 # A loop over chunks of rows: torch.compile would unroll it, so a compiled step calls it eagerly.

@@ -281,6 +281,52 @@ def test_nade_chunked_logits_match_plain_autograd(monkeypatch, rows_per_chunk, s
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_nade_logits_in_a_compiled_step_run_compiled_chunks(monkeypatch):
+    """Inside torch.compile on a CPU, NADE's chunks run through `_compiled_chunks`, padded to whole
+    chunks (20 rows in chunks of 3), with the values and gradients of the eager chunks."""
+    size, cond_size, hidden = 32, 5, 7
+    monkeypatch.setattr(layers, "_NADE_CHUNK_FLOATS", 3 * size * hidden)
+    calls = []
+
+    def spy(name, fn):
+        return lambda *args: (calls.append(name), fn(*args))[1]
+
+    forward_chunk, backward_chunk = layers._compiled_chunks
+    monkeypatch.setattr(layers, "_compiled_chunks", (spy("forward", forward_chunk), spy("backward", backward_chunk)))
+    torch.manual_seed(12)
+    layer = NADELayer(size, cond_size, hidden_size=hidden).double()
+    randomize_(layer, 0.8)
+    cond = torch.randint(0, 2, (4, 5, cond_size)).double().requires_grad_()
+    h = torch.randint(0, 2, (4, 5, size)).double().requires_grad_()
+    weights = torch.randn(4, 5, size, dtype=torch.float64)
+    inputs = [h, cond, *layer.parameters()]
+
+    def logits(h, cond):
+        return layer.logits(h, cond, layer.cond_logits(cond))
+
+    want = logits(h, cond)
+    assert calls == []
+    got = torch.compile(logits, dynamic=False)(h, cond)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    got_grads = torch.autograd.grad((got * weights).sum(), inputs)
+    want_grads = torch.autograd.grad((want * weights).sum(), inputs)
+    assert calls.count("forward") == 7 and calls.count("backward") == 7  # ceil(20 / 3) chunks each way
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_nade_chunks_pad_the_last_chunk_but_never_beyond_the_rows():
+    """The last chunk is padded with zero rows to the chunk size; with fewer rows than a chunk, the
+    chunk size is the number of rows (exact enumeration runs a few rows of tiny layers, where a
+    chunk is 10^5 rows)."""
+    h, offset = torch.arange(14.0).view(7, 2), torch.ones(7, 3)
+    chunks = list(layers._chunks(3, h, offset))
+    assert [tuple(c.shape for c in chunk) for chunk in chunks] == [((3, 2), (3, 3))] * 3
+    assert torch.equal(torch.cat([c[0] for c in chunks])[:7], h) and chunks[-1][0][1:].eq(0).all()
+    assert chunks[-1][1][1:].eq(0).all()
+    assert [tuple(c.shape for c in chunk) for chunk in layers._chunks(100_000, h, offset)] == [((7, 2), (7, 3))]
+
+
 @pytest.mark.parametrize("size", [7, 16, 48])
 def test_blocked_cumsum_over_units_equals_cumsum(size):
     values = torch.randn(3, size, 5, dtype=torch.float64)
