@@ -22,6 +22,8 @@ Three layer types, as in Bornschein & Bengio (2015), Sec. 3:
 conditioning term is computed once and broadcast, so Q's first layer does no K-fold work on x.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -283,8 +285,10 @@ def _backward_chunk(h, offset, grad, input_weight, output_weight, needs_grad_h: 
 # around the blocked scan's matmuls. On the AVX2 CPU of 2026-12-03, the hidden logits of 784 units x 200
 # (forward and backward, 125 and 500 rows) ran 1.35-1.45x faster, and whole compiled NADE steps 1.1-1.2x
 # (benchmarks/RESULTS.md). Compiled once per layer shape, about 8 s: every chunk has the same number of
-# rows (the last one is padded).
-_compiled_chunks = (torch.compile(_forward_chunk, dynamic=False), torch.compile(_backward_chunk, dynamic=False))
+# rows (the last one is padded). Built on first use: building them loads inductor (about 1.3 s).
+@functools.cache
+def _compiled_chunks():
+    return torch.compile(_forward_chunk, dynamic=False), torch.compile(_backward_chunk, dynamic=False)
 
 
 def _chunks(rows: int, *tensors: torch.Tensor):
@@ -295,8 +299,11 @@ def _chunks(rows: int, *tensors: torch.Tensor):
     gradients, and their own outputs are cut off by the caller."""
     rows = max(1, min(rows, len(tensors[0])))
     pad = -len(tensors[0]) % rows
-    padded = [F.pad(t, (0, 0, 0, pad)) if pad else t for t in tensors]
-    return zip(*(t.split(rows) for t in padded), strict=True)
+    per_tensor = [list(t.split(rows)) for t in tensors]
+    if pad:
+        for parts in per_tensor:
+            parts[-1] = F.pad(parts[-1], (0, 0, 0, pad))  # a copy of the last chunk only
+    return zip(*per_tensor, strict=True)
 
 
 class NADEHiddenLogits(torch.autograd.Function):
@@ -313,7 +320,7 @@ class NADEHiddenLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(h, offset, input_weight, output_weight, compiled: bool):
-        forward_chunk = _compiled_chunks[0] if compiled else _forward_chunk
+        forward_chunk = _compiled_chunks()[0] if compiled else _forward_chunk
         chunks = _chunks(_rows_per_chunk(input_weight), h, offset)
         outputs = [forward_chunk(*chunk, input_weight, output_weight) for chunk in chunks]
         return torch.cat(outputs)[: len(h)]
@@ -326,7 +333,7 @@ class NADEHiddenLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         h, offset, input_weight, output_weight = ctx.saved_tensors  # [N, size], [N, hidden], A, V
-        backward_chunk = _compiled_chunks[1] if ctx.compiled else _backward_chunk
+        backward_chunk = _compiled_chunks()[1] if ctx.compiled else _backward_chunk
         grad_offset, grad_h, grad_input, grad_output = [], [], 0, 0
         for chunk in _chunks(_rows_per_chunk(input_weight), h, offset, grad):
             offset_part, input_part, output_part, h_part = backward_chunk(

@@ -291,8 +291,9 @@ def test_nade_logits_in_a_compiled_step_run_compiled_chunks(monkeypatch):
     def spy(name, fn):
         return lambda *args: (calls.append(name), fn(*args))[1]
 
-    forward_chunk, backward_chunk = layers._compiled_chunks
-    monkeypatch.setattr(layers, "_compiled_chunks", (spy("forward", forward_chunk), spy("backward", backward_chunk)))
+    forward_chunk, backward_chunk = layers._compiled_chunks()
+    spies = spy("forward", forward_chunk), spy("backward", backward_chunk)
+    monkeypatch.setattr(layers, "_compiled_chunks", lambda: spies)
     torch.manual_seed(12)
     layer = NADELayer(size, cond_size, hidden_size=hidden).double()
     randomize_(layer, 0.8)
