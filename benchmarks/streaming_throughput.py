@@ -33,7 +33,8 @@ from benchmarks.report import cpu_name  # noqa: E402
 from pipeline.data import load_binarized_mnist  # noqa: E402
 from pipeline.estimators import rws_surrogates  # noqa: E402
 from pipeline.models import HelmholtzMachine  # noqa: E402
-from pipeline.shards import StreamingLoader, locate_shards, prepare_split  # noqa: E402
+from pipeline.shards import locate_shards, prepare_split  # noqa: E402
+from pipeline.stream import StreamingLoader  # noqa: E402
 
 BATCH = 100
 K = 5

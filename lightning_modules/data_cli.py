@@ -4,8 +4,8 @@
     rws data prepare --input train-images-idx3-ubyte.gz --output shards/ --shard-size 1000 \\
         --binarize stochastic --seed 0 --valid-size 10000
 
-The work is done by `pipeline.shards`; this module is the command line: arguments, a progress
-bar on stderr, one summary line per split on stdout.
+The work is done by `pipeline.sources` and `pipeline.shards`; this module is the command line:
+arguments, a progress bar on stderr, one summary line per split on stdout.
 """
 
 import argparse
@@ -14,7 +14,8 @@ import sys
 from tqdm import tqdm
 
 from pipeline.data import SPLITS
-from pipeline.shards import INDEX_NAME, prepare_split, read_source
+from pipeline.shards import INDEX_NAME, prepare_split
+from pipeline.sources import read_source
 
 _DESCRIPTION = """Convert binarized MNIST into WebDataset tar shards (one 98-byte packed image per sample) and an
 index.json listing every shard's name, sample count, size and sha256. `rws fit --data.shards DIR`

@@ -2,7 +2,7 @@
 
 With `shards` unset, every split is loaded whole into memory, as before. With `shards` set (a
 directory written by `rws data prepare`, a brace pattern, or URLs), training streams WebDataset
-shards through `pipeline.shards.StreamingLoader`; validation and test read their `valid`/`test`
+shards through `pipeline.stream.StreamingLoader`; validation and test read their `valid`/`test`
 shards into memory (they are small and must see every point), or fall back to `path`.
 """
 
@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from pipeline.data import load_binarized_mnist
-from pipeline.shards import ShardError, ShardLocation, StreamingLoader, check_local_shards, locate_shards, read_split
+from pipeline.shards import ShardError, ShardLocation, check_local_shards, locate_shards, read_split
+from pipeline.stream import StreamingLoader
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from lightning_modules.cli import main as cli_main
 from lightning_modules.data_cli import data_main
 from lightning_modules.datamodule import BinarizedMNISTDataModule
 from pipeline.data import load_binarized_mnist
-from pipeline.shards import ShardError, StreamingLoader, prepare_split
+from pipeline.shards import ShardError, prepare_split
+from pipeline.stream import StreamingLoader
 
 from ..ports import free_port
 

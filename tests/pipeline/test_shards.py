@@ -1,5 +1,6 @@
-"""Tests for pipeline.shards: prepare/index/atomicity/idempotence, locating, splitting, determinism,
-stream position, and corrupt/truncated/missing shards in raise and skip modes.
+"""Tests for pipeline.sources, pipeline.shards and pipeline.stream: reading sources, prepare/index/
+atomicity/idempotence, locating, splitting, determinism, stream position, and corrupt/truncated/
+missing shards in raise and skip modes.
 
 Every image here encodes its own row number in its first 32 pixels (`ids_of`), so a batch says
 exactly which source rows it holds: coverage checks need no side channel.
@@ -23,6 +24,7 @@ import torch
 import webdataset as wds
 
 from pipeline import shards as S
+from pipeline import sources, stream
 from pipeline.data import NUM_PIXELS
 
 B = 4  # batch size of most tests: small, so shard and rank boundaries fall inside batches
@@ -50,7 +52,7 @@ def make_shards(directory: Path, n: int, shard_size: int, split: str = "train") 
 
 def epoch_ids(shards: S.ShardSet, **kw) -> list[list[int]]:
     """One epoch of a StreamingLoader as a list of batches of row ids."""
-    loader = S.StreamingLoader(shards, batch_size=kw.pop("batch_size", B), **kw)
+    loader = stream.StreamingLoader(shards, batch_size=kw.pop("batch_size", B), **kw)
     return [ids_of(batch) for batch in loader]
 
 
@@ -159,25 +161,25 @@ def test_sources_amat_npz_and_idx(tmp_path):
     pixels = (rng.random((6, NUM_PIXELS)) < 0.4).astype(np.uint8)
     amat = tmp_path / "binarized_mnist_valid.amat"
     amat.write_text("".join(" ".join(map(str, row)) + "\n" for row in pixels.tolist()))
-    assert np.array_equal(S.read_source(amat)["valid"], np.packbits(pixels, axis=1))
-    assert np.array_equal(S.read_source(tmp_path)["valid"], np.packbits(pixels, axis=1))  # directory form
+    assert np.array_equal(sources.read_source(amat)["valid"], np.packbits(pixels, axis=1))
+    assert np.array_equal(sources.read_source(tmp_path)["valid"], np.packbits(pixels, axis=1))  # directory form
     np.savez(tmp_path / "d.npz", train=pixels, test=np.packbits(pixels, axis=1))
-    assert sorted(S.read_source(tmp_path / "d.npz")) == ["test", "train"]
-    assert list(S.read_source(tmp_path / "d.npz", ["test"])) == ["test"]
+    assert sorted(sources.read_source(tmp_path / "d.npz")) == ["test", "train"]
+    assert list(sources.read_source(tmp_path / "d.npz", ["test"])) == ["test"]
 
     grey = rng.integers(0, 256, size=(50, NUM_PIXELS))
     idx = write_idx(tmp_path / "train-images-idx3-ubyte.gz", grey, compress=True)
-    out = S.read_source(idx, binarize="threshold", threshold=0.5)
+    out = sources.read_source(idx, binarize="threshold", threshold=0.5)
     assert np.array_equal(np.unpackbits(out["train"], axis=1), (grey >= 128).astype(np.uint8))
-    split = S.read_source(idx, binarize="threshold", valid_size=10)
+    split = sources.read_source(idx, binarize="threshold", valid_size=10)
     assert len(split["train"]) == 40 and np.array_equal(split["valid"], out["train"][40:])
-    same = S.read_source(idx, binarize="stochastic", seed=7)["train"]
-    assert np.array_equal(same, S.read_source(idx, binarize="stochastic", seed=7)["train"])
-    assert not np.array_equal(same, S.read_source(idx, binarize="stochastic", seed=8)["train"])
+    same = sources.read_source(idx, binarize="stochastic", seed=7)["train"]
+    assert np.array_equal(same, sources.read_source(idx, binarize="stochastic", seed=7)["train"])
+    assert not np.array_equal(same, sources.read_source(idx, binarize="stochastic", seed=8)["train"])
     ones = np.unpackbits(same, axis=1).mean()
     assert abs(ones - grey.mean() / 255) < 0.02  # P(pixel = 1) = grey / 255
     test_idx = write_idx(tmp_path / "t10k-images-idx3-ubyte", grey[:5])
-    assert list(S.read_source(test_idx, binarize="threshold")) == ["test"]
+    assert list(sources.read_source(test_idx, binarize="threshold")) == ["test"]
 
 
 def _unbinarized_idx(d: Path) -> Path:
@@ -213,7 +215,7 @@ def _binary_npz(d: Path) -> Path:
 )
 def test_source_errors_are_clear(tmp_path, make, kwargs, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        S.read_source(make(tmp_path), **kwargs)
+        sources.read_source(make(tmp_path), **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -292,7 +294,7 @@ def test_two_data_parallel_ranks_disjoint_equal_and_drop_only_the_tail(tmp_path,
     for epoch in (0, 1):
         ranks = []
         for rank in (0, 1):
-            loader = S.StreamingLoader(shards, batch_size=B, dp_rank=rank, dp_size=2, seed=5)
+            loader = stream.StreamingLoader(shards, batch_size=B, dp_rank=rank, dp_size=2, seed=5)
             loader.resume({"epoch": epoch, "batches_consumed": 0})
             ranks.append([ids_of(batch) for batch in loader])
         expected_batches = n // (2 * B)
@@ -300,7 +302,7 @@ def test_two_data_parallel_ranks_disjoint_equal_and_drop_only_the_tail(tmp_path,
         seen = [set(flat(r)) for r in ranks]
         assert not seen[0] & seen[1], "ranks are disjoint"
         assert len(flat(ranks[0]) + flat(ranks[1])) == len(seen[0] | seen[1]), "nothing repeats"
-        order = S.shard_order(len(shards), 5, epoch)
+        order = stream.shard_order(len(shards), 5, epoch)
         concatenated = [i for s in order for i in range(s * shard_size, min(n, (s + 1) * shard_size))]
         used = 2 * expected_batches * B
         assert seen[0] | seen[1] == set(concatenated[:used]), "exactly the tail is dropped"
@@ -320,12 +322,12 @@ def test_plan_pieces_cover_each_rank_range():
     pieces = {}
     for rank in range(2):
         for worker in range(3):
-            plan = S.plan_consumer(counts, seed=0, epoch=0, dp_rank=rank, dp_size=2, batch_size=2, num_workers=3, worker=worker)
+            plan = stream.plan_consumer(counts, seed=0, epoch=0, dp_rank=rank, dp_size=2, batch_size=2, num_workers=3, worker=worker)
             pieces[rank, worker] = plan
             assert sum(hi - lo for _, lo, hi in plan.pieces) == plan.num_batches * 2
     assert sum(p.num_batches for p in pieces.values()) == 2 * (25 // 4)
     assert [pieces[0, w].num_batches for w in range(3)] == [2, 2, 2]
-    order = S.shard_order(4, 0, 0)
+    order = stream.shard_order(4, 0, 0)
     assert [s for s, _, _ in pieces[0, 0].pieces][0] == order[0]
 
 
@@ -335,16 +337,16 @@ def test_order_is_a_function_of_seed_and_epoch(tmp_path):
     assert first == epoch_ids(shards, seed=1), "same seed, same order"
     other = epoch_ids(shards, seed=2)
     assert other != first and sorted(flat(other)) == sorted(flat(first))
-    loader = S.StreamingLoader(shards, batch_size=B, seed=1)
+    loader = stream.StreamingLoader(shards, batch_size=B, seed=1)
     epochs = [[ids_of(b) for b in loader] for _ in range(2)]
     assert epochs[0] == first and epochs[1] != first, "a new order each epoch"
 
 
 def test_ranks_with_the_same_data_parallel_rank_get_identical_batches(tmp_path):
     shards = make_shards(tmp_path, 50, 10)
-    a = [b for b in S.StreamingLoader(shards, batch_size=B, dp_rank=1, dp_size=2, seed=9)]
-    b = [b for b in S.StreamingLoader(shards, batch_size=B, dp_rank=1, dp_size=2, seed=9)]
-    other = [b for b in S.StreamingLoader(shards, batch_size=B, dp_rank=0, dp_size=2, seed=9)]
+    a = [b for b in stream.StreamingLoader(shards, batch_size=B, dp_rank=1, dp_size=2, seed=9)]
+    b = [b for b in stream.StreamingLoader(shards, batch_size=B, dp_rank=1, dp_size=2, seed=9)]
+    other = [b for b in stream.StreamingLoader(shards, batch_size=B, dp_rank=0, dp_size=2, seed=9)]
     assert len(a) == len(b) == len(other) and all(torch.equal(x, y) for x, y in zip(a, b))
     assert not any(torch.equal(x, y) for x, y in zip(a, other))
 
@@ -357,21 +359,21 @@ def test_ranks_with_the_same_data_parallel_rank_get_identical_batches(tmp_path):
 def test_resume_skips_exactly_the_consumed_batches(tmp_path, num_workers):
     shards = make_shards(tmp_path, 60, 10)
     kw = dict(batch_size=B, seed=4, num_workers=num_workers)
-    full = [ids_of(b) for b in S.StreamingLoader(shards, **kw)]
-    loader = S.StreamingLoader(shards, **kw)
+    full = [ids_of(b) for b in stream.StreamingLoader(shards, **kw)]
+    loader = stream.StreamingLoader(shards, **kw)
     iterator = iter(loader)
     head = [ids_of(next(iterator)) for _ in range(5)]
     position = loader.position()
     del iterator
     assert head == full[:5] and position["epoch"] == 0 and position["batches_consumed"] == 5
-    restored = S.StreamingLoader(shards, **kw)
+    restored = stream.StreamingLoader(shards, **kw)
     restored.resume(json.loads(json.dumps(position)))  # survives a round trip through a checkpoint
     assert [ids_of(b) for b in restored] == full[5:]
     assert restored.position()["batches_consumed"] == len(full)
     # A finished epoch resumes at the start of the next one.
-    after = S.StreamingLoader(shards, **kw)
+    after = stream.StreamingLoader(shards, **kw)
     after.resume(restored.position())
-    fresh = S.StreamingLoader(shards, **kw)
+    fresh = stream.StreamingLoader(shards, **kw)
     list(fresh)  # epoch 0
     assert [ids_of(b) for b in after] == [ids_of(b) for b in fresh] and after.position()["epoch"] == 1
 
@@ -409,7 +411,7 @@ def test_bad_shard_raises_an_error_naming_shard_and_reason(tmp_path, damage):
         S.read_shard(shards.shards[2])
     assert str(error.value).startswith(str(bad)) and reason in str(error.value)
     with pytest.raises(S.ShardError, match="train-000002.tar"):
-        list(S.StreamingLoader(shards, batch_size=B, seed=0))
+        list(stream.StreamingLoader(shards, batch_size=B, seed=0))
 
 
 def test_fast_tar_parser_agrees_with_tarfile_and_declines_other_layouts(tmp_path):
@@ -436,10 +438,10 @@ def test_skip_mode_goes_on_keeps_batch_counts_and_reports(tmp_path, caplog):
     shards = make_shards(tmp_path, 80, 10)
     truncate(tmp_path / "train-000002.tar", 3000)
     (tmp_path / "train-000005.tar").write_bytes(b"this is not a tar file" * 100)
-    caplog.set_level(logging.WARNING, logger="pipeline.shards")
+    caplog.set_level(logging.WARNING, logger="pipeline.stream")
     per_rank, skipped = [], {}
     for rank in (0, 1):
-        loader = S.StreamingLoader(shards, batch_size=B, dp_rank=rank, dp_size=2, seed=0, on_error="skip")
+        loader = stream.StreamingLoader(shards, batch_size=B, dp_rank=rank, dp_size=2, seed=0, on_error="skip")
         per_rank.append(flat([ids_of(b) for b in loader]))
         skipped.update(loader.skipped)
     assert len(per_rank[0]) == len(per_rank[1]) == 40, "every rank still yields its 10 batches"
@@ -450,7 +452,7 @@ def test_skip_mode_goes_on_keeps_batch_counts_and_reports(tmp_path, caplog):
     assert "skipped shard" in caplog.text and "train-000005.tar" in caplog.text
     with pytest.raises(S.ShardError, match="train-00000[25].tar"):  # the default still raises
         for rank in (0, 1):
-            list(S.StreamingLoader(shards, batch_size=B, dp_rank=rank, dp_size=2, seed=0))
+            list(stream.StreamingLoader(shards, batch_size=B, dp_rank=rank, dp_size=2, seed=0))
 
 
 def test_skip_mode_with_every_shard_bad_fails_clearly(tmp_path):
@@ -458,7 +460,7 @@ def test_skip_mode_with_every_shard_bad_fails_clearly(tmp_path):
     for name in ("train-000000.tar", "train-000001.tar"):
         (tmp_path / name).write_bytes(b"x")
     with pytest.raises(S.ShardError, match="no readable shard left"):
-        list(S.StreamingLoader(shards, batch_size=B, on_error="skip"))
+        list(stream.StreamingLoader(shards, batch_size=B, on_error="skip"))
 
 
 def test_read_split_for_evaluation_keeps_order(tmp_path):
@@ -472,9 +474,9 @@ def test_read_split_for_evaluation_keeps_order(tmp_path):
     assert ids_of(pixels) == list(range(10)) + list(range(20, 25)) and len(skipped) == 1
 
 
-def test_pipeline_shards_imports_no_lightning():
+def test_pipeline_data_modules_import_no_lightning():
     code = (
-        "import sys, pipeline.shards\n"
+        "import sys, pipeline.shards, pipeline.sources, pipeline.stream\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'ray')))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
