@@ -332,3 +332,24 @@ def test_nade_chunks_pad_the_last_chunk_but_never_beyond_the_rows():
 def test_blocked_cumsum_over_units_equals_cumsum(size):
     values = torch.randn(3, size, 5, dtype=torch.float64)
     torch.testing.assert_close(layers._cumsum_over_units(values), values.cumsum(-2), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rand_value", ["smallest", "largest"])
+def test_values_rarer_than_a_uniform_step_are_never_drawn(kind, dtype, rand_value, monkeypatch):
+    """At logits of -50 and +50 every unit takes its likely value, even when torch.rand returns the
+    ends of its grid: 0, or the last step below 1. A draw of 0 once made `u < p` true for any p > 0,
+    so the unit with logit -50 (probability 2e-22) came out 1 once in 2^24 draws in float32, and its
+    importance weight, about e^30 too large, then dominated estimates with K in the hundred thousands."""
+    layer = make_layer(kind, SIZE, COND_SIZE, nade_hidden=NADE_HIDDEN).to(dtype)
+    likely = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=dtype)
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.zero_()
+        layer.bias.copy_(100 * likely - 50)  # logits -50, +50, -50, +50 whatever h_<i and cond are
+    step = torch.finfo(dtype).eps / 2  # torch.rand's grid: multiples of eps / 2 in [0, 1)
+    value = 0.0 if rand_value == "smallest" else 1 - step
+    monkeypatch.setattr(torch, "rand", lambda shape, dtype, device: torch.full(shape, value, dtype=dtype, device=device))
+    samples = layer.sample(torch.zeros(2, COND_SIZE, dtype=dtype), (3,))  # [3, 2, n]
+    assert torch.equal(samples, likely.expand_as(samples))
