@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from pipeline import estimators
 from pipeline.estimators import (
     effective_sample_size,
     log_likelihood,
@@ -113,6 +114,8 @@ def test_effective_sample_size_edge_cases():
     assert abs(ess[column("all equal, large")] - K) <= K * slack[column("all equal, large")]
     # Two of four samples carry the weight equally (the others are -inf): ESS = 2.
     torch.testing.assert_close(effective_sample_size(torch.tensor([[5.0], [-INF], [5.0], [-INF]])), torch.tensor([2.0]))
+    # NaN log-weights give a NaN ESS, which shows in the logs, not 0, which looks like a degenerate Q.
+    assert effective_sample_size(torch.tensor([[5.0, 1.0], [float("nan"), 2.0]])).isnan().tolist() == [True, False]
 
 
 def test_weights_and_ess_keep_float32_accuracy_at_large_magnitudes():
@@ -208,6 +211,15 @@ def test_log_likelihood_counts_every_sample_across_chunks(num_samples, chunk_siz
         exact = exact_log_marginal(model, x)
     assert exact.max() - exact.min() > 1.0  # the data points differ, so a mix-up would be visible too
     torch.testing.assert_close(estimate, exact, rtol=0, atol=1e-12)
+
+
+def test_many_float32_chunks_fold_without_drift(monkeypatch):
+    """K = 100000 in chunks of one sample (the default chunk size for batches of a few thousand
+    points): folded in float32, chunks of log-weight -90 drifted by -0.02 nats; the fold is float64."""
+    monkeypatch.setattr(estimators, "chunk_log_sum_weights", lambda model, x, num_samples: torch.full((2,), -90.0))
+    model = HelmholtzMachine([4, 3])
+    estimate = log_likelihood(model, torch.zeros(2, 4), 100_000, chunk_size=1)
+    torch.testing.assert_close(estimate.double(), torch.full((2,), -90.0, dtype=torch.float64), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(
