@@ -1,5 +1,6 @@
 """Callbacks: readable progress lines, sample grids in TensorBoard, and a CPU-time budget."""
 
+import math
 import time
 
 import pytorch_lightning as pl
@@ -8,15 +9,37 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from pipeline.images import image_grid, square_shape
 
+METRIC = "val/log_likelihood"
 
-class PrintValidation(pl.Callback):
-    """At each epoch end, print one line with the validation log-likelihood and the train diagnostics."""
+
+class ValidationEpoch(pl.Callback):
+    """Knows whether validation ran in the current epoch.
+
+    Why not `METRIC in trainer.callback_metrics`: the metric stays there from the last validation,
+    so with check_val_every_n_epoch > 1 the epochs in between would repeat a stale value.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.validated_epoch: int | None = None
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:  # the sanity check's value is no validation result
+            self.validated_epoch = trainer.current_epoch
+
+    def validated(self, trainer) -> bool:
+        """Whether this epoch's validation result is in trainer.callback_metrics."""
+        return self.validated_epoch == trainer.current_epoch and METRIC in trainer.callback_metrics
+
+
+class PrintValidation(ValidationEpoch):
+    """At each epoch end with a validation, print one line with the validation log-likelihood and the train diagnostics."""
 
     def on_train_epoch_end(self, trainer, pl_module):
-        if "val/log_likelihood" not in trainer.callback_metrics:
+        if not self.validated(trainer):
             return
         metrics = trainer.callback_metrics
-        line = f"epoch {trainer.current_epoch} step {trainer.global_step}: val/log_likelihood {metrics['val/log_likelihood']:.3f} nats"
+        line = f"epoch {trainer.current_epoch} step {trainer.global_step}: val/log_likelihood {metrics[METRIC]:.3f} nats"
         if "train/log_likelihood_epoch" in metrics:
             line += f", train/log_likelihood {metrics['train/log_likelihood_epoch']:.3f}, train/ess {metrics['train/ess_epoch']:.2f}"
         if trainer.progress_bar_callback is not None and trainer.is_global_zero:
@@ -29,10 +52,12 @@ class SampleGrid(pl.Callback):
     """After each validation, log a grid of `num` model samples x ~ P to TensorBoard.
 
     Args:
-        num: number of samples in the grid.
+        num: number of samples in the grid, >= 1.
     """
 
     def __init__(self, num: int = 64):
+        if num < 1:
+            raise ValueError(f"sample_grid.num must be >= 1, got {num}")
         self.num = num
 
     def on_validation_end(self, trainer, pl_module):
@@ -54,10 +79,12 @@ class CPUTimeBudget(pl.Callback):
     epoch is validated and checkpointed. `seconds=None` disables the budget.
 
     Args:
-        seconds: CPU seconds of training, or None.
+        seconds: CPU seconds of training (>= 0; 0 stops after the first epoch), or None.
     """
 
     def __init__(self, seconds: float | None = None):
+        if seconds is not None and not (seconds >= 0 and math.isfinite(seconds)):
+            raise ValueError(f"cpu_time_budget.seconds must be a number >= 0 (or null: no budget), got {seconds}")
         self.seconds = seconds
         self.start = 0.0
 

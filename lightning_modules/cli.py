@@ -9,10 +9,14 @@ main(argv) -> exit code), e.g. `rws tune` from the `tune` package, which imports
 the reverse.
 """
 
+import contextlib
 import os
+import re
 import sys
+from collections.abc import Iterator
 from importlib.metadata import entry_points
 
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
@@ -22,9 +26,16 @@ from lightning_modules.checkpointing import DistributedCheckpoint, resolve_resum
 from lightning_modules.data_cli import data_main
 from lightning_modules.datamodule import BinarizedMNISTDataModule
 from lightning_modules.evaluate import eval_main, sample_main
+from lightning_modules.launch import resolve_devices
 from lightning_modules.module import RWSModule
 
 TOOLS = {"eval": eval_main, "sample": sample_main, "data": data_main, "checkpoint": checkpoint_main}
+SUBCOMMANDS = ("fit", "validate", "test")  # LightningCLI's, less `predict`: the module has no predict_step
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) from checkpoint, "
+    r"the shape in current model is torch\.Size\((\[.*?\])\)"
+)
+_MISMATCHES_LISTED = 3
 
 USAGE = """usage: rws {fit,validate,test,eval,sample,data,checkpoint,tune} ...
 
@@ -67,8 +78,20 @@ class RWSLightningCLI(LightningCLI):
             "a fresh start if none) or a checkpoint directory or file",
         )  # fmt: skip
 
+    def before_instantiate_classes(self) -> None:
+        """Checks of the parsed config that would otherwise fail late, or be ignored."""
+        if self.subcommand not in (None, "fit") and self._get(self.config, "resume") is not None:
+            raise ValueError(
+                f"--resume is for fit only; {self.subcommand} takes the checkpoint to load as --ckpt_path PATH"
+            )
+        trainer = self._get(self.config, "trainer")
+        if trainer is not None:  # raises a LayoutError (a ValueError) naming trainer.devices
+            resolve_devices(trainer.get("devices", "auto"), trainer.get("accelerator"), 1, os.environ)
+
     def before_fit(self) -> None:
-        """`--resume auto|PATH` -> fit's ckpt_path (on every rank: they see the same files)."""
+        """Check the data against the model, then `--resume auto|PATH` -> fit's ckpt_path (on every
+        rank: they see the same files)."""
+        self.check_data("fit")
         config = self.config_init[self.subcommand]
         if config.get("resume") is None:
             return
@@ -76,6 +99,83 @@ class RWSLightningCLI(LightningCLI):
             raise ValueError("give either --resume or --ckpt_path, not both")
         callback = next(cb for cb in self.trainer.callbacks if isinstance(cb, DistributedCheckpoint))
         config["ckpt_path"] = resolve_resume(config["resume"], callback.resolve_dirpath(self.trainer))
+
+    def before_validate(self) -> None:
+        self.check_data("validate")
+
+    def before_test(self) -> None:
+        self.check_data("test")
+
+    def check_data(self, stage: str) -> None:
+        """Set up the data now and check that the model and the batch size fit it.
+
+        Why here: a model whose first layer is not the data's width fails in the first matmul with
+        shapes that name no setting, and a training split smaller than one batch trains nothing
+        and exits 0. Lightning's own setup call later keeps the loaded data.
+        """
+        self.datamodule.setup(stage)
+        width = next(iter(self.datamodule.splits.values()))[0].numel()
+        sizes = list(self.model.hparams.layer_sizes)
+        if sizes[0] != width:
+            raise ValueError(
+                f"model.layer_sizes={sizes} starts with {sizes[0]}, but the data has {width} pixels per point: "
+                f"the first entry must be {width}"
+            )
+        if stage == "fit" and not self.datamodule.streaming:
+            self.check_batch_size(len(self.datamodule.splits["train"]))
+
+    def check_batch_size(self, points: int) -> None:
+        """At least one full training batch per data-parallel group (the ragged tail is dropped).
+
+        The streaming loader makes the same check for shards."""
+        groups = max(1, self.trainer.world_size // self.model.hparams.sample_parallel)
+        batch_size = self.datamodule.hparams.batch_size
+        if points // groups < batch_size:
+            raise ValueError(
+                f"data.batch_size={batch_size} is larger than the {points // groups} training points of each of the "
+                f"{groups} data-parallel group(s) ({points} in all): no full training batch"
+            )
+
+    def fit(self, model, **kwargs) -> None:
+        """trainer.fit (LightningCLI runs this method for `fit`), with a checkpoint that does not fit
+        the configured run reported as one line naming it."""
+        with checkpoint_mismatch(kwargs.get("ckpt_path"), self.trainer):
+            self.trainer.fit(model, **kwargs)
+
+
+def describe_state_dict_error(error: RuntimeError) -> str:
+    """torch's multi-line load_state_dict error as one line: each size mismatch as `NAME: checkpoint
+    SHAPE, model SHAPE`, the first few of them; other problems (missing keys) as torch words them."""
+    mismatches = [f"{name}: checkpoint {saved}, model {built}" for name, saved, built in _SIZE_MISMATCH.findall(str(error))]
+    if not mismatches:
+        return " ".join(str(error).split("\n", 1)[-1].split())
+    more = len(mismatches) - _MISMATCHES_LISTED
+    return "; ".join(mismatches[:_MISMATCHES_LISTED]) + (f" (and {more} more)" if more > 0 else "")
+
+
+@contextlib.contextmanager
+def checkpoint_mismatch(ckpt_path: str | None, trainer) -> Iterator[None]:
+    """Turn Lightning's errors for a checkpoint that does not fit this run into ValueErrors naming it.
+
+    Only these two are translated: any other RuntimeError is a bug and keeps its traceback.
+    """
+    try:
+        yield
+    except RuntimeError as error:
+        if ckpt_path is None or not str(error).startswith("Error(s) in loading state_dict"):
+            raise
+        raise ValueError(
+            f"checkpoint {ckpt_path} holds a model of other sizes than the configured one (model.layer_sizes, "
+            f"model.p_layer, model.q_layer, model.nade_hidden): {describe_state_dict_error(error)}; resume with the "
+            "model settings it was trained with, or start a new run"
+        ) from error
+    except MisconfigurationException as error:
+        if ckpt_path is None or not str(error).startswith("You restored a checkpoint with current_epoch"):
+            raise
+        raise ValueError(
+            f"checkpoint {ckpt_path} is at epoch {trainer.current_epoch}, past trainer.max_epochs={trainer.max_epochs}: "
+            f"to continue it, give --trainer.max_epochs greater than {trainer.current_epoch}"
+        ) from error
 
 
 def cli_kwargs() -> dict:
@@ -109,9 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[0] in TOOLS:
             return TOOLS[argv[0]](argv[1:])
-        plugin = plugin_command(argv[0]) if argv[0] not in ("fit", "validate", "test") else None
+        plugin = plugin_command(argv[0]) if argv[0] not in SUBCOMMANDS else None
         if plugin is not None:
             return plugin(argv[1:])
+        if argv[0] not in SUBCOMMANDS:
+            print(f"rws: error: unknown command {argv[0]!r}; `rws --help` lists the commands", file=sys.stderr)
+            return 2
         if argv[0] == "fit" and "--dry-run" in argv:
             from lightning_modules.launch import dry_run  # config and process layout, no training
 

@@ -19,14 +19,35 @@ from pipeline.data import SPLITS, load_binarized_mnist
 from pipeline.distributed import rank_seed
 from pipeline.estimators import log_likelihood
 from pipeline.images import image_grid, save_png, square_shape
+from pipeline.shards import locate_shards, read_split
 
 
 def _device(name: str) -> torch.device:
+    """The torch device of `--device NAME`; ValueError naming the option for one this machine lacks."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":  # one GPU per rank under torchrun
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
+    try:
+        # "cuda" alone: one GPU per rank under torchrun
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def _points(split: str, data_path: str | None, data_hparams: dict) -> tuple[torch.Tensor, str]:
+    """The split to evaluate, and where it came from: `--data-path`, else the checkpoint's training
+    data, read as its DataModule reads validation and test: the shards' split when it streamed
+    shards that have one, else its `path` (None: the embedded default)."""
+    if data_path is None and data_hparams.get("shards"):
+        shards = locate_shards(data_hparams["shards"]).split(split)
+        if shards is not None:
+            return read_split(shards)[0], data_hparams["shards"]
+    path = data_path if data_path is not None else data_hparams.get("path")
+    return load_binarized_mnist(path, splits=(split,))[split], path or "embedded default"
 
 
 @contextlib.contextmanager
@@ -78,10 +99,10 @@ def eval_main(argv: list[str]) -> int:
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
-    module, data_hparams = load_checkpoint(args.checkpoint)
-    data_path = args.data_path if args.data_path is not None else data_hparams.get("path")
-    points = load_binarized_mnist(data_path, splits=(args.split,))[args.split][: args.max_points]
     device = _device(args.device)
+    module, data_hparams = load_checkpoint(args.checkpoint)
+    points, data_source = _points(args.split, args.data_path, data_hparams)
+    points = points[: args.max_points]
     model = module.model.to(device)
     with _launched_ranks(device) as (sample_group, rank):
         torch.manual_seed(rank_seed(args.seed, rank))  # every rank draws its own share of the K samples
@@ -104,7 +125,7 @@ def eval_main(argv: list[str]) -> int:
         "num_samples": args.num_samples,
         "num_points": len(estimates),
         "split": args.split,
-        "data": data_path or "embedded default",
+        "data": data_source,
         "checkpoint": str(args.checkpoint),
         "seconds": round(time.perf_counter() - start, 2),
     }

@@ -91,15 +91,18 @@ def resolve_devices(devices, accelerator, num_nodes: int, env: Mapping[str, str]
 
     "auto" (and -1) take the launcher's numbers when there is one (torchrun: LOCAL_WORLD_SIZE or
     WORLD_SIZE / num_nodes; SLURM: SLURM_NTASKS_PER_NODE), else 1 on a CPU and the visible GPUs on
-    a GPU machine (as Lightning does). Returns (devices, how it was resolved).
+    a GPU machine (as Lightning does). Device ids (a list, "0,1") need GPUs: on a CPU they are
+    an error, as in Lightning. Returns (devices, how it was resolved).
     """
     if isinstance(devices, (list, tuple)):
         if not devices:
             raise LayoutError("trainer.devices is an empty list")
+        _check_device_ids(devices, accelerator)
         return len(devices), f"devices {list(devices)}"
     if isinstance(devices, str) and devices.strip() not in ("auto", "-1"):
         text = devices.strip()
         if "," in text:
+            _check_device_ids(text, accelerator)
             ids = [part for part in text.split(",") if part.strip()]
             return len(ids), f"devices {text!r}"
         try:
@@ -127,6 +130,27 @@ def resolve_devices(devices, accelerator, num_nodes: int, env: Mapping[str, str]
     if gpus:
         return gpus, f"auto: {gpus} visible GPU(s)"
     return 1, "auto: no GPU visible, 1"
+
+
+def _runs_on_cpu(accelerator) -> bool:
+    """Whether Lightning picks the CPU for `accelerator`: 'cpu', or 'auto'/None with no GPU visible."""
+    if accelerator == "cpu":
+        return True
+    if accelerator not in (None, "auto"):
+        return False
+    import torch
+
+    return torch.cuda.device_count() == 0
+
+
+def _check_device_ids(devices, accelerator) -> None:
+    """Lightning's CPU accelerator takes a number of processes, never device ids (its TypeError
+    comes only once the Trainer is built, after a dry run said the launch was fine)."""
+    if _runs_on_cpu(accelerator):
+        raise LayoutError(
+            f"trainer.devices={devices!r} lists device ids, which need GPUs, but the accelerator is the CPU "
+            f"(trainer.accelerator={accelerator!r}): give the number of processes, e.g. --trainer.devices 2"
+        )
 
 
 def check_environment(layout: WorldLayout, environment: str, env: Mapping[str, str]) -> None:
@@ -266,6 +290,7 @@ def dry_run(argv: list[str], env: Mapping[str, str] | None = None) -> int:
         run) but never the Trainer, and runs nothing."""
 
         def before_instantiate_classes(self) -> None:
+            super().before_instantiate_classes()
             dumped = yaml.safe_load(_dump(self.parser, self.config))
             self.resolved = dumped[subcommand]
             self.layout = world_layout(self.resolved, environment, env)  # raises LayoutError

@@ -40,7 +40,7 @@ class RWSModule(pl.LightningModule):
             the trainer's max_epochs).
         lr_decay: per-epoch factor of the exponential schedule.
         val_num_samples: K for the validation log-likelihood estimate.
-        val_chunk_size: samples per chunk in validation (None: chosen from a memory budget).
+        val_chunk_size: samples per chunk in validation, >= 1 (None: chosen from a memory budget).
         sample_parallel: S, ranks that share each minibatch and split its K samples (and the
             validation samples) between them; the world size must be a multiple of S, and the
             remaining factor is data parallelism. K must be divisible by S.
@@ -82,7 +82,14 @@ class RWSModule(pl.LightningModule):
                 raise ValueError(f"{name} must be a positive number, got {lr}")
         if not 0 <= momentum < 1:
             raise ValueError(f"model.momentum must be in [0, 1), got {momentum}")
-        if sample_parallel < 1 or num_samples % sample_parallel:
+        if not (lr_decay > 0 and math.isfinite(lr_decay)):
+            raise ValueError(f"model.lr_decay must be a positive number (the per-epoch LR factor), got {lr_decay}")
+        for name, value in (("model.nade_hidden", nade_hidden), ("model.val_chunk_size", val_chunk_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if sample_parallel < 1:
+            raise ValueError(f"model.sample_parallel must be >= 1, got {sample_parallel}")
+        if num_samples % sample_parallel:
             raise ValueError(
                 f"model.num_samples ({num_samples}) must be divisible by model.sample_parallel ({sample_parallel}), "
                 "so that every rank of a sample group draws the same number of samples"

@@ -10,6 +10,8 @@ ValueError/FileNotFoundError/KeyError into one line `rws tune: error: ...` and e
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -71,6 +73,7 @@ def main(argv: list[str]) -> int:
     print("\n" + markdown_table(rows[:5], [*COLUMNS, *spec.space]), end="")
     for name, path in paths.items():
         print(f"{name}: {path}")
+    # Failed trials (ERROR) ran out of retries: they count as done here, though --resume retries them.
     unfinished = spec.num_trials - results.num_terminated - results.num_errors
     if unfinished:
         print(
@@ -78,4 +81,20 @@ def main(argv: list[str]) -> int:
             flush=True,
         )
         return 130
-    return 0
+    return report_failures(results.num_terminated, results.num_errors, experiment_dir(spec))
+
+
+def report_failures(finished: int, failed: int, directory: Path) -> int:
+    """The exit code of a search that ran to its end, with a line about its failed trials.
+
+    Why not 0 when every trial failed: there is no result and no best.yaml, and scripts that
+    chain `rws tune` and `rws fit --config best.yaml` must stop here.
+    """
+    if not failed:
+        return 0
+    where = f"their errors are in {directory}/trial_*/error.txt; --resume retries them"
+    if finished:
+        print(f"rws tune: {failed} trial(s) failed ({where})", flush=True)
+        return 0
+    print(f"rws tune: error: no trial finished: all {failed} failed, so there is no best.yaml ({where})", file=sys.stderr)
+    return 1

@@ -120,10 +120,10 @@ def parse_distribution(key: str, spec: Any) -> tuple[str, list]:
     return kind, [low, high]
 
 
-def _positive_int(raw: dict, key: str) -> int:
+def _positive_int(raw: dict, key: str, section: str = "") -> int:
     value = raw[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SearchConfigError(f"{key} must be a positive integer, got {value!r}")
+        raise SearchConfigError(f"{section}{key} must be a positive integer, got {value!r}")
     return value
 
 
@@ -284,8 +284,10 @@ def check_settings(settings: dict, path: Path) -> dict:
         raise SearchConfigError(
             f"sample_parallel ({settings['sample_parallel']}) must divide workers_per_trial ({settings['workers_per_trial']})"
         )
+    check_scheduler(settings["scheduler"])
+    check_derived(settings)
     resources = settings["resources_per_trial"]
-    if set(resources) - {"cpu", "gpu"} or not all(isinstance(v, (int, float)) and v >= 0 for v in resources.values()):
+    if not isinstance(resources, dict) or set(resources) - {"cpu", "gpu"} or not all(isinstance(v, (int, float)) and v >= 0 for v in resources.values()):
         raise SearchConfigError(f"resources_per_trial must be {{cpu: N, gpu: N}} with N >= 0, got {resources!r}")
     if resources.get("gpu", 0) > 0 and not settings["use_gpu"]:
         raise SearchConfigError("resources_per_trial.gpu > 0 needs use_gpu: true")
@@ -296,6 +298,37 @@ def check_settings(settings: dict, path: Path) -> dict:
             f"max_failures must be an integer (-1: retry forever), got {settings['max_failures']!r}"
         )
     return settings
+
+
+def check_scheduler(scheduler: Any) -> None:
+    """ASHA's settings, checked here: Ray only asserts them once the search has started."""
+    if not isinstance(scheduler, dict):
+        raise SearchConfigError(f"scheduler must be {{grace_period: N, reduction_factor: N}}, got {scheduler!r}")
+    unknown = sorted(set(scheduler) - set(SETTINGS["scheduler"]))
+    if unknown:
+        raise SearchConfigError(f"scheduler.{unknown[0]}: unknown setting; known: {', '.join(SETTINGS['scheduler'])}")
+    _positive_int(scheduler, "grace_period", "scheduler.")
+    factor = scheduler["reduction_factor"]
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
+        raise SearchConfigError(f"scheduler.reduction_factor must be a number > 1, got {factor!r}")
+
+
+def check_derived(settings: dict) -> None:
+    """depth, width and top_width count layers and units: positive integers, in fixed or as every
+    choice or randint bound of the space (fit_config would build a layer list from any number)."""
+    for key in DERIVED:
+        if key in settings["fixed"]:
+            where, values = f"fixed.{key}", [settings["fixed"][key]]
+        elif key in settings["space"]:
+            kind, values = parse_distribution(key, settings["space"][key])
+            if kind not in ("choice", "randint"):
+                raise SearchConfigError(f"space.{key}: {kind} draws fractions; a count needs choice or randint")
+            where = f"space.{key}"
+        else:
+            continue
+        bad = [value for value in values if isinstance(value, bool) or not isinstance(value, int) or value < 1]
+        if bad:
+            raise SearchConfigError(f"{where}: {key} must be a positive integer, got {bad[0]!r}")
 
 
 def read_base_config(path: Any) -> dict:

@@ -32,10 +32,10 @@ import ray.tune
 import torch
 from pytorch_lightning.callbacks import Checkpoint
 
+from lightning_modules.callbacks import METRIC, ValidationEpoch
 from lightning_modules.cli import RWSLightningCLI, cli_kwargs
 from tune.space import DERIVED, SearchConfigError, SearchSpec, set_dotted
 
-METRIC = "val/log_likelihood"  # what the searcher and the scheduler maximize
 CHECKPOINT_FILE = "checkpoint.ckpt"  # the Lightning checkpoint inside each Ray checkpoint
 ARGS_WARNING = ".*args parameter is intended to run from within Python.*"  # args is a config dict here, on purpose
 COORDINATOR_CPU = 0.01  # the Tune trial of a multi-worker trial only waits on its TorchTrainer
@@ -50,12 +50,13 @@ RUNTIME = {
 }
 
 
-class ReportToRay(Checkpoint):
-    """At each epoch end with a validation result: report it, with a checkpoint to resume from.
+class ReportToRay(ValidationEpoch, Checkpoint):
+    """At each epoch end with a validation result of that epoch: report it, with a checkpoint to resume from.
 
     A Checkpoint callback, because Lightning runs those after the LightningModule's
     `on_train_epoch_end` (where the LR schedulers step): the checkpoint holds the epoch's final
     state. Under DDP every rank calls `report` (Ray Train's barrier); rank 0 writes the file.
+    Epochs without validation (check_val_every_n_epoch > 1) report nothing, not the last value.
 
     Args:
         report: `ray.tune.report` (in a Tune trial) or `ray.train.report` (in a Ray Train worker).
@@ -63,12 +64,13 @@ class ReportToRay(Checkpoint):
     """
 
     def __init__(self, report: Callable, checkpoint_type: type):
+        super().__init__()
         self.report = report
         self.checkpoint_type = checkpoint_type
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if METRIC not in trainer.callback_metrics:
-            return  # no validation this epoch (check_val_every_n_epoch > 1)
+        if not self.validated(trainer):
+            return
         metrics = {
             METRIC: float(trainer.callback_metrics[METRIC]),
             "epoch": trainer.current_epoch,
@@ -119,9 +121,9 @@ def check_fit_configs(spec: SearchSpec) -> None:
         warnings.filterwarnings("ignore", message=ARGS_WARNING)
         parser = _ParseOnlyCLI(args={}, run=False, parser_kwargs={"exit_on_error": False}, **cli_kwargs()).parser
 
-    def error_of(sample: dict[str, Any]) -> str | None:
+    def error_of(sample: dict[str, Any], search: SearchSpec = spec) -> str | None:
         try:
-            parser.instantiate(parser.parse_object(spec.fit_config(sample)))
+            parser.instantiate(parser.parse_object(search.fit_config(sample)))
         except (ArgumentError, ValueError, TypeError, KeyError, ImportError) as error:
             return " ".join(str(error.args[0] if isinstance(error, KeyError) else error).split())
         return None
@@ -129,16 +131,34 @@ def check_fit_configs(spec: SearchSpec) -> None:
     (_, first), *corners = spec.corner_samples()
     message = error_of(first)
     if message is not None:
-        # Name the key that fails on its own, if one does (derived keys only make sense together).
-        derived = {key: value for key, value in first.items() if key in DERIVED}
-        alone = (key for key in first if key not in DERIVED and error_of({**derived, key: first[key]}) is not None)
-        key = next(alone, None)
-        where = f"space.{key} = {first[key]!r}" if key else "base_config + fixed + the first value of each space key"
-        raise SearchConfigError(f"{where}: {message}")
+        raise SearchConfigError(f"{blame(spec, first, error_of)}: {message}")
     for key, sample in corners:
         message = error_of(sample)
         if message is not None:
             raise SearchConfigError(f"space.{key} = {sample[key]!r}: {message}")
+
+
+def blame(spec: SearchSpec, first: dict[str, Any], error_of: Callable) -> str:
+    """The setting that makes the first sample's fit config fail, for the error line: the base
+    config alone, else the first `fixed` key that fails on its own, else the first space key.
+
+    Derived keys (depth, width, top_width) stay in every try: they only make sense together.
+    """
+    derived = {key: value for key, value in first.items() if key in DERIVED}
+    fixed_derived = {key: value for key, value in spec.fixed.items() if key in DERIVED}
+
+    def with_fixed(fixed: dict[str, Any]) -> SearchSpec:
+        return SearchSpec({**spec.settings, "fixed": fixed}, spec.base)
+
+    if error_of(derived, with_fixed(fixed_derived)) is not None:
+        return f"base_config {spec.base_config}"
+    for key, value in spec.fixed.items():
+        if key not in DERIVED and error_of(derived, with_fixed({**fixed_derived, key: value})) is not None:
+            return f"fixed.{key} = {value!r}"
+    for key, value in first.items():
+        if key not in DERIVED and error_of({**derived, key: value}) is not None:
+            return f"space.{key} = {value!r}"
+    return "base_config + fixed + the first value of each space key"
 
 
 def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:

@@ -109,6 +109,17 @@ def test_eval_errors_name_the_file(trained_run, tmp_path):
         (["--data.path", "/nonexistent/mnist.npz"], "/nonexistent/mnist.npz"),
         (["--trainer.precision", "bf16-mixed"], "trainer.precision='bf16-mixed'"),
         (["--model.matmul_precision", "low"], "matmul_precision"),
+        (["--model.layer_sizes", "[100, 50, 10]"], "model.layer_sizes=[100, 50, 10] starts with 100, but the data has 784"),
+        (["--model.nade_hidden", "0", "--model.p_layer", "nade"], "model.nade_hidden must be >= 1, got 0"),
+        (["--sample_grid.num", "0"], "sample_grid.num must be >= 1, got 0"),
+        (["--sample_grid.num", "-4"], "sample_grid.num must be >= 1, got -4"),
+        (["--trainer.devices", "[0, 1]"], "trainer.devices=[0, 1] lists device ids"),
+        (["--model.val_chunk_size", "-1"], "model.val_chunk_size must be >= 1, got -1"),
+        (["--model.val_chunk_size", "0"], "model.val_chunk_size must be >= 1, got 0"),
+        (["--model.lr_schedule", "exponential", "--model.lr_decay", "0"], "model.lr_decay must be a positive number"),
+        (["--cpu_time_budget.seconds", "-1"], "cpu_time_budget.seconds must be a number >= 0"),
+        (["--data.batch_size", "20000"], "data.batch_size=20000 is larger than the 10000 training points"),
+        (["--model.sample_parallel", "0"], "model.sample_parallel must be >= 1, got 0"),
     ],
 )
 def test_fit_rejects_bad_config_values(tmp_path, override, message):
@@ -116,8 +127,105 @@ def test_fit_rejects_bad_config_values(tmp_path, override, message):
         "fit", "--config", str(CONFIGS / "debug.yaml"), "--trainer.max_epochs", "1",
         "--trainer.limit_train_batches", "1", "--trainer.default_root_dir", str(tmp_path), *override, cwd=tmp_path,
     )  # fmt: skip
-    assert result.returncode != 0
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert message in result.stderr
+
+
+def test_lr_decay_must_be_a_positive_number():
+    """NaN cannot come from the command line (jsonargparse rejects it), but from a YAML `.nan` it can."""
+    from lightning_modules.module import RWSModule
+
+    for decay in (float("nan"), -0.5, float("inf")):
+        with pytest.raises(ValueError, match="model.lr_decay must be a positive number"):
+            RWSModule(lr_schedule="exponential", lr_decay=decay)
+
+
+def test_resume_with_other_model_sizes_names_the_checkpoint_and_the_shapes(trained_run, tmp_path):
+    (checkpoint,) = sorted((trained_run / "runs" / "checkpoints").iterdir())[-1:]
+    result = rws(
+        "fit", "--config", str(CONFIGS / "debug.yaml"), "--model.layer_sizes", "[784, 30, 5]", "--resume", str(checkpoint),
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "4", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("rws fit: error:")]
+    assert str(checkpoint) in line and "model.layer_sizes" in line
+    assert "model.p_conditionals.0.cond_weight.weight: checkpoint [784, 20], model [784, 30]" in line
+
+
+def test_resume_past_max_epochs_is_one_line(tmp_path):
+    args = ("fit", "--config", str(CONFIGS / "debug.yaml"), "--trainer.limit_train_batches", "2",
+            "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(tmp_path))  # fmt: skip
+    assert rws(*args, "--trainer.max_epochs", "3", cwd=tmp_path).returncode == 0
+    result = rws(*args, "--trainer.max_epochs", "1", "--resume", "auto", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    checkpoint = tmp_path / "checkpoints" / "epoch0002-step000000012"
+    assert f"rws fit: error: checkpoint {checkpoint} is at epoch 2, past trainer.max_epochs=1" in result.stderr
+
+
+def test_validation_line_only_in_epochs_that_validated(tmp_path):
+    """check_val_every_n_epoch 2 validates after epochs 1 and 3; epochs 0 and 2 must not repeat the last value."""
+    result = rws(
+        "fit", "--config", str(CONFIGS / "debug.yaml"), "--trainer.max_epochs", "4", "--trainer.check_val_every_n_epoch", "2",
+        "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if "val/log_likelihood" in line]
+    assert [line.split()[1] for line in lines] == ["1", "3"], lines
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["predict", "--config", str(CONFIGS / "debug.yaml")], "rws: error: unknown command 'predict'"),
+        (["validate", "--config", str(CONFIGS / "debug.yaml"), "--resume", "auto"], "--ckpt_path"),
+        (["test", "--config", str(CONFIGS / "debug.yaml"), "--resume", "auto"], "--ckpt_path"),
+    ],
+)
+def test_commands_reject_what_they_cannot_do(capsys, args, message):
+    from lightning_modules.cli import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err, err
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("bogus", "--device bogus: not a device"),
+        pytest.param(
+            "cuda", "--device cuda: CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA"),
+        ),
+    ],
+)  # fmt: skip
+def test_eval_rejects_a_device_this_machine_lacks(trained_run, device, message):
+    result = rws("eval", "--checkpoint", "runs", "--num-samples", "5", "--max-points", "5", "--device", device, cwd=trained_run)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"rws eval: error: {message}" in result.stderr
+
+
+def test_eval_uses_the_test_shards_the_checkpoint_was_trained_with(tmp_path):
+    """A run trained with --data.shards is evaluated on its shards' test split, not the embedded data."""
+    import numpy as np
+
+    from lightning_modules.module import RWSModule
+    from pipeline.data import load_binarized_mnist
+    from pipeline.shards import prepare_split
+
+    test = load_binarized_mnist(None, splits=("test",))["test"][:30]
+    prepare_split(tmp_path / "shards", "test", np.packbits(test.numpy(), axis=1), 10)
+    module = RWSModule(layer_sizes=[784, 10, 5])
+    torch.save(
+        {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict(),
+         "datamodule_hyper_parameters": {"path": None, "shards": str(tmp_path / "shards")}},
+        tmp_path / "model.pt",
+    )  # fmt: skip
+    result = rws("eval", "--checkpoint", str(tmp_path / "model.pt"), "--num-samples", "5", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["num_points"] == 30 and report["data"] == str(tmp_path / "shards")
 
 
 def test_top_level_help_lists_commands(tmp_path):

@@ -44,8 +44,6 @@ def clean_env(**extra: str) -> dict[str, str]:
     [
         (4, {}, 4),
         ("4", {}, 4),
-        ([0, 1, 2], {}, 3),
-        ("0,1", {}, 2),
         ("auto", {}, 1),  # accelerator cpu
         (-1, {}, 1),
         ("auto", TORCHRUN_ENV, 4),  # LOCAL_WORLD_SIZE
@@ -59,7 +57,12 @@ def test_resolve_devices(devices, env, expected):
     assert resolve_devices(devices, "cpu", 2, env)[0] == expected
 
 
-@pytest.mark.parametrize("devices", [0, "0", [], "cuda"])
+@pytest.mark.parametrize("devices, expected", [([0, 1, 2], 3), ("0,1", 2)])
+def test_resolve_devices_counts_gpu_ids(devices, expected):
+    assert resolve_devices(devices, "gpu", 1, {})[0] == expected
+
+
+@pytest.mark.parametrize("devices", [0, "0", [], "cuda", [0, 1], "0,1"])
 def test_resolve_devices_rejects_nonsense(devices):
     with pytest.raises(LayoutError, match="trainer.devices"):
         resolve_devices(devices, "cpu", 1, {})
@@ -148,6 +151,7 @@ def test_dry_run_under_torchrun_resolves_auto_devices(capsys):
         (["--trainer.num_nodes", "2", "--trainer.devices", "3", "--model.sample_parallel", "4"], "world size 6"),
         (["--trainer.devices", "3", "--model.sample_parallel", "3", "--model.num_samples", "4"], "K = 4"),
         (["--model.num_samples", "0"], "num_samples"),  # the model's own check still runs
+        (["--trainer.devices", "[0, 1]"], "lists device ids, which need GPUs"),  # the CPU accelerator of debug.yaml
     ],
 )
 def test_dry_run_errors_exit_2(capsys, args, message):

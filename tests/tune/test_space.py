@@ -163,3 +163,33 @@ def test_existing_experiment_needs_resume_or_a_new_name(tmp_path, capsys):
     (tmp_path / "runs" / "search" / "tuner.pkl").write_bytes(b"")  # what Ray writes when a search starts
     err = tune_error(capsys, "--config", str(write_search(tmp_path)), "--storage-path", str(tmp_path / "runs"))
     assert "--resume" in err and "--name" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--space.depth", "{choice: [0, 1]}"], "space.depth: depth must be a positive integer, got 0"),
+        (["--space.depth", "{randint: [-1, 2]}"], "space.depth: depth must be a positive integer, got -1"),
+        (["--space.width", "{uniform: [8, 16]}"], "space.width: uniform draws fractions"),
+        (["--fixed.top_width", "0"], "fixed.top_width: top_width must be a positive integer, got 0"),
+        (["--scheduler", "5"], "scheduler must be {grace_period: N, reduction_factor: N}, got 5"),
+        (["--scheduler.grace_period", "0"], "scheduler.grace_period must be a positive integer, got 0"),
+        (["--scheduler.reduction_factor", "1"], "scheduler.reduction_factor must be a number > 1, got 1"),
+        (["--scheduler.grace_perod", "2"], "scheduler.grace_perod: unknown setting"),
+        (["--resources-per-trial", "3"], "resources_per_trial must be {cpu: N, gpu: N}"),
+    ],
+)
+def test_bad_settings_are_one_line_naming_the_key(tmp_path, capsys, args, message):
+    assert message in tune_error(capsys, "--config", str(write_search(tmp_path)), *args)
+
+
+def test_bad_fixed_key_is_blamed_not_the_first_space_key(tmp_path, capsys):
+    err = tune_error(capsys, "--config", str(write_search(tmp_path)), "--fixed.trainer.bogus", "3")
+    assert "fixed.trainer.bogus = 3: " in err and "space." not in err
+
+
+def test_bad_base_config_is_blamed(tmp_path, capsys):
+    base = tmp_path / "fit.yaml"
+    base.write_text(yaml.safe_dump({"model": {"dropout": 0.5}}))
+    err = tune_error(capsys, "--config", str(write_search(tmp_path, base_config=str(base))))
+    assert f"base_config {base}: " in err

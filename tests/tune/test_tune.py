@@ -266,3 +266,44 @@ def test_trials_of_two_sample_parallel_workers_through_ray_train(tmp_path):
     config = yaml.safe_load((experiment / "best.yaml").read_text())
     assert config["model"]["sample_parallel"] == 2 and config["trainer"]["devices"] == 2
     assert config["trainer"]["strategy"] == "ddp"
+
+
+def test_report_to_ray_skips_epochs_without_validation(tmp_path):
+    """check_val_every_n_epoch 2: the metric stays in callback_metrics after epoch 1, but epoch 2 did not
+    validate, so ASHA must not get the old value again."""
+    import torch
+
+    from tune.trial import ReportToRay
+
+    reports = []
+    callback = ReportToRay(lambda metrics, checkpoint: reports.append(metrics["epoch"]), SimpleNamespace(from_directory=str))
+    trainer = SimpleNamespace(
+        callback_metrics={METRIC: torch.tensor(-100.0)}, current_epoch=0, global_step=0, sanity_checking=False,
+        is_global_zero=True, save_checkpoint=lambda path: Path(path).write_text(""),
+    )  # fmt: skip
+    for epoch in range(4):
+        trainer.current_epoch = epoch
+        if epoch % 2 == 1:
+            callback.on_validation_end(trainer, None)
+        callback.on_train_epoch_end(trainer, None)
+    assert reports == [1, 3]
+
+
+@pytest.mark.parametrize("finished, failed, code", [(2, 0, 0), (1, 1, 0), (0, 2, 1)])
+def test_exit_code_counts_failed_trials(tmp_path, capsys, finished, failed, code):
+    from tune.cli import report_failures
+
+    assert report_failures(finished, failed, tmp_path) == code
+    captured = capsys.readouterr()
+    assert ("rws tune: error: no trial finished" in captured.err) == (code == 1)
+
+
+def test_search_whose_every_trial_failed_exits_non_zero(tmp_path):
+    fault = [{"class_path": "tests.tune.faults.FailOnce", "init_args": {"marker": str(tmp_path / "failed"), "epoch": 0}}]
+    result = run(
+        "tune", "--config", str(DEBUG_SEARCH), "--name", "failing", "--num-trials", "1", "--max-failures", "0",
+        "--fixed.trainer.callbacks", json.dumps(fault), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "rws tune: error: no trial finished: all 1 failed" in result.stderr
+    assert not (tmp_path / "runs" / "tune" / "failing" / "best.yaml").exists()
