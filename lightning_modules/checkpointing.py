@@ -14,6 +14,10 @@
   installs it in `setup`, so no `--trainer.plugins` is needed.
 - `resolve_resume(...)`: `rws fit --resume auto|PATH` -> the `ckpt_path` to pass to fit.
 
+A fresh run (no `--resume`, no `ckpt_path`) into a checkpoint directory that already holds
+complete checkpoints is refused at fit start: its saves would replace the other run's same-named
+checkpoints and `--resume auto` would later pick either run's.
+
 Resuming with the same world size and layout restores every rank's RNG states when Lightning
 hands the loaded checkpoint to the callbacks: after the module's `setup` (which reseeds every
 rank), before the sanity check (which runs under `isolate_rng`) and before the fit loop creates
@@ -47,11 +51,13 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lightning_modules.callbacks import ValidationEpoch
 from pipeline import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
 _VERIFIED: set[str] = set()  # checkpoint directories sha256-checked in this process (by resolve_resume)
+_RESUME_ASKED: set[str] = set()  # checkpoint directories that `rws fit --resume` was given in this process
 RESUME_KEY = "rws_resume"  # added to a loaded checkpoint dict: this rank's per-rank state and the saved layout
 _COMBINED_LOADER = ("loops", "fit_loop", "state_dict", "combined_loader")
 
@@ -160,18 +166,19 @@ def _env_fault(name: str) -> list[str] | None:
     return value.split(":") if value else None
 
 
-class DistributedCheckpoint(Checkpoint):
+class DistributedCheckpoint(ValidationEpoch, Checkpoint):
     """Sharded, atomic DCP checkpoints of the whole training state, written by all ranks.
 
     Args:
         dirpath: directory of the checkpoints (None: `<trainer.default_root_dir>/checkpoints`);
             `rws fit --resume auto` looks there.
         every_n_epochs: save at the end of every N-th training epoch (0: never).
-        keep_last: keep the newest N complete checkpoints, plus the best by `monitor`
-            (None: keep all).
+        keep_last: keep the newest written N complete checkpoints, plus the best by `monitor`
+            among those saved after a validation (None: keep all).
         async_save: copy the state to CPU memory and write it in a background thread while
             training goes on; the checkpoint becomes visible when all ranks are done.
-        monitor: the metric recorded with each checkpoint (the best one is kept).
+        monitor: the metric recorded with each checkpoint of an epoch that validated (the best
+            one is kept).
         mode: 'max' or 'min': which value of `monitor` is best.
     """
 
@@ -184,6 +191,7 @@ class DistributedCheckpoint(Checkpoint):
         monitor: str = "val/log_likelihood",
         mode: str = "max",
     ):
+        super().__init__()
         if every_n_epochs < 0 or (keep_last is not None and keep_last < 1):
             raise ValueError(f"dcp.every_n_epochs must be >= 0 and dcp.keep_last >= 1, got {every_n_epochs}, {keep_last}")
         if mode not in ("max", "min"):
@@ -220,6 +228,18 @@ class DistributedCheckpoint(Checkpoint):
         if stage == "fit" and self._group is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self._group = dist.new_group(backend="gloo")
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse a fresh run into a checkpoint directory that holds checkpoints (`refuse_foreign_checkpoints`)."""
+        # Why here: Lightning has restored the checkpoint by now (trainer.ckpt_path is set), and
+        # nothing is saved yet. Every rank sees the same files, so all raise together.
+        # A run that saves nothing (e.g. an `rws tune` trial) cannot mix with the checkpoints there.
+        dirpath = self.resolve_dirpath(trainer)
+        key = str(dirpath.resolve())
+        resume_asked = key in _RESUME_ASKED
+        _RESUME_ASKED.discard(key)  # asked for this fit only
+        if self.every_n_epochs and trainer.ckpt_path is None and not resume_asked:
+            refuse_foreign_checkpoints(dirpath)
+
     # -- resuming
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -251,6 +271,17 @@ class DistributedCheckpoint(Checkpoint):
         if fault and trainer.global_step >= int(fault[0]) and (len(fault) < 2 or int(fault[1]) == trainer.global_rank):
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def _epoch_score(self, trainer: pl.Trainer) -> float | None:
+        """`monitor` of the current epoch's validation, None if it did not validate.
+
+        Why: with check_val_every_n_epoch > 1, callback_metrics still hold an earlier epoch's
+        score, which would make an unvalidated checkpoint look like (and be kept as) the best.
+        """
+        score = trainer.callback_metrics.get(self.monitor)
+        if score is None or self.validated_epoch != trainer.current_epoch:
+            return None
+        return float(score)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0 and not trainer.sanity_checking:
             self.save(trainer, pl_module)
@@ -261,8 +292,7 @@ class DistributedCheckpoint(Checkpoint):
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         datamodule = trainer.datamodule
         per_rank = split_per_rank(checkpoint, type(datamodule).__qualname__ if datamodule is not None else None)
-        score = trainer.callback_metrics.get(self.monitor)
-        score = float(score) if score is not None else None
+        score = self._epoch_score(trainer)
         step, epoch = trainer.global_step, trainer.current_epoch
         self._pending = ckpt.save(
             self.resolve_dirpath(trainer),
@@ -323,20 +353,40 @@ class DistributedCheckpoint(Checkpoint):
         return {}
 
 
+def refuse_foreign_checkpoints(dirpath: Path) -> None:
+    """ValueError if `dirpath` holds complete checkpoints: a fresh run writing there would replace
+    same-named ones and leave `--resume auto` to pick from two runs."""
+    found = ckpt.list_complete(dirpath)
+    if found:
+        raise ValueError(
+            f"checkpoint directory {dirpath} already holds {len(found)} complete checkpoint(s) (the newest: "
+            f"{found[-1].path.name}); give --resume auto to continue from them, or --dcp.dirpath or "
+            "--trainer.default_root_dir for a new run"
+        )
+
+
 def resolve_resume(resume: str | None, dirpath: Path) -> str | None:
     """The `ckpt_path` for `rws fit --resume RESUME`.
 
-    'auto': the newest complete checkpoint under `dirpath` that passes its sha256 check; a damaged
-    newer one is skipped with a message; None (fresh start, with a message) when there is none.
-    A PATH: that checkpoint directory (verified: a damaged one is an error naming the file), a
-    directory of checkpoints (its newest complete one, no fallback), or a checkpoint file.
+    'auto': the newest written complete checkpoint under `dirpath` that passes its sha256 check; a
+    damaged newer one (its COMPLETE marker or a data file) is skipped with a warning naming the
+    file; None (fresh start, with a message) when there is none. A PATH: that checkpoint directory
+    (verified: a damaged one is an error naming the file), a directory of checkpoints (its newest
+    written complete one, no fallback), or a checkpoint file. Either way the fit may then write
+    into `dirpath` although it holds checkpoints (see `refuse_foreign_checkpoints`).
     """
     if resume is None:
         return None
+    ckpt_path = _resume_path(resume, dirpath)
+    _RESUME_ASKED.add(str(dirpath.resolve()))
+    return ckpt_path
+
+
+def _resume_path(resume: str, dirpath: Path) -> str | None:
     if resume == "auto":
 
-        def skipped(info: ckpt.CheckpointInfo, error: ckpt.CheckpointError) -> None:
-            rank_zero_warn(f"--resume auto: skipping damaged checkpoint {info.path} ({error}); falling back to the previous complete one")
+        def skipped(path: Path, error: ckpt.CheckpointError) -> None:
+            rank_zero_warn(f"--resume auto: skipping damaged checkpoint {path} ({error}); falling back to the previous complete one")
 
         info = ckpt.latest_complete(dirpath, check=True, on_skip=skipped)
         if info is None:

@@ -16,13 +16,17 @@ from pipeline import checkpoint as ckpt
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file or directory; for another directory (e.g. `runs/`) the newest checkpoint
-    under it: a complete sharded checkpoint directory or a `last*.ckpt` file, whichever is newer."""
+    under it: the newest written complete sharded checkpoint directory (the one `rws fit --resume
+    auto` and `rws checkpoint` pick) or a `last*.ckpt` file, whichever was written later."""
     path = Path(path)
     if path.is_dir():
         if (path / ckpt.MARKER).is_file():
             return path
         candidates = [(p.stat().st_mtime, p) for p in path.rglob("last*.ckpt")]
-        candidates += [((info.path / ckpt.MARKER).stat().st_mtime, info.path) for info in ckpt.find_checkpoints(path)]
+        sharded = ckpt.find_checkpoints(path)
+        if sharded:
+            # Why the marker's time and not the write order: a .ckpt file has no sequence number.
+            candidates.append((sharded[-1].time, sharded[-1].path))
         if not candidates:
             raise FileNotFoundError(f"no checkpoint (last*.ckpt or a complete checkpoint directory) under directory {path}")
         return max(candidates)[1]

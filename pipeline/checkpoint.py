@@ -15,8 +15,9 @@ Layout of one checkpoint directory `ROOT/NAME/`:
     tree.json                        the structure of `shared` with every non-tensor value
     rank{r}.json                     the structure of rank r's `per_rank` state (its tensors are
                                      DCP keys `rank{r}/...`, so ranks never overwrite each other)
-    COMPLETE                         JSON: format, step, epoch, world size, caller metadata (e.g.
-                                     score) and the size and sha256 of every other file
+    COMPLETE                         JSON: format, save sequence number (write order within
+                                     ROOT), step, epoch, world size, caller metadata (e.g. score)
+                                     and the size and sha256 of every other file
 
 Atomicity: every rank writes into `ROOT/NAME.partial/`; once all ranks are done (a collective),
 rank 0 writes COMPLETE (fsynced) and renames the directory to `ROOT/NAME`. Only directories with
@@ -368,61 +369,96 @@ class CheckpointInfo:
         score = self.marker.get("score")
         return float(score) if isinstance(score, (int, float)) and math.isfinite(score) else None
 
-    def sort_key(self) -> tuple:
-        return (self.step, self.epoch if self.epoch is not None else -1, self.marker.get("time", 0.0), self.path.name)
+    @property
+    def seq(self) -> int:
+        """The save sequence number within its directory (0 for markers written before it existed)."""
+        seq = self.marker.get("seq")
+        return seq if isinstance(seq, int) and not isinstance(seq, bool) else 0
+
+    @property
+    def time(self) -> float:
+        """When the marker was written (seconds since the epoch; 0 if it does not say)."""
+        when = self.marker.get("time")
+        return float(when) if isinstance(when, (int, float)) and math.isfinite(when) else 0.0
+
+    def write_order(self) -> tuple:
+        """Sort key, oldest written first: the one definition of "newest" for resuming, retention and the tools.
+
+        Why not the step: a run resumed from an older checkpoint (a branch) or with fewer steps
+        per epoch writes smaller steps after larger ones, and its checkpoints are the newest.
+        Markers without a sequence number (older versions) sort before all that have one, by time.
+        """
+        return (self.seq, self.time, self.path.name)
 
 
-def list_complete(root: str | os.PathLike) -> list[CheckpointInfo]:
-    """Complete checkpoints directly under `root`, oldest first (by step)."""
+SkipHook = Callable[[Path, CheckpointError], None]
+
+
+def _read_info(directory: Path, on_skip: SkipHook | None) -> CheckpointInfo | None:
+    """The checkpoint in `directory`; None for a directory without a COMPLETE marker (not a
+    checkpoint) or with a damaged one, after calling `on_skip(directory, error)`."""
+    if not (directory / MARKER).is_file():
+        return None
+    try:
+        return CheckpointInfo(directory, read_marker(directory))
+    except CheckpointError as error:
+        if on_skip is not None:
+            on_skip(directory, error)
+        return None
+
+
+def list_complete(root: str | os.PathLike, on_skip: SkipHook | None = None) -> list[CheckpointInfo]:
+    """Complete checkpoints directly under `root`, oldest written first (`CheckpointInfo.write_order`).
+
+    A directory whose COMPLETE marker is damaged is left out after calling `on_skip(path, error)`.
+    """
     root = Path(root)
     if not root.is_dir():
         return []
     found = []
     for child in root.iterdir():
-        if not child.is_dir() or child.name.endswith((PARTIAL, DELETING)):
-            continue
-        try:
-            found.append(CheckpointInfo(child, read_marker(child)))
-        except CheckpointError:
-            continue
-    return sorted(found, key=CheckpointInfo.sort_key)
+        if child.is_dir() and not child.name.endswith((PARTIAL, DELETING)):
+            info = _read_info(child, on_skip)
+            if info is not None:
+                found.append(info)
+    return sorted(found, key=CheckpointInfo.write_order)
 
 
-def latest_complete(
-    root: str | os.PathLike, check: bool = True, on_skip: Callable[[CheckpointInfo, CheckpointError], None] | None = None
-) -> CheckpointInfo | None:
-    """The newest complete checkpoint under `root` that passes `verify` (if `check`), else None.
+def latest_complete(root: str | os.PathLike, check: bool = True, on_skip: SkipHook | None = None) -> CheckpointInfo | None:
+    """The newest written complete checkpoint under `root` that passes `verify` (if `check`), else None.
 
-    A damaged newer one is skipped after calling `on_skip(info, error)`, so the caller can say so.
+    A damaged newer one (its marker, or with `check` a data file) is skipped after calling
+    `on_skip(path, error)`, so the caller can say so.
     """
-    for info in reversed(list_complete(root)):
+    for info in reversed(list_complete(root, on_skip)):
         if not check:
             return info
         try:
             verify(info.path)
         except CheckpointError as error:
             if on_skip is not None:
-                on_skip(info, error)
+                on_skip(info.path, error)
             continue
         return info
     return None
 
 
-def find_checkpoints(path: str | os.PathLike) -> list[CheckpointInfo]:
-    """`path` itself if it is a complete checkpoint, else every complete one below it, oldest first."""
+def find_checkpoints(path: str | os.PathLike, on_skip: SkipHook | None = None) -> list[CheckpointInfo]:
+    """`path` itself if it is a complete checkpoint, else every complete one below it, newest last.
+
+    Sequence numbers only order the checkpoints of one directory: each checkpoint directory's
+    list is in write order, and the directories are ordered by when their newest was written.
+    """
     path = Path(path)
     if (path / MARKER).is_file():
         return [CheckpointInfo(path, read_marker(path))]
-    found = []
+    roots = set()
     for marker in path.rglob(MARKER):
-        directory = marker.parent
-        if any(part.endswith((PARTIAL, DELETING)) for part in directory.relative_to(path).parts):
-            continue
-        try:
-            found.append(CheckpointInfo(directory, read_marker(directory)))
-        except CheckpointError:
-            continue
-    return sorted(found, key=lambda info: (info.marker.get("time", 0.0), info.sort_key()))
+        if not any(part.endswith((PARTIAL, DELETING)) for part in marker.parent.relative_to(path).parts):
+            roots.add(marker.parent.parent)
+    groups = [group for group in (list_complete(root, on_skip) for root in roots) if group]
+    groups.sort(key=lambda group: (group[-1].time, str(group[-1].path)))
+    return [info for group in groups for info in group]
 
 
 def _remove_tree(path: Path) -> None:
@@ -436,15 +472,20 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(target, ignore_errors=True)
 
 
-def apply_retention(root: str | os.PathLike, keep_last: int | None, mode: str = "max") -> list[Path]:
-    """Remove complete checkpoints except the newest `keep_last` and the best by score; returns the removed."""
+def apply_retention(
+    root: str | os.PathLike, keep_last: int | None, mode: str = "max", written: Path | None = None
+) -> list[Path]:
+    """Remove complete checkpoints except the newest written `keep_last`, the best by score and
+    `written` (the checkpoint just saved, whatever the order says); returns the removed."""
     if keep_last is None:
         return []
     infos = list_complete(root)
     keep = {info.path for info in infos[-keep_last:]} if keep_last > 0 else set()
+    if written is not None:
+        keep.add(Path(written))
     scored = [info for info in infos if info.score is not None]
     if scored:
-        best = (max if mode == "max" else min)(scored, key=lambda info: (info.score, info.step))
+        best = (max if mode == "max" else min)(scored, key=lambda info: (info.score, info.write_order()))
         keep.add(best.path)
     removed = []
     for info in infos:
@@ -582,7 +623,7 @@ def save(
                 try:
                     _commit(root, partial, final, world_size, step, epoch, meta, score, time.time(), fault_hook)
                     if keep_last is not None:
-                        apply_retention(root, keep_last, mode)
+                        apply_retention(root, keep_last, mode, written=final)
                 except Exception as caught:  # noqa: BLE001
                     commit_error = caught
             if _broadcast_status(commit_error is not None, process_group, distributed):
@@ -616,6 +657,11 @@ def save(
     return pending
 
 
+def _next_seq(root: Path) -> int:
+    """1 + the largest save sequence number of the complete checkpoints in `root`: records write order."""
+    return 1 + max((info.seq for info in list_complete(root)), default=0)
+
+
 def _commit(root, partial, final, world_size, step, epoch, meta, score, when, fault_hook) -> None:
     files = {}
     for file in sorted(partial.rglob("*")):
@@ -624,6 +670,7 @@ def _commit(root, partial, final, world_size, step, epoch, meta, score, when, fa
     marker = {
         "format": FORMAT,
         "name": final.name,
+        "seq": _next_seq(root),
         "step": int(step),
         "epoch": None if epoch is None else int(epoch),
         "world_size": world_size,
@@ -724,15 +771,18 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike) -> Path:
 
     The file holds the shared dict with two extra keys: CONSOLIDATED_RANKS ({"rank0": ..., ...},
     every rank's state) and CONSOLIDATED_INFO (the marker without its file list). It contains only
-    tensors and plain values, so `torch.load(out, weights_only=True)` reads it.
+    tensors and plain values, so `torch.load(out, weights_only=True)` reads it. An existing file
+    `out` is replaced (atomically); an existing directory is an error.
     """
+    out = Path(out)
+    if out.is_dir():
+        raise CheckpointError(f"{out}: is a directory; give the output file's name, e.g. {out / 'model.pt'}")
     loaded = load(path, ranks=range(read_marker(path)["world_size"]), no_dist=True)
     for key in (CONSOLIDATED_RANKS, CONSOLIDATED_INFO):
         if key in loaded.shared:
             raise CheckpointError(f"{path}: shared state already has a key {key!r}")
     info = {key: value for key, value in loaded.marker.items() if key != "files"}
     result = {**loaded.shared, CONSOLIDATED_RANKS: {f"rank{r}": s for r, s in loaded.ranks.items()}, CONSOLIDATED_INFO: info}
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(result, buffer)

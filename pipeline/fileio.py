@@ -12,14 +12,19 @@ def atomic_write(path: Path, data: bytes) -> None:
 
     Write-then-rename: the bytes go to a temporary file beside `path` (named by pid, so concurrent
     writers do not collide), are fsynced, then renamed over `path`; the fsync makes the rename
-    durable only after the content.
+    durable only after the content. On any failure (disk full, `path` a directory, an interrupt)
+    the temporary file is removed, so none is left behind, and the error propagates.
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as stream:
-        stream.write(data)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def sha256_file(path: Path) -> str:

@@ -7,17 +7,26 @@ sys.argv, and a SIGKILL must not take pytest with it. An epoch is 5 batches = 10
 hooks are environment variables read by lightning_modules/checkpointing.py.
 """
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from lightning_modules.checkpointing import RESUME_KEY, DCPCheckpointIO, split_per_rank
+from lightning_modules.checkpointing import (
+    RESUME_KEY,
+    DCPCheckpointIO,
+    DistributedCheckpoint,
+    resolve_resume,
+    split_per_rank,
+)
+from lightning_modules.checkpoints import resolve_checkpoint
 from lightning_modules.cli import main
 from pipeline import checkpoint as ckpt
 
@@ -174,6 +183,85 @@ def test_eval_sample_and_consolidate_read_sharded_checkpoints(straight, tmp_path
     (broken / "__0_0.distcp").write_bytes((broken / "__0_0.distcp").read_bytes()[:100])
     result = rws("eval", "--checkpoint", str(broken))
     assert result.returncode == 2 and f"{broken / '__0_0.distcp'}: 100 bytes" in result.stderr
+
+
+def test_fresh_fit_into_a_directory_with_checkpoints_is_an_error(straight, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(straight / "checkpoints", run / "checkpoints")
+    code = main(["fit", *TINY, "--trainer.default_root_dir", str(run), "--trainer.max_epochs", "1"])  # no --resume
+    assert code == 2
+    error = capsys.readouterr().err
+    assert f"rws fit: error: checkpoint directory {run / 'checkpoints'} already holds 2 complete checkpoint(s)" in error
+    assert "--resume auto" in error and "--dcp.dirpath" in error and "--trainer.default_root_dir" in error
+    assert [info.marker for info in checkpoints(run)] == [info.marker for info in checkpoints(straight)]  # untouched
+
+
+def _corrupt_newest(root: Path, name: str) -> Path:
+    """Flip a byte in `name` of the newest checkpoint under `root`; returns the file."""
+    damaged = ckpt.list_complete(root)[-1].path / name
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    return damaged
+
+
+def test_resume_auto_with_only_damaged_checkpoints_may_start_fresh_there(tmp_path):
+    root = tmp_path / "checkpoints"
+    ckpt.save(root, "epoch0000-step000000010", {"w": torch.zeros(100)}, step=10, epoch=0)
+    _corrupt_newest(root, "__0_0.distcp")
+    callback, trainer = DistributedCheckpoint(dirpath=str(root)), SimpleNamespace(ckpt_path=None, default_root_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="already holds 1 complete checkpoint"):
+        callback.on_fit_start(trainer, None)  # no --resume
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint"):
+        assert resolve_resume("auto", root) is None
+    callback.on_fit_start(trainer, None)  # --resume auto found nothing usable: a fresh start, as asked
+
+
+def test_resume_auto_says_so_when_a_marker_is_damaged(straight, tmp_path):
+    root = tmp_path / "checkpoints"
+    shutil.copytree(straight / "checkpoints", root)
+    marker = _corrupt_newest(root, ckpt.MARKER)
+    with pytest.warns(UserWarning, match=rf"skipping damaged checkpoint {marker.parent} \({marker}: unreadable or corrupt"):
+        resumed = resolve_resume("auto", root)
+    assert resumed == str(root / "epoch0000-step000000010")
+
+
+@pytest.fixture(scope="module")
+def every_other_validation(tmp_path_factory) -> Path:
+    """3 epochs validated every 2nd: checkpoints at N (not validated), 2N (validated), 3N (not)."""
+    run = tmp_path_factory.mktemp("every_other") / "run"
+    result = fit(run, "--trainer.max_epochs", "3", "--trainer.check_val_every_n_epoch", "2")
+    assert result.returncode == 0, result.stdout[-3000:]
+    return run
+
+
+def test_only_validated_epochs_record_a_score(every_other_validation):
+    scores = {info.step: info.score for info in checkpoints(every_other_validation)}
+    assert scores[N] is None and scores[3 * N] is None  # not the previous validation's score
+    assert scores[2 * N] is not None
+
+
+def test_resuming_an_older_checkpoint_with_fewer_steps_per_epoch_keeps_the_new_checkpoints(every_other_validation, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(every_other_validation / "checkpoints", run / "checkpoints")
+    branch = run / "checkpoints" / "epoch0000-step000000010"
+    # 2 batches per epoch instead of 5: epoch 1 now ends at step N + 4, before the abandoned steps 2N and 3N.
+    result = fit(run, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2", "--dcp.keep_last", "1", "--resume", str(branch))
+    assert result.returncode == 0, result.stdout[-3000:]
+    newest = run / "checkpoints" / f"epoch0001-step{N + 4:09d}"
+    assert steps(run)[-1] == N + 4 and 3 * N not in steps(run)  # kept: the newest written (and the best, if another)
+    assert ckpt.latest_complete(run / "checkpoints").path == newest  # what --resume auto continues
+    assert resolve_checkpoint(run / "checkpoints") == newest  # what rws eval/sample read
+    main(["checkpoint", "list", str(run), "--json"])
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["path"] == str(newest)  # what rws checkpoint uses
+
+
+def test_consolidate_into_an_existing_directory_is_an_error(straight, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["checkpoint", "consolidate", str(straight / "checkpoints"), str(out)]) == 2
+    assert f"rws checkpoint: error: {out}: is a directory" in capsys.readouterr().err
+    assert list(tmp_path.rglob("*.tmp")) == []
 
 
 def test_per_rank_entries_go_to_rank_state_and_come_back(tmp_path):

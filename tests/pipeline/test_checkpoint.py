@@ -125,9 +125,9 @@ def test_verify_names_the_damaged_shard_and_auto_falls_back(two_checkpoints, dam
     with pytest.raises(ckpt.CheckpointError, match=str(shard)):
         ckpt.load(shard.parent)
     skipped = []
-    latest = ckpt.latest_complete(two_checkpoints, on_skip=lambda info, error: skipped.append((info.step, str(error))))
+    latest = ckpt.latest_complete(two_checkpoints, on_skip=lambda path, error: skipped.append((path, str(error))))
     assert latest.step == 10
-    assert skipped[0][0] == 20 and str(shard) in skipped[0][1]
+    assert skipped[0][0] == shard.parent and str(shard) in skipped[0][1]
 
 
 def test_corrupt_marker_and_json_are_named(two_checkpoints):
@@ -135,7 +135,14 @@ def test_corrupt_marker_and_json_are_named(two_checkpoints):
     marker.write_text("{not json")
     with pytest.raises(ckpt.CheckpointError, match=str(marker)):
         ckpt.verify(marker.parent)
-    assert [info.step for info in ckpt.list_complete(two_checkpoints)] == [10]  # no valid marker: not listed
+    skipped = []
+    latest = ckpt.latest_complete(two_checkpoints, on_skip=lambda path, error: skipped.append((path, str(error))))
+    assert latest.step == 10  # no valid marker: not listed, and the caller is told which file and why
+    assert [path for path, _ in skipped] == [marker.parent] and f"{marker}: unreadable or corrupt" in skipped[0][1]
+    (two_checkpoints / "notes").mkdir()  # no marker at all: not a checkpoint, nothing to say
+    skipped.clear()
+    assert [info.step for info in ckpt.list_complete(two_checkpoints, on_skip=lambda *args: skipped.append(args))] == [10]
+    assert [path for path, _ in skipped] == [marker.parent]
     tree = two_checkpoints / "step000000010" / "tree.json"
     tree.write_text(tree.read_text().replace("@t", "@x"))
     with pytest.raises(ckpt.CheckpointError, match="tree.json"):
@@ -152,6 +159,52 @@ def test_retention_keeps_last_n_and_the_best(tmp_path):
     assert not any(p.name.endswith((ckpt.DELETING, ckpt.PARTIAL)) for p in tmp_path.iterdir())
 
 
+def _save_epochs(root: Path, epochs_and_steps, keep_last: int | None = None, tag: float = 0.0) -> None:
+    """Checkpoints named as `rws fit` names them, each holding `tag` so a rewrite is recognizable."""
+    for epoch, step in epochs_and_steps:
+        name = f"epoch{epoch:04d}-step{step:09d}"
+        ckpt.save(root, name, {"tag": torch.tensor(tag)}, step=step, epoch=epoch, keep_last=keep_last)
+
+
+@pytest.mark.parametrize(
+    "branch",
+    [
+        [(2, 30), (3, 40)],  # resumed from step 20: the same names, rewritten
+        [(2, 24), (3, 28)],  # resumed from step 20 with 4 steps per epoch instead of 10: smaller steps
+    ],
+    ids=["same-steps", "fewer-steps-per-epoch"],
+)
+def test_retention_after_resuming_an_older_checkpoint_keeps_the_new_timeline(tmp_path, branch):
+    _save_epochs(tmp_path, [(0, 10), (1, 20), (2, 30), (3, 40)])
+    for written, (epoch, step) in enumerate(branch, start=1):
+        _save_epochs(tmp_path, [(epoch, step)], keep_last=1, tag=1.0)
+        infos = ckpt.list_complete(tmp_path)
+        assert [(info.epoch, info.step) for info in infos] == [(epoch, step)]  # the abandoned step 40 is gone
+        latest = ckpt.latest_complete(tmp_path)
+        assert latest.step == step and ckpt.load(latest.path).shared["tag"].item() == 1.0
+        assert ckpt.find_checkpoints(tmp_path.parent)[-1].path == latest.path  # `rws checkpoint` agrees
+        assert latest.marker["seq"] == 4 + written
+
+
+def test_write_order_reads_markers_without_a_sequence_number(tmp_path):
+    _save_epochs(tmp_path, [(0, 10), (1, 20)])
+    for name, when in (("epoch0000-step000000010", 200.0), ("epoch0001-step000000020", 100.0)):
+        marker_path = tmp_path / name / ckpt.MARKER
+        marker = json.loads(marker_path.read_text())
+        del marker["seq"]  # as written before sequence numbers; COMPLETE is not in its own file list
+        marker_path.write_text(json.dumps({**marker, "time": when}))
+    _save_epochs(tmp_path, [(1, 14)])
+    # Old markers by their time, before every numbered one; numbering goes on from 1.
+    assert [info.step for info in ckpt.list_complete(tmp_path)] == [20, 10, 14]
+    assert ckpt.list_complete(tmp_path)[-1].marker["seq"] == 1
+
+
+def test_retention_never_removes_the_checkpoint_just_written(tmp_path):
+    ckpt.save(tmp_path, "a", {"w": torch.zeros(1)}, step=1, score=-10.0)
+    ckpt.save(tmp_path, "b", {"w": torch.zeros(1)}, step=2, score=-20.0, keep_last=0)  # keep only the best...
+    assert [info.path.name for info in ckpt.list_complete(tmp_path)] == ["a", "b"]  # ...and what was just written
+
+
 def test_async_save_snapshots_the_state_before_returning(tmp_path):
     weights = torch.randn(100, 100)
     expected = weights.clone()
@@ -159,6 +212,28 @@ def test_async_save_snapshots_the_state_before_returning(tmp_path):
     weights.add_(1.0)  # training goes on while the background thread writes
     path = pending.wait()
     assert torch.equal(ckpt.load(path).shared["w"], expected)
+
+
+def test_consolidate_refuses_a_directory_and_replaces_a_file(two_checkpoints, tmp_path):
+    source = two_checkpoints / "step000000020"
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ckpt.CheckpointError, match=rf"{out}: is a directory"):
+        ckpt.consolidate(source, out)
+    assert list(tmp_path.glob(".*.tmp")) == []
+    (out / "model.pt").write_text("old")
+    ckpt.consolidate(source, out / "model.pt")
+    assert torch.load(out / "model.pt", weights_only=True)[ckpt.CONSOLIDATED_INFO]["step"] == 20
+    assert sorted(p.name for p in out.iterdir()) == ["model.pt"]
+
+
+def test_atomic_write_leaves_no_temporary_file_when_it_fails(tmp_path):
+    from pipeline.fileio import atomic_write
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(IsADirectoryError):
+        atomic_write(tmp_path / "taken", b"data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
 def test_consolidate_is_a_weights_only_file(two_checkpoints, tmp_path):
