@@ -6,6 +6,7 @@ shards through `pipeline.stream.StreamingLoader`; validation and test read their
 shards into memory (they are small and must see every point), or fall back to `path`.
 """
 
+import hashlib
 import inspect
 import logging
 import os
@@ -22,7 +23,21 @@ from pipeline.stream import StreamingLoader
 log = logging.getLogger(__name__)
 
 _EVAL_SPLITS = {"fit": ("valid",), "validate": ("valid",), "test": ("test",), "predict": (), None: ("valid", "test")}
+# Why not validate/test: they read only their own split, so an index without a train split (or
+# with a damaged one) must not stop them. None means every stage, training included.
+_TRAIN_STAGES = ("fit", None)
 _POSITION_KEYS = ("epoch", "batches_consumed")
+
+
+def sampler_seed(seed: int) -> int:
+    """The in-memory training sampler's seed for the run seed: 63 bits of a sha256 of it.
+
+    Why not the run seed itself: DistributedSampler shuffles epoch e with `seed + e`, so seed s+1
+    would replay seed s's orders one epoch behind. Why 63 bits: `+ e` must stay below 2**64, the
+    largest seed torch.Generator accepts.
+    """
+    digest = hashlib.sha256(f"rws in-memory sampler, run seed {int(seed)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 class BinarizedMNISTDataModule(pl.LightningDataModule):
@@ -84,6 +99,7 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
             return
         if self._location is None:
             self._location = locate_shards(self.hparams.shards)
+        if stage in _TRAIN_STAGES:
             self._check_train_shards()
         missing = [split for split in _EVAL_SPLITS.get(stage, ("valid", "test")) if split not in self.splits]
         fallback = []
@@ -129,15 +145,17 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
         return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        dataset = TensorDataset(self.splits[split])
         rank, size = self.data_parallel_layout()
-        sampler = None
-        if size > 1 or shuffle:
+        if shuffle:
+            dataset = TensorDataset(self.splits[split])
             # Why a seeded sampler even for one data-parallel group: DataLoader(shuffle=True) draws
             # from the rank's torch RNG, which differs between the ranks of a sample group (each
             # draws its own importance samples), but they must see the same minibatches.
             # Lightning calls its set_epoch, so each epoch has its own order.
-            sampler = DistributedSampler(dataset, size, rank, shuffle=shuffle, seed=self._seed(), drop_last=shuffle)
+            seed = sampler_seed(self._seed())
+            sampler = DistributedSampler(dataset, size, rank, shuffle=True, seed=seed, drop_last=True)
+        else:
+            dataset, sampler = TensorDataset(self._rank_share(split, rank, size)), None
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -146,6 +164,19 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
         )
+
+    def _rank_share(self, split: str, rank: int, size: int) -> torch.Tensor:
+        """Rows rank, rank + size, ... of an evaluation split: every point on exactly one rank.
+
+        Why not DistributedSampler: it pads the ranks to equal length by repeating up to size - 1
+        points, which then count twice. Unequal shares are harmless: the module logs the metric
+        with its batch size and sync_dist, which Lightning reduces to the mean over all points.
+        """
+        data = self.splits[split]
+        if len(data) < size:
+            # A rank without a batch would never log the metric, and the others would wait for it.
+            raise ValueError(f"the {split} split has {len(data)} rows, fewer than the {size} data-parallel ranks")
+        return data[rank::size]
 
     def train_dataloader(self):
         if not self.streaming:

@@ -117,7 +117,7 @@ def prepare_split(
         raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
     packed = _check_packed(packed, split)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _make_output_dir(out)
     data_sha = hashlib.sha256(packed.tobytes()).hexdigest()
     with _locked(out):
         index = read_local_index(out)
@@ -152,6 +152,14 @@ def prepare_split(
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return PrepareResult(split, len(packed), tuple(info["name"] for info in shards), written=True)
+
+
+def _make_output_dir(out: Path) -> None:
+    """Create the shard directory; a file in the way is a user error (ValueError: one line from `rws`)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as error:  # `out`, or one of its parents, is a file
+        raise ValueError(f"--output {out}: cannot create the shard directory there ({error.strerror})") from error
 
 
 def _check_packed(packed: np.ndarray, split: str) -> np.ndarray:
@@ -235,7 +243,50 @@ def _parse_index(data: bytes, where: str) -> dict:
         raise ShardError(f"{where} is not an rws shard index (expected \"format\": \"{INDEX_FORMAT}\" and \"splits\")")
     if index.get("version") != INDEX_VERSION:
         raise ShardError(f"{where}: shard index version {index.get('version')!r}, this code reads version {INDEX_VERSION}")
+    for split, entry in index["splits"].items():
+        _check_split(entry, f"{where}: splits.{split}")
     return index
+
+
+# The keys of a split and of a shard entry with their JSON types, as `prepare_split` writes them.
+# Why check them all on reading: a hand-edited or damaged index would otherwise fail much later,
+# deep in training or in `prepare`, with a KeyError or TypeError that names no file.
+_SPLIT_FIELDS = {"count": int, "shard_size": int, "data_sha256": str, "source": str, "shards": list}
+_SHARD_FIELDS = {"name": str, "count": int, "bytes": int, "sha256": str}
+_JSON_TYPES = {int: "an integer", str: "a string", list: "a list"}
+
+
+def _check_split(entry, where: str) -> None:
+    """Raise ShardError naming the index, split and shard entry if `entry` is not a valid split."""
+    _check_fields(entry, _SPLIT_FIELDS, where)
+    names = set()
+    for number, shard in enumerate(entry["shards"]):
+        at = f"{where}.shards[{number}]"
+        _check_fields(shard, _SHARD_FIELDS, at)
+        name = shard["name"]
+        # Why a plain file name: `prepare_split` deletes old shards by name inside the output directory.
+        if name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise ShardError(f"{at}.name: {name!r} is not a shard file name")
+        if name in names:  # a duplicate would be read twice per epoch
+            raise ShardError(f"{at}: shard {name!r} is listed twice")
+        names.add(name)
+    total = sum(shard["count"] for shard in entry["shards"])
+    if entry["count"] != total:
+        raise ShardError(f"{where}.count: {entry['count']} differs from the sum of its shards' counts, {total}")
+
+
+def _check_fields(entry, fields: dict[str, type], where: str) -> None:
+    """Raise ShardError unless `entry` is an object with every key of `fields`, of its type; integers >= 0."""
+    if not isinstance(entry, dict):
+        raise ShardError(f"{where}: expected an object with keys {', '.join(fields)}, got {json.dumps(entry)[:60]}")
+    for key, kind in fields.items():
+        if key not in entry:
+            raise ShardError(f"{where}: the key {key!r} is missing")
+        value = entry[key]
+        if not isinstance(value, kind) or isinstance(value, bool):  # bool: JSON true is not an integer
+            raise ShardError(f"{where}.{key}: expected {_JSON_TYPES[kind]}, got {json.dumps(value)[:60]}")
+        if kind is int and value < 0:
+            raise ShardError(f"{where}.{key}: must be >= 0, got {value}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pytorch_lightning.callbacks import Callback
 
 from lightning_modules.cli import main as cli_main
 from lightning_modules.data_cli import data_main
-from lightning_modules.datamodule import BinarizedMNISTDataModule
+from lightning_modules.datamodule import BinarizedMNISTDataModule, sampler_seed
 from pipeline.data import load_binarized_mnist
 from pipeline.shards import ShardError, prepare_split
 from pipeline.stream import StreamingLoader
@@ -138,6 +138,41 @@ def test_in_memory_path_is_unchanged(embedded):
     assert torch.equal(dm.splits["train"], embedded["train"])
 
 
+def in_memory_order(monkeypatch, seed: int, epoch: int) -> list[int]:
+    """The training sample order of the in-memory loader under run seed `seed` in `epoch`."""
+    monkeypatch.setenv("PL_GLOBAL_SEED", str(seed))
+    dm = BinarizedMNISTDataModule(batch_size=50)
+    dm.setup("fit")
+    sampler = dm.train_dataloader().sampler
+    sampler.set_epoch(epoch)  # what Lightning does each epoch
+    return list(sampler)
+
+
+def test_in_memory_orders_of_consecutive_seeds_are_unrelated(monkeypatch):
+    assert in_memory_order(monkeypatch, 7, 3) == in_memory_order(monkeypatch, 7, 3), "one seed, one order"
+    assert in_memory_order(monkeypatch, 7, 3) != in_memory_order(monkeypatch, 7, 4), "each epoch its own order"
+    assert in_memory_order(monkeypatch, 7, 4) != in_memory_order(monkeypatch, 8, 3), "seed s+1 does not replay seed s"
+    assert in_memory_order(monkeypatch, 0, 1) != in_memory_order(monkeypatch, 1, 0)
+    assert max(sampler_seed(seed) for seed in range(1000)) + 10**6 < 2**64, "room for + epoch in torch's seed range"
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "valid-shards"])
+def test_evaluation_splits_each_point_onto_exactly_one_rank(shard_dir, embedded, streamed):
+    """3 data-parallel ranks x 2 sample ranks over 1000 valid rows: 334 + 333 + 333, nothing repeated."""
+    shares = {}
+    for global_rank in range(6):
+        dm = BinarizedMNISTDataModule(shards=str(shard_dir) if streamed else None, eval_batch_size=100)
+        dm.trainer = fake_trainer(global_rank // 2, 3, global_rank, 6)
+        dm.setup("validate")
+        shares[global_rank] = [batch for (batch,) in dm.val_dataloader()]
+    assert [sum(len(b) for b in shares[r]) for r in range(0, 6, 2)] == [334, 333, 333]
+    assert rows(shares[0] + shares[2] + shares[4]) == rows([embedded["valid"]]), "every point exactly once"
+    assert all(torch.equal(x, y) for r in range(0, 6, 2) for x, y in zip(shares[r], shares[r + 1], strict=True))
+    dm.splits["valid"] = embedded["valid"][:2]
+    with pytest.raises(ValueError, match="the valid split has 2 rows, fewer than the 3 data-parallel ranks"):
+        dm.val_dataloader()
+
+
 def test_bad_training_shard_fails_at_setup_or_is_skipped(tmp_path, embedded):
     prepare_split(tmp_path, "train", np.packbits(embedded["train"][:1000].numpy(), axis=1), 250)
     bad = tmp_path / "train-000001.tar"
@@ -147,6 +182,32 @@ def test_bad_training_shard_fails_at_setup_or_is_skipped(tmp_path, embedded):
     dm = streaming_module(tmp_path, batch_size=50, on_error="skip")
     batches = list(dm.train_dataloader())
     assert len(batches) == 20 and list(dm.training_skipped_shards) == [str(bad)]
+
+
+def test_validate_and_test_need_only_their_own_split(tmp_path, embedded):
+    """An index with no train split, or a damaged one, does not stop `rws validate`/`rws test`."""
+    prepare_split(tmp_path, "test", np.packbits(embedded["test"][:200].numpy(), axis=1), 100)
+    dm = BinarizedMNISTDataModule(shards=str(tmp_path))
+    dm.setup("test")
+    assert dm.splits["test"].shape == (200, 784)
+    dm.setup("validate")
+    assert torch.equal(dm.splits["valid"], embedded["valid"]), "no valid shards: valid from data.path"
+    with pytest.raises(ShardError, match=r"index.json lists no 'train' split \(it has: test\)"):
+        dm.setup("fit")
+    prepare_split(tmp_path, "train", np.packbits(embedded["train"][:500].numpy(), axis=1), 250)
+    (tmp_path / "train-000001.tar").unlink()
+    BinarizedMNISTDataModule(shards=str(tmp_path)).setup("test")
+    with pytest.raises(ShardError, match=r"train-000001.tar: missing"):
+        BinarizedMNISTDataModule(shards=str(tmp_path)).setup("fit")
+
+
+def test_rws_test_runs_on_an_index_without_a_train_split(tmp_path, embedded, capsys, monkeypatch):
+    prepare_split(tmp_path, "test", np.packbits(embedded["test"][:100].numpy(), axis=1), 100)
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # restored afterwards: seed_everything sets it in-process
+    monkeypatch.chdir(tmp_path)
+    args = ["test", "--config", str(CONFIGS / "debug.yaml"), "--data.shards", str(tmp_path), "--trainer.logger", "false"]
+    assert cli_main([*args, "--model.val_num_samples", "2", "--trainer.enable_progress_bar", "false"]) == 0
+    assert "test/log_likelihood" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,6 +244,24 @@ def test_rws_data_prepare_command(tmp_path, embedded, capsys):
     assert data_main(["prepare", "--input", str(source)]) == 2
 
 
+def test_rws_data_prepare_reports_a_bad_output_in_one_line(tmp_path, embedded, capsys):
+    source = tmp_path / "small.npz"
+    np.savez(source, train=np.packbits(embedded["train"][:20].numpy(), axis=1))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    bad_index = tmp_path / "bad_index"
+    bad_index.mkdir()
+    (bad_index / "index.json").write_text(json.dumps({"format": "rws-binarized-mnist-shards", "version": 1, "splits": {"train": [1]}}))
+    for output, message in [
+        (a_file, f"--output {a_file}: cannot create the shard directory there (File exists)"),
+        (a_file / "sub", f"--output {a_file / 'sub'}: cannot create the shard directory there (Not a directory)"),
+        (bad_index, f"{bad_index}/index.json: splits.train: expected an object with keys count,"),
+    ]:
+        assert cli_main(["data", "prepare", "--input", str(source), "--output", str(output), "--shard-size", "5", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"rws data: error: {message}" in err and "Traceback" not in err, err
+
+
 def test_rws_data_prepare_idx(tmp_path, capsys):
     grey = np.random.default_rng(0).integers(0, 256, size=(30, 784), dtype=np.uint8)
     idx = tmp_path / "train-images-idx3-ubyte"
@@ -197,18 +276,24 @@ def test_rws_data_prepare_idx(tmp_path, capsys):
 
 
 class BatchRecorder(Callback):
-    """Writes the sha256 of every training batch this rank receives to $RECORD_DIR/rank<global>.json."""
+    """Writes to $RECORD_DIR/rank<global>.json the sha256 of every training row this rank receives,
+    by batch, and how many validation rows it evaluated (sanity check excluded)."""
 
     def __init__(self):
         self.hashes = []
+        self.valid_rows = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         self.hashes.append([hashlib.sha256(row.numpy().tobytes()).hexdigest()[:16] for row in x.cpu()])
 
-    def on_train_end(self, trainer, pl_module):
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            self.valid_rows += len(batch[0] if isinstance(batch, (list, tuple)) else batch)
+
+    def on_fit_end(self, trainer, pl_module):
         path = Path(os.environ["RECORD_DIR"]) / f"rank{trainer.global_rank}.json"
-        path.write_text(json.dumps(self.hashes))
+        path.write_text(json.dumps({"train": self.hashes, "valid_rows": self.valid_rows}))
 
 
 def fit_args(shards: str, root: Path, *extra: str) -> list[str]:
@@ -250,7 +335,8 @@ def test_two_process_ddp_fit_streams_by_data_parallel_rank(tmp_path, embedded, s
     """
     directory = tmp_path / "shards"
     prepare_split(directory, "train", np.packbits(embedded["train"][:5300].numpy(), axis=1), 500)
-    prepare_split(directory, "valid", np.packbits(embedded["valid"][:200].numpy(), axis=1), 100)
+    # 201 valid rows: 101 + 100 (2 + 1 batches) on 2 data-parallel ranks, which must not hang
+    prepare_split(directory, "valid", np.packbits(embedded["valid"][:201].numpy(), axis=1), 100)
     record = tmp_path / "record"
     record.mkdir()
     result = rws(
@@ -260,8 +346,12 @@ def test_two_process_ddp_fit_streams_by_data_parallel_rank(tmp_path, embedded, s
         cwd=ROOT, env={"MASTER_PORT": str(free_port()), "RECORD_DIR": str(record)},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]
+    records = [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = [r["train"] for r in records]
     data_groups = 2 // sample_parallel
+    valid_rows = [r["valid_rows"] for r in records]
+    # sample_parallel=2: one data-parallel group holds all 201, of which limit_val_batches takes 2 x 100
+    assert valid_rows == ([101, 100] if sample_parallel == 1 else [200, 200]), "each valid point evaluated once"
     assert len(ranks[0]) == len(ranks[1]) == 5300 // (data_groups * 100)
     source = Counter(hashlib.sha256(row.numpy().tobytes()).hexdigest()[:16] for row in embedded["train"][:5300])
     if sample_parallel == 2:

@@ -246,6 +246,55 @@ def test_locate_directory_index_pattern_and_urls(tmp_path):
         S.locate_shards("http://example.invalid/data")
 
 
+def _drop_key(key):
+    return lambda index: index["splits"]["train"]["shards"][1].pop(key)
+
+
+def _set(key, value):
+    return lambda index: index["splits"]["train"]["shards"][1].__setitem__(key, value)
+
+
+def _duplicate(index):
+    shards = index["splits"]["train"]["shards"]
+    shards.append(dict(shards[0]))
+    index["splits"]["train"]["count"] += shards[0]["count"]
+
+
+def _negative_count(index):
+    index["splits"]["train"]["shards"][1]["count"] = -10
+    index["splits"]["train"]["count"] = 5  # consistent, so only the sign is wrong
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda index: index["splits"].__setitem__("train", []), r"splits.train: expected an object with keys count, .*got \[\]"),
+        (lambda index: index["splits"]["train"].pop("shards"), r"splits.train: the key 'shards' is missing"),
+        (lambda index: index["splits"]["train"].__setitem__("shards", {}), r"splits.train.shards: expected a list, got \{\}"),
+        (lambda index: index["splits"]["train"]["shards"].__setitem__(1, 1), r"splits.train.shards\[1\]: expected an object"),
+        (_drop_key("sha256"), r"splits.train.shards\[1\]: the key 'sha256' is missing"),
+        (_set("count", "10"), r"splits.train.shards\[1\].count: expected an integer, got \"10\""),
+        (_set("bytes", True), r"splits.train.shards\[1\].bytes: expected an integer, got true"),
+        (_negative_count, r"splits.train.shards\[1\].count: must be >= 0, got -10"),
+        (_set("name", "../train-000001.tar"), r"splits.train.shards\[1\].name: '../train-000001.tar' is not a shard file name"),
+        (_duplicate, r"splits.train.shards\[3\]: shard 'train-000000.tar' is listed twice"),
+        (_set("count", 9), r"splits.train.count: 25 differs from the sum of its shards' counts, 24"),
+    ],
+    ids=["split-list", "no-shards", "shards-object", "shard-int", "no-sha256", "count-string", "bytes-bool",
+         "negative-count", "name-path", "duplicate", "count-sum"],
+)  # fmt: skip
+def test_malformed_index_is_rejected_naming_file_split_entry_and_key(tmp_path, damage, message):
+    make_shards(tmp_path, 25, 10)
+    index_file = tmp_path / "index.json"
+    index = json.loads(index_file.read_text())
+    damage(index)
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(S.ShardError, match=rf"^{index_file}: {message}"):
+        S.locate_shards(str(tmp_path))
+    with pytest.raises(S.ShardError, match=rf"^{index_file}: {message}"):  # `rws data prepare` into the directory
+        S.prepare_split(tmp_path, "train", id_rows(25), 10)
+
+
 def test_http_urls(tmp_path):
     """http(s):// goes through webdataset's gopen (curl); served here by a local http.server."""
     if not any((Path(p) / "curl").exists() for p in os.environ.get("PATH", "").split(os.pathsep)):
