@@ -11,11 +11,21 @@ from typing import Literal
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 
 from pipeline.allocator import retain_freed_memory
 from pipeline.distributed import init_sample_parallel_mesh, rank_seed
 from pipeline.estimators import log_likelihood, rws_surrogates
 from pipeline.models import HelmholtzMachine
+
+
+class NonFiniteError(ValueError):
+    """Training produced NaN or infinite losses or parameters."""
+
+
+def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters of `model` that hold a NaN or an infinity."""
+    return [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
 
 
 class RWSModule(pl.LightningModule):
@@ -183,6 +193,7 @@ class RWSModule(pl.LightningModule):
         self.manual_backward(surrogates.p_loss + surrogates.q_loss)
         p_optimizer.step()
         q_optimizer.step()
+        self._record_nonfinite(surrogates, batch_idx)
         self.log_dict(
             {
                 "train/log_likelihood": surrogates.log_likelihood.mean(),
@@ -194,6 +205,42 @@ class RWSModule(pl.LightningModule):
             on_epoch=True,
             prog_bar=False,
         )
+
+    def on_train_epoch_start(self):
+        self._first_nonfinite_batch = torch.tensor(-1, device=self.device)
+
+    def _record_nonfinite(self, surrogates, batch_idx: int) -> None:
+        """Note the epoch's first batch whose losses are NaN or infinite, on the device: the step
+        never waits for the host, and `on_train_batch_end` looks at the note now and then."""
+        finite = torch.isfinite(surrogates.p_loss.detach()) & torch.isfinite(surrogates.q_loss.detach())
+        first = self._first_nonfinite_batch
+        self._first_nonfinite_batch = torch.where(~finite & (first < 0), batch_idx, first)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # When Lightning logs anyway, and on the epoch's last batch: before the epoch-end checkpoints.
+        every = max(1, self.trainer.log_every_n_steps)
+        if (batch_idx + 1) % every == 0 or batch_idx + 1 == self.trainer.num_training_batches:
+            self._raise_if_nonfinite()
+
+    def _raise_if_nonfinite(self) -> None:
+        first = self._first_nonfinite_batch
+        if dist.is_available() and dist.is_initialized():  # every rank stops together, or DDP would hang
+            first = first.clone()
+            dist.all_reduce(first, op=dist.ReduceOp.MAX)
+        if first.item() < 0:
+            return
+        parameters = nonfinite_parameters(self.model)
+        raise NonFiniteError(
+            f"epoch {self.current_epoch}, batch {first.item()}: the training losses are NaN or infinite"
+            + (f" and so are parameters {', '.join(parameters)}" if parameters else "")
+            + "; training stopped before writing a checkpoint of this state. Lower --model.p_lr and "
+            "--model.q_lr, or resume from an earlier checkpoint"
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        parameters = nonfinite_parameters(self.model)
+        if parameters:
+            raise NonFiniteError(f"not writing a checkpoint: parameters {', '.join(parameters)} are NaN or infinite")
 
     def on_train_epoch_end(self):
         for scheduler in self.lr_schedulers() or []:

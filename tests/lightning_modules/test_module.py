@@ -4,10 +4,11 @@ import gc
 import weakref
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from lightning_modules.datamodule import BinarizedMNISTDataModule
-from lightning_modules.module import RWSModule
+from lightning_modules.module import NonFiniteError, RWSModule
 
 
 class _Local:
@@ -77,3 +78,26 @@ def test_resuming_with_another_optimizer_is_refused():
 def test_momentum_outside_0_1_is_refused(momentum):
     with pytest.raises(ValueError, match="model.momentum must be in"):
         RWSModule(layer_sizes=[6, 4, 2], optimizer="momentum", momentum=momentum)
+
+
+def test_nan_losses_stop_training_before_any_checkpoint_is_written(tmp_path):
+    module = RWSModule(layer_sizes=[784, 8, 4], num_samples=2, val_num_samples=2)
+    with torch.no_grad():
+        module.model.q_conditionals[0].bias[0] = float("nan")  # every log-weight of the first batch is NaN
+    trainer = pl.Trainer(
+        max_epochs=2, limit_train_batches=4, limit_val_batches=1, log_every_n_steps=50,
+        default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+    )
+    # Checked on the epoch's last batch (4 < log_every_n_steps), and reported from the first.
+    with pytest.raises(NonFiniteError, match=r"epoch 0, batch 0: the training losses are NaN.*q_conditionals\.0\.bias"):
+        trainer.fit(module, BinarizedMNISTDataModule(batch_size=20))
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_checkpoint_of_nan_parameters_is_refused():
+    module = RWSModule(layer_sizes=[6, 4, 2])
+    module.on_save_checkpoint({})
+    with torch.no_grad():
+        module.model.p_prior.bias[1] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"parameters p_prior\.bias are NaN or infinite"):
+        module.on_save_checkpoint({})
