@@ -26,7 +26,7 @@ from lightning_modules.checkpointing import DistributedCheckpoint, resolve_resum
 from lightning_modules.data_cli import data_main
 from lightning_modules.datamodule import BinarizedMNISTDataModule
 from lightning_modules.evaluate import eval_main, sample_main
-from lightning_modules.launch import resolve_devices
+from lightning_modules.launch import cluster_environment, resolve_devices
 from lightning_modules.module import RWSModule
 
 TOOLS = {"eval": eval_main, "sample": sample_main, "data": data_main, "checkpoint": checkpoint_main}
@@ -77,6 +77,23 @@ class RWSLightningCLI(LightningCLI):
             help="fit only: 'auto' (the newest complete checkpoint in --dcp.dirpath, default DEFAULT_ROOT_DIR/checkpoints; "
             "a fresh start if none) or a checkpoint directory or file",
         )  # fmt: skip
+
+    def _set_seed(self) -> None:
+        """LightningCLI's seeding, refusing `seed_everything: true` in processes that torchrun or
+        srun started.
+
+        Why: `true` draws a random seed in each process. Lightning's own launcher hands its seed to
+        the processes it starts (PL_GLOBAL_SEED); torchrun and srun do not, and ranks with other
+        seeds shuffle the data differently: data-parallel ranks would overlap and miss points, and
+        the ranks of a sample group would weigh samples of different minibatches together.
+        """
+        launched = cluster_environment(os.environ) != "LightningEnvironment" and "PL_GLOBAL_SEED" not in os.environ
+        if launched and self._get(self.config, "seed_everything") is True:
+            raise ValueError(
+                "seed_everything=true draws a random seed in every process that torchrun or srun started, so "
+                "their data orders would differ; give a number, e.g. --seed_everything 42"
+            )
+        super()._set_seed()
 
     def before_instantiate_classes(self) -> None:
         """Checks of the parsed config that would otherwise fail late, or be ignored."""

@@ -262,3 +262,16 @@ def test_eval_with_100000_samples_stays_within_4_gb(tmp_path):
     assert -784 < report["log_likelihood"] < 0
     peak_gb = int(next(line.split()[1] for line in result.stderr.splitlines() if line.startswith("MAXRSS_KB"))) / 2**20
     assert peak_gb < 4, f"rws eval at K=100000 peaked at {peak_gb:.2f} GiB"
+
+
+@pytest.mark.parametrize("launcher", [{"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "1"}, {"SLURM_NTASKS": "2", "SLURM_JOB_NAME": "train"}])
+def test_a_random_seed_is_refused_in_processes_a_launcher_started(launcher, tmp_path, monkeypatch, capsys):
+    """Each process that torchrun or srun starts would draw its own seed, and the ranks' data orders would differ."""
+    from lightning_modules.cli import main
+
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    for key, value in launcher.items():
+        monkeypatch.setenv(key, value)
+    args = ["fit", "--config", str(CONFIGS / "debug.yaml"), "--trainer.default_root_dir", str(tmp_path)]
+    assert main([*args, "--seed_everything", "true"]) == 2
+    assert "seed_everything=true draws a random seed in every process" in capsys.readouterr().err
