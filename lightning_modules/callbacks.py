@@ -27,9 +27,9 @@ class ValidationEpoch(pl.Callback):
         if not trainer.sanity_checking:  # the sanity check's value is no validation result
             self.validated_epoch = trainer.current_epoch
 
-    def validated(self, trainer) -> bool:
-        """Whether this epoch's validation result is in trainer.callback_metrics."""
-        return self.validated_epoch == trainer.current_epoch and METRIC in trainer.callback_metrics
+    def validated(self, trainer, metric: str = METRIC) -> bool:
+        """Whether this epoch's validation result `metric` is in trainer.callback_metrics."""
+        return self.validated_epoch == trainer.current_epoch and metric in trainer.callback_metrics
 
 
 class PrintValidation(ValidationEpoch):

@@ -277,10 +277,7 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         Why: with check_val_every_n_epoch > 1, callback_metrics still hold an earlier epoch's
         score, which would make an unvalidated checkpoint look like (and be kept as) the best.
         """
-        score = trainer.callback_metrics.get(self.monitor)
-        if score is None or self.validated_epoch != trainer.current_epoch:
-            return None
-        return float(score)
+        return float(trainer.callback_metrics[self.monitor]) if self.validated(trainer, self.monitor) else None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0 and not trainer.sanity_checking:

@@ -124,11 +124,10 @@ class RWSLightningCLI(LightningCLI):
         self.check_data("test")
 
     def check_data(self, stage: str) -> None:
-        """Set up the data now and check that the model and the batch size fit it.
+        """Set up the data now and check that the model's first layer fits its width.
 
-        Why here: a model whose first layer is not the data's width fails in the first matmul with
-        shapes that name no setting, and a training split smaller than one batch trains nothing
-        and exits 0. Lightning's own setup call later keeps the loaded data.
+        Why here: such a model fails in the first matmul with shapes that name no setting.
+        Lightning's own setup call later keeps the loaded data.
         """
         self.datamodule.setup(stage)
         width = next(iter(self.datamodule.splits.values()))[0].numel()
@@ -137,20 +136,6 @@ class RWSLightningCLI(LightningCLI):
             raise ValueError(
                 f"model.layer_sizes={sizes} starts with {sizes[0]}, but the data has {width} pixels per point: "
                 f"the first entry must be {width}"
-            )
-        if stage == "fit" and not self.datamodule.streaming:
-            self.check_batch_size(len(self.datamodule.splits["train"]))
-
-    def check_batch_size(self, points: int) -> None:
-        """At least one full training batch per data-parallel group (the ragged tail is dropped).
-
-        The streaming loader makes the same check for shards."""
-        groups = max(1, self.trainer.world_size // self.model.hparams.sample_parallel)
-        batch_size = self.datamodule.hparams.batch_size
-        if points // groups < batch_size:
-            raise ValueError(
-                f"data.batch_size={batch_size} is larger than the {points // groups} training points of each of the "
-                f"{groups} data-parallel group(s) ({points} in all): no full training batch"
             )
 
     def fit(self, model, **kwargs) -> None:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from pipeline.data import load_binarized_mnist
 from pipeline.shards import ShardError, ShardLocation, check_local_shards, locate_shards, read_split
-from pipeline.stream import StreamingLoader
+from pipeline.stream import StreamingLoader, batches_per_rank
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,24 @@ def sampler_seed(seed: int) -> int:
     """
     digest = hashlib.sha256(f"rws in-memory sampler, run seed {int(seed)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def read_splits(
+    location: ShardLocation | None, path: str | None, splits: list[str], on_error: str = "raise"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """`splits` read whole: each from its shards where `location` (a shard index) has them, else from
+    `path` (None: the embedded default). Returns ({split: uint8 rows}, {skipped shard url: reason})."""
+    data, skipped, fallback = {}, {}, []
+    for split in splits:
+        shards = location.split(split) if location is not None else None
+        if shards is None:
+            fallback.append(split)
+            continue
+        data[split], skipped_here = read_split(shards, on_error)
+        skipped.update(skipped_here)
+    if fallback:
+        data.update(load_binarized_mnist(path, fallback))
+    return data, skipped
 
 
 class BinarizedMNISTDataModule(pl.LightningDataModule):
@@ -102,16 +120,9 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
         if stage in _TRAIN_STAGES:
             self._check_train_shards()
         missing = [split for split in _EVAL_SPLITS.get(stage, ("valid", "test")) if split not in self.splits]
-        fallback = []
-        for split in missing:
-            shards = self._location.split(split)
-            if shards is None:
-                fallback.append(split)
-                continue
-            self.splits[split], skipped = read_split(shards, self.hparams.on_error)
-            self.skipped_shards.update(skipped)
-        if fallback:
-            self.splits.update(load_binarized_mnist(self.hparams.path, fallback))
+        splits, skipped = read_splits(self._location, self.hparams.path, missing, self.hparams.on_error)
+        self.splits.update(splits)
+        self.skipped_shards.update(skipped)
 
     def _check_train_shards(self) -> None:
         # Every rank runs this cheap check before training, so a missing or truncated local shard
@@ -148,6 +159,12 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
         rank, size = self.data_parallel_layout()
         if shuffle:
             dataset = TensorDataset(self.splits[split])
+            if batches_per_rank(len(dataset), size, batch_size) == 0:
+                # As StreamingLoader for shards: an epoch without a batch would train nothing and exit 0.
+                raise ValueError(
+                    f"data.batch_size={batch_size} is larger than the {len(dataset) // size} training points of each "
+                    f"of the {size} data-parallel group(s) ({len(dataset)} in all): no full training batch"
+                )
             # Why a seeded sampler even for one data-parallel group: DataLoader(shuffle=True) draws
             # from the rank's torch RNG, which differs between the ranks of a sample group (each
             # draws its own importance samples), but they must see the same minibatches.

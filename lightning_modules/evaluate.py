@@ -14,12 +14,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from lightning_modules.checkpoints import load_checkpoint
+from lightning_modules.datamodule import read_splits
 from pipeline.allocator import retain_freed_memory
-from pipeline.data import SPLITS, load_binarized_mnist
+from pipeline.data import SPLITS
 from pipeline.distributed import rank_seed
 from pipeline.estimators import log_likelihood
 from pipeline.images import image_grid, save_png, square_shape
-from pipeline.shards import locate_shards, read_split
+from pipeline.shards import locate_shards
 
 
 def _device(name: str) -> torch.device:
@@ -40,14 +41,13 @@ def _device(name: str) -> torch.device:
 
 def _points(split: str, data_path: str | None, data_hparams: dict) -> tuple[torch.Tensor, str]:
     """The split to evaluate, and where it came from: `--data-path`, else the checkpoint's training
-    data, read as its DataModule reads validation and test: the shards' split when it streamed
-    shards that have one, else its `path` (None: the embedded default)."""
-    if data_path is None and data_hparams.get("shards"):
-        shards = locate_shards(data_hparams["shards"]).split(split)
-        if shards is not None:
-            return read_split(shards)[0], data_hparams["shards"]
+    data, read as its DataModule reads validation and test (`read_splits`)."""
+    shards = data_hparams.get("shards") if data_path is None else None
+    location = locate_shards(shards) if shards else None
     path = data_path if data_path is not None else data_hparams.get("path")
-    return load_binarized_mnist(path, splits=(split,))[split], path or "embedded default"
+    points = read_splits(location, path, [split])[0][split]
+    from_shards = location is not None and location.split(split) is not None
+    return points, shards if from_shards else path or "embedded default"
 
 
 @contextlib.contextmanager

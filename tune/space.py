@@ -120,9 +120,13 @@ def parse_distribution(key: str, spec: Any) -> tuple[str, list]:
     return kind, [low, high]
 
 
+def _is_positive_int(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
+
 def _positive_int(raw: dict, key: str, section: str = "") -> int:
     value = raw[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_positive_int(value):
         raise SearchConfigError(f"{section}{key} must be a positive integer, got {value!r}")
     return value
 
@@ -326,7 +330,7 @@ def check_derived(settings: dict) -> None:
             where = f"space.{key}"
         else:
             continue
-        bad = [value for value in values if isinstance(value, bool) or not isinstance(value, int) or value < 1]
+        bad = [value for value in values if not _is_positive_int(value)]
         if bad:
             raise SearchConfigError(f"{where}: {key} must be a positive integer, got {bad[0]!r}")
 
