@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,7 @@ from pipeline.allocator import retain_freed_memory
 from pipeline.data import SPLITS
 from pipeline.distributed import rank_seed
 from pipeline.estimators import log_likelihood
+from pipeline.fileio import atomic_write
 from pipeline.images import image_grid, save_png, square_shape
 from pipeline.shards import locate_shards
 
@@ -93,11 +95,22 @@ def eval_main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument(
+        "--per-point",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also write each point's estimate (nats, one line per point, in split order) to FILE, "
+        "e.g. to compare two models point by point",
+    )
     args = parser.parse_args(argv)
     for name in ("num_samples", "batch_size", "chunk_size", "max_points"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    # Checked before the evaluation, which can take hours, rather than when its result is written.
+    if args.per_point is not None and (args.per_point.is_dir() or not args.per_point.parent.is_dir()):
+        parser.error(f"--per-point {args.per_point}: not a file in an existing directory")
 
     device = _device(args.device)
     module, data_hparams = load_checkpoint(args.checkpoint)
@@ -129,6 +142,9 @@ def eval_main(argv: list[str]) -> int:
         "checkpoint": str(args.checkpoint),
         "seconds": round(time.perf_counter() - start, 2),
     }
+    if args.per_point is not None:
+        atomic_write(args.per_point, "".join(f"{value:.6f}\n" for value in estimates.tolist()).encode())
+        result["per_point"] = str(args.per_point)
     if args.json:
         print(json.dumps(result))
     else:

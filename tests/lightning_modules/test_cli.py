@@ -53,6 +53,28 @@ def test_eval_json(trained_run):
     assert 0 < report["stderr"] < 20
 
 
+def test_eval_per_point_file_holds_the_estimates_behind_the_mean(trained_run, tmp_path):
+    out = tmp_path / "points.txt"
+    args = ("eval", "--checkpoint", "runs", "--num-samples", "20", "--max-points", "30", "--json", "--seed", "3")
+    result = rws(*args, "--per-point", str(out), cwd=trained_run)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    values = [float(line) for line in out.read_text().splitlines()]
+    assert len(values) == 30 and report["per_point"] == str(out)
+    assert abs(sum(values) / len(values) - report["log_likelihood"]) < 1e-5
+    assert len(set(values)) > 1  # one estimate per point, not the mean repeated
+    # The same seed without the file: the same estimate, so the option does not change the draws.
+    assert json.loads(rws(*args, cwd=trained_run).stdout)["log_likelihood"] == report["log_likelihood"]
+
+
+def test_eval_per_point_into_a_missing_directory_fails_before_evaluating(trained_run, tmp_path):
+    target = tmp_path / "no_such_dir" / "points.txt"
+    result = rws("eval", "--checkpoint", "runs", "--num-samples", "20", "--per-point", str(target), cwd=trained_run)
+    assert result.returncode == 2
+    assert f"--per-point {target}: not a file in an existing directory" in result.stderr
+    assert "rws eval K=" not in result.stderr  # no progress bar: it stopped before evaluating
+
+
 def test_eval_compiled_agrees_with_eager(trained_run):
     """`--compile` draws other samples (its own generator), so the two runs agree within Monte Carlo error."""
     args = ("eval", "--checkpoint", "runs", "--num-samples", "200", "--max-points", "50", "--json")
