@@ -3,7 +3,7 @@
 In the experiment directory: `trials.csv` and `trials.md` (one row per trial, best first), and
 `best.yaml`, the fit config of the best trial, which `rws fit --config best.yaml` trains again.
 A trial's score is its best reported val/log_likelihood (ASHA stops some trials after fewer
-epochs, so the table also gives the epoch of that value and the epochs run).
+epochs, so the table also gives the epoch of that value and the epochs the trial trained).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from tune.space import SearchSpec, plain
-from tune.trial import CHECKPOINT_FILE, METRIC
+from tune.trial import BEST_METRIC, CHECKPOINT_FILE, METRIC
 
 COLUMNS = ("rank", "trial", "status", METRIC, "best_epoch", "epochs")
 
@@ -33,21 +33,24 @@ def checkpoint_dir(result: tune.Result) -> str | None:
 
 def trial_rows(results: tune.ResultGrid, spec: SearchSpec) -> list[dict[str, Any]]:
     """One row per started trial: score, epochs, status, sampled values, checkpoint; best first,
-    trials without a score last."""
+    trials without a score last.
+
+    All from each trial's last result (`ReportToRay` puts the best so far into each report):
+    Ray saves it with the experiment state, while the result history is synced to storage later
+    and an interrupted search may have lost it.
+    """
     rows = []
     for result in results:
         if result.config is None:
             continue  # never started (the search was interrupted first)
-        history = result.metrics_dataframe
-        reported = history is not None and METRIC in history
-        scores = history[METRIC].dropna() if reported else []
-        best = scores.idxmax() if len(scores) else None
+        metrics = result.metrics or {}
+        best_epoch = metrics.get("best_epoch")
         row = {
-            "trial": (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix("trial_"),
+            "trial": metrics.get("trial_id") or Path(result.path).name.removeprefix("trial_"),
             "status": "error" if result.error else "ok",
-            METRIC: float(scores[best]) if best is not None else math.nan,
-            "best_epoch": int(history["epoch"][best]) if best is not None else None,
-            "epochs": len(scores),
+            METRIC: float(metrics[BEST_METRIC]) if best_epoch is not None else math.nan,
+            "best_epoch": best_epoch,
+            "epochs": metrics["epoch"] + 1 if "epoch" in metrics else 0,
             **{key: plain(result.config.get(key)) for key in spec.space},
             "checkpoint": str(Path(checkpoint) / CHECKPOINT_FILE) if (checkpoint := checkpoint_dir(result)) else "",
         }

@@ -19,6 +19,7 @@ exported. Lightning's SaveConfigCallback writes the resolved config into the tri
 
 from __future__ import annotations
 
+import math
 import tempfile
 import warnings
 from argparse import ArgumentError
@@ -36,6 +37,7 @@ from lightning_modules.callbacks import METRIC, ValidationEpoch
 from lightning_modules.cli import RWSLightningCLI, cli_kwargs
 from tune.space import DERIVED, SearchConfigError, SearchSpec, set_dotted
 
+BEST_METRIC = f"best_{METRIC}"  # the trial's best METRIC so far, in each report
 CHECKPOINT_FILE = "checkpoint.ckpt"  # the Lightning checkpoint inside each Ray checkpoint
 ARGS_WARNING = ".*args parameter is intended to run from within Python.*"  # args is a config dict here, on purpose
 COORDINATOR_CPU = 0.01  # the Tune trial of a multi-worker trial only waits on its TorchTrainer
@@ -58,6 +60,11 @@ class ReportToRay(ValidationEpoch, Checkpoint):
     state. Under DDP every rank calls `report` (Ray Train's barrier); rank 0 writes the file.
     Epochs without validation (check_val_every_n_epoch > 1) report nothing, not the last value.
 
+    Each report also carries the trial's best score so far and its epoch (BEST_METRIC,
+    "best_epoch"; kept in the checkpoint, so a retried trial goes on from them). The results table
+    reads them from the last result, which Ray saves with the experiment state: a trial's result
+    history (result.json) is synced to storage later, so a search killed in between loses it.
+
     Args:
         report: `ray.tune.report` (in a Tune trial) or `ray.train.report` (in a Ray Train worker).
         checkpoint_type: the matching `ray.tune.Checkpoint` or `ray.train.Checkpoint`.
@@ -67,15 +74,21 @@ class ReportToRay(ValidationEpoch, Checkpoint):
         super().__init__()
         self.report = report
         self.checkpoint_type = checkpoint_type
+        self.best = {BEST_METRIC: -math.inf, "best_epoch": None}  # a NaN score is never the best
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.best)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = dict(state_dict)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.validated(trainer):
             return
-        metrics = {
-            METRIC: float(trainer.callback_metrics[METRIC]),
-            "epoch": trainer.current_epoch,
-            "step": trainer.global_step,
-        }
+        score = float(trainer.callback_metrics[METRIC])
+        if score > self.best[BEST_METRIC]:
+            self.best = {BEST_METRIC: score, "best_epoch": trainer.current_epoch}
+        metrics = {METRIC: score, "epoch": trainer.current_epoch, "step": trainer.global_step, **self.best}
         with tempfile.TemporaryDirectory(prefix="rws-tune-") as directory:
             trainer.save_checkpoint(Path(directory) / CHECKPOINT_FILE)
             checkpoint = self.checkpoint_type.from_directory(directory) if trainer.is_global_zero else None

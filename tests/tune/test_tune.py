@@ -119,7 +119,9 @@ def run_until_killed(args: tuple[str, ...], cwd: Path, experiment: Path, reached
 @pytest.fixture(scope="module")
 def resumed_search(tmp_path_factory) -> SimpleNamespace:
     """The CI-sized search (3 tiny trials, embedded data), SIGKILLed as soon as Ray has recorded
-    its first finished trial, then completed with --resume."""
+    its first finished trial, then completed with --resume. The kill may come before Ray has
+    synced a finished trial's result history to storage; the fixture always empties it, so the
+    results table is tested on what survives a crash."""
     cwd = tmp_path_factory.mktemp("search")
     experiment = cwd / "runs" / "tune" / "debug"
     killed = run_until_killed(
@@ -127,6 +129,9 @@ def resumed_search(tmp_path_factory) -> SimpleNamespace:
         lambda states: any(state["status"] == "TERMINATED" for state in states.values()), "a trial finished",
     )  # fmt: skip
     finished = sorted(trial for trial, state in killed.items() if state["status"] == "TERMINATED")
+    for trial in finished:  # as Ray's later sync of the trial's history may leave it (seen in CI)
+        (experiment / f"trial_{trial}" / "result.json").write_text("")
+        (experiment / f"trial_{trial}" / "progress.csv").unlink(missing_ok=True)
     epochs = {trial: reported_epochs(experiment, trial) for trial in finished}
     resumed = run("tune", "--config", str(DEBUG_SEARCH), "--resume", cwd=cwd)
     return SimpleNamespace(
@@ -287,6 +292,64 @@ def test_report_to_ray_skips_epochs_without_validation(tmp_path):
             callback.on_validation_end(trainer, None)
         callback.on_train_epoch_end(trainer, None)
     assert reports == [1, 3]
+
+
+def test_report_to_ray_carries_the_best_score_so_far_through_a_retry():
+    """Each report holds the best score so far and its epoch; a retried trial restores them from the checkpoint."""
+    import torch
+
+    from tune.trial import BEST_METRIC, ReportToRay
+
+    def trainer_at(epoch: int, score: float) -> SimpleNamespace:
+        return SimpleNamespace(
+            callback_metrics={METRIC: torch.tensor(score)}, current_epoch=epoch, global_step=epoch, sanity_checking=False,
+            is_global_zero=True, save_checkpoint=lambda path: Path(path).write_text(""),
+        )  # fmt: skip
+
+    def run_epochs(callback: ReportToRay, scores: dict[int, float]) -> list[tuple]:
+        reports = []
+        callback.report = lambda metrics, checkpoint: reports.append((metrics[METRIC], metrics[BEST_METRIC], metrics["best_epoch"]))
+        for epoch, score in scores.items():
+            trainer = trainer_at(epoch, score)
+            callback.on_validation_end(trainer, None)
+            callback.on_train_epoch_end(trainer, None)
+        return reports
+
+    first = ReportToRay(None, SimpleNamespace(from_directory=str))
+    assert run_epochs(first, {0: math.nan, 1: -200.0, 2: -150.0, 3: -180.0}) == [
+        (ANY, -math.inf, None), (-200.0, -200.0, 1), (-150.0, -150.0, 2), (-180.0, -150.0, 2),
+    ]  # fmt: skip
+    retried = ReportToRay(None, SimpleNamespace(from_directory=str))
+    retried.load_state_dict(first.state_dict())
+    assert run_epochs(retried, {4: -170.0, 5: -120.0}) == [(-170.0, -150.0, 2), (-120.0, -120.0, 5)]
+
+
+def test_results_table_reads_each_trial_from_its_last_result(tmp_path):
+    """The table needs no result history (an interrupted search may have lost it): score, epochs and checkpoint come
+    from the last result; a trial without a score goes last."""
+    from tune.results import trial_rows
+    from tune.space import load_spec
+    from tune.trial import BEST_METRIC
+
+    spec = load_spec(DEBUG_SEARCH)
+    config = {key: 1 for key in spec.space}
+
+    def result(trial: str, **metrics) -> SimpleNamespace:
+        return SimpleNamespace(
+            config=config, metrics={"trial_id": trial, **metrics}, path=str(tmp_path / f"trial_{trial}"), error=None,
+            checkpoint=SimpleNamespace(path=str(tmp_path / trial)),
+        )  # fmt: skip
+
+    rows = trial_rows([
+        result("a", **{METRIC: -300.0, BEST_METRIC: -250.0, "best_epoch": 0, "epoch": 1}),
+        result("b"),
+        result("c", **{METRIC: -240.0, BEST_METRIC: -240.0, "best_epoch": 2, "epoch": 2}),
+    ], spec)  # fmt: skip
+    assert [(row["trial"], row["rank"], row["best_epoch"], row["epochs"]) for row in rows] == [
+        ("c", 1, 2, 3), ("a", 2, 0, 2), ("b", 3, None, 0),
+    ]  # fmt: skip
+    assert [row[METRIC] for row in rows[:2]] == [-240.0, -250.0] and math.isnan(rows[2][METRIC])
+    assert rows[0]["checkpoint"] == str(tmp_path / "c" / "checkpoint.ckpt")
 
 
 @pytest.mark.parametrize("finished, failed, code", [(2, 0, 0), (1, 1, 0), (0, 2, 1)])
