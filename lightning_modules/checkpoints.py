@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_modules.module import RWSModule
+from lightning_modules.module import NonFiniteError, RWSModule, nonfinite_names
 from pipeline import checkpoint as ckpt
 
 
@@ -59,7 +59,7 @@ def load_checkpoint(path: str | Path) -> tuple[RWSModule, dict]:
         module.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
         raise ValueError(f"{path}: state_dict does not match its hyperparameters ({error})") from error
-    for name, tensor in module.state_dict().items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"{path}: parameter {name} holds NaN or inf values")
+    nonfinite = nonfinite_names(module.state_dict().items())
+    if nonfinite:
+        raise NonFiniteError(f"{path}: parameters {', '.join(nonfinite)} hold NaN or inf values")
     return module.eval(), dict(checkpoint.get("datamodule_hyper_parameters", {}))

@@ -7,6 +7,7 @@ optimizers and learning rates, and metrics are logged as `split/metric`.
 import inspect
 import math
 import os
+from collections.abc import Iterable
 from typing import Literal
 
 import pytorch_lightning as pl
@@ -23,9 +24,9 @@ class NonFiniteError(ValueError):
     """Training produced NaN or infinite losses or parameters."""
 
 
-def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
-    """Names of the parameters of `model` that hold a NaN or an infinity."""
-    return [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
+def nonfinite_names(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating-point tensors (e.g. `model.named_parameters()`) that hold a NaN or an infinity."""
+    return [name for name, tensor in named_tensors if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
 
 
 class RWSModule(pl.LightningModule):
@@ -171,6 +172,15 @@ class RWSModule(pl.LightningModule):
         return optimizers, schedulers
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Why: validate/test would report nan and exit 0, and fit would stop at its first batch
+        # blaming the learning rates.
+        nonfinite = nonfinite_names(checkpoint.get("state_dict", {}).items())
+        if nonfinite:
+            trainer = self._trainer
+            raise NonFiniteError(
+                f"checkpoint {trainer.ckpt_path if trainer is not None else ''}: parameters {', '.join(nonfinite)} "
+                "hold NaN or inf values; load an earlier checkpoint"
+            )
         # Lightning would load one optimizer's state into the other without a word (Adam's moments
         # into SGD, and the saved hyperparameters over the configured ones).
         saved = checkpoint.get("hyper_parameters", {}).get("optimizer", "adam")
@@ -229,7 +239,7 @@ class RWSModule(pl.LightningModule):
             dist.all_reduce(first, op=dist.ReduceOp.MAX)
         if first.item() < 0:
             return
-        parameters = nonfinite_parameters(self.model)
+        parameters = nonfinite_names(self.model.named_parameters())
         raise NonFiniteError(
             f"epoch {self.current_epoch}, batch {first.item()}: the training losses are NaN or infinite"
             + (f" and so are parameters {', '.join(parameters)}" if parameters else "")
@@ -238,7 +248,7 @@ class RWSModule(pl.LightningModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        parameters = nonfinite_parameters(self.model)
+        parameters = nonfinite_names(self.model.named_parameters())
         if parameters:
             raise NonFiniteError(f"not writing a checkpoint: parameters {', '.join(parameters)} are NaN or infinite")
 

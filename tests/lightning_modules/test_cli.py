@@ -100,6 +100,29 @@ def test_sample_writes_png(trained_run, tmp_path):
     assert image.size == (4 * 30 + 2, 4 * 30 + 2)  # 4x4 tiles of 28 pixels, 2 pixels of padding
 
 
+def nan_checkpoint(source: Path, path: Path) -> tuple[Path, str]:
+    """A copy of checkpoint `source` at `path` with its first parameter all NaN; returns the path and that name."""
+    checkpoint = torch.load(source, weights_only=True)
+    name = next(iter(checkpoint["state_dict"]))
+    checkpoint["state_dict"][name] = torch.full_like(checkpoint["state_dict"][name], float("nan"))
+    torch.save(checkpoint, path)
+    return path, name
+
+
+@pytest.mark.parametrize("command", ["validate", "test", "fit"])
+def test_commands_refuse_a_checkpoint_with_nan_parameters(trained_run, tmp_path, command):
+    """Not a nan score with exit 0 (validate, test), nor a first training step that blames the learning rates (fit)."""
+    poisoned, name = nan_checkpoint(next((trained_run / "runs").rglob("last.ckpt")), tmp_path / "nan.ckpt")
+    result = rws(
+        command, "--config", str(CONFIGS / "debug.yaml"), "--model.layer_sizes", "[784, 20, 5]",
+        "--ckpt_path", str(poisoned), "--trainer.max_epochs", "3", "--trainer.default_root_dir", str(tmp_path / "runs"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"checkpoint {poisoned}: parameters {name} hold NaN or inf values" in result.stderr
+    assert "Traceback" not in result.stderr and not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
 def test_eval_errors_name_the_file(trained_run, tmp_path):
     missing = rws("eval", "--checkpoint", str(tmp_path / "nope.ckpt"), cwd=tmp_path)
     assert missing.returncode == 2 and "nope.ckpt" in missing.stderr and "Traceback" not in missing.stderr
@@ -110,11 +133,7 @@ def test_eval_errors_name_the_file(trained_run, tmp_path):
     result = rws("eval", "--checkpoint", str(truncated), cwd=tmp_path)
     assert result.returncode == 2 and "truncated.ckpt" in result.stderr and "not a readable checkpoint" in result.stderr
 
-    checkpoint = torch.load(last, weights_only=True)
-    name = next(iter(checkpoint["state_dict"]))
-    checkpoint["state_dict"][name] = torch.full_like(checkpoint["state_dict"][name], float("nan"))
-    poisoned = tmp_path / "nan.ckpt"
-    torch.save(checkpoint, poisoned)
+    poisoned, name = nan_checkpoint(last, tmp_path / "nan.ckpt")
     result = rws("eval", "--checkpoint", str(poisoned), cwd=tmp_path)
     assert result.returncode == 2 and "nan.ckpt" in result.stderr and name in result.stderr
 
