@@ -55,6 +55,14 @@ commands:
 config and process layout without training (see docs/cluster.md)."""
 
 
+class ConciseParser(LightningArgumentParser):
+    """A config error ends in jsonargparse's tip (`rws fit --help`) and its error line, without the
+    usage of every option (about 100 lines) in front of them."""
+
+    def print_usage(self, file=None) -> None:
+        pass  # argparse calls this only on errors; --help prints the whole help, usage included
+
+
 class RWSLightningCLI(LightningCLI):
     """LightningCLI with the project's callbacks always present and configurable."""
 
@@ -183,6 +191,7 @@ def checkpoint_mismatch(ckpt_path: str | None, trainer) -> Iterator[None]:
 def cli_kwargs() -> dict:
     """The constructor arguments of `rws fit/validate/test`, shared with `rws fit --dry-run`."""
     return dict(
+        parser_class=ConciseParser,
         model_class=RWSModule,
         datamodule_class=BinarizedMNISTDataModule,
         seed_everything_default=1234,

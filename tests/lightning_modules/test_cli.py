@@ -231,6 +231,21 @@ def test_commands_reject_what_they_cannot_do(capsys, args, message):
     assert "\n" not in err and message in err, err
 
 
+@pytest.mark.parametrize("command", ["fit", "validate", "test"])
+@pytest.mark.parametrize(
+    "override, message",
+    [(["--model.optimizer", "sgd"], 'Parser key "model.optimizer"'), (["--modle.p_lr", "1"], "--modle.p_lr")],
+)
+def test_a_bad_option_is_a_short_error_naming_it(capsys, command, override, message):
+    from lightning_modules.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--config", str(CONFIGS / "debug.yaml"), *override])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and message in err and f" {command} --help" in err
+    assert len(err.splitlines()) <= 4, err  # not the usage of every option (about 100 lines) first
+
+
 @pytest.mark.parametrize(
     "device, message",
     [
