@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 import torch.distributed as dist
 from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -149,10 +148,7 @@ class DCPCheckpointIO(CheckpointIO):
             return to_lightning(loaded.shared, loaded.ranks[source], loaded.marker, source, str(path))
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises many types for truncated or foreign files
-            raise ckpt.CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from error
+        checkpoint = ckpt.read_file(path)
         ranks = checkpoint.pop(ckpt.CONSOLIDATED_RANKS, None)
         info = checkpoint.pop(ckpt.CONSOLIDATED_INFO, None)
         if ranks is None or info is None:

@@ -8,8 +8,6 @@ plain values (torch.load(weights_only=True), and DCP's metadata through an allow
 
 from pathlib import Path
 
-import torch
-
 from lightning_modules.module import NonFiniteError, RWSModule, nonfinite_names
 from pipeline import checkpoint as ckpt
 
@@ -45,10 +43,7 @@ def load_checkpoint(path: str | Path) -> tuple[RWSModule, dict]:
     if path.is_dir():
         checkpoint = ckpt.load(path, ranks=[], no_dist=True).shared  # sha256-verified first; no per-rank state needed
     else:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises many types for truncated or foreign files
-            raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from error
+        checkpoint = ckpt.read_file(path)
     for key in ("hyper_parameters", "state_dict"):
         if key not in checkpoint:
             raise ValueError(f"{path} is not an rws checkpoint: key {key!r} is missing")

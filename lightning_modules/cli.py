@@ -15,6 +15,7 @@ import re
 import sys
 from collections.abc import Iterator
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -28,6 +29,7 @@ from lightning_modules.datamodule import BinarizedMNISTDataModule
 from lightning_modules.evaluate import eval_main, sample_main
 from lightning_modules.launch import cluster_environment, resolve_devices
 from lightning_modules.module import RWSModule
+from pipeline import checkpoint as ckpt
 
 TOOLS = {"eval": eval_main, "sample": sample_main, "data": data_main, "checkpoint": checkpoint_main}
 SUBCOMMANDS = ("fit", "validate", "test")  # LightningCLI's, less `predict`: the module has no predict_step
@@ -36,6 +38,7 @@ _SIZE_MISMATCH = re.compile(
     r"the shape in current model is torch\.Size\((\[.*?\])\)"
 )
 _MISMATCHES_LISTED = 3
+ARCHITECTURE = ("layer_sizes", "p_layer", "q_layer", "nade_hidden")  # what a checkpoint's weights fix
 
 USAGE = """usage: rws {fit,validate,test,eval,sample,data,checkpoint,tune} ...
 
@@ -102,6 +105,23 @@ class RWSLightningCLI(LightningCLI):
                 "their data orders would differ; give a number, e.g. --seed_everything 42"
             )
         super()._set_seed()
+
+    def _parse_ckpt_path(self) -> None:
+        """`--ckpt_path FILE`: the model's architecture (ARCHITECTURE) comes from the checkpoint, the rest from the config.
+
+        Lightning's own version sets every model.* key from the checkpoint's hyperparameters, over
+        the command line: `rws test --model.val_num_samples 5000` would silently estimate with the
+        training run's K, and a fit resumed with a lower --model.p_lr would keep the old one. The
+        file is read with the project's checkpoint reader, so a truncated one is a one-line error.
+        """
+        subcommand = self.config.get("subcommand")
+        path = subcommand and self.config[subcommand].get("ckpt_path")
+        if not path or not Path(path).is_file():
+            return  # Lightning's own checkpoint names (last, best), a sharded directory, or none
+        saved = ckpt.read_file(path).get("hyper_parameters", {})
+        architecture = {key: saved[key] for key in ARCHITECTURE if key in saved}
+        if architecture:
+            self.config = self.parser.parse_object({subcommand: {"model": architecture}}, self.config)
 
     def before_instantiate_classes(self) -> None:
         """Checks of the parsed config that would otherwise fail late, or be ignored."""

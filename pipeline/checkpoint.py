@@ -788,3 +788,18 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     torch.save(result, buffer)
     atomic_write(out, buffer.getvalue())
     return out
+
+
+def read_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A single-file checkpoint (a Lightning `.ckpt`, or a file `consolidate` wrote) as its dict.
+
+    Only tensors and plain values are unpickled (weights_only). A truncated or foreign file is a
+    CheckpointError naming it; torch raises many exception types for those.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from error
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}, not a dict")
+    return checkpoint

@@ -109,18 +109,46 @@ def nan_checkpoint(source: Path, path: Path) -> tuple[Path, str]:
     return path, name
 
 
+@pytest.mark.parametrize("damage", ["nan", "truncated"])
 @pytest.mark.parametrize("command", ["validate", "test", "fit"])
-def test_commands_refuse_a_checkpoint_with_nan_parameters(trained_run, tmp_path, command):
-    """Not a nan score with exit 0 (validate, test), nor a first training step that blames the learning rates (fit)."""
-    poisoned, name = nan_checkpoint(next((trained_run / "runs").rglob("last.ckpt")), tmp_path / "nan.ckpt")
+def test_commands_refuse_a_damaged_checkpoint(trained_run, tmp_path, command, damage):
+    """One line naming the file (and the parameters), not a traceback, a nan score with exit 0 (validate, test),
+    or a first training step that blames the learning rates (fit)."""
+    last = next((trained_run / "runs").rglob("last.ckpt"))
+    if damage == "nan":
+        damaged, name = nan_checkpoint(last, tmp_path / "damaged.ckpt")
+        message = f"checkpoint {damaged}: parameters {name} hold NaN or inf values"
+    else:
+        damaged = tmp_path / "damaged.ckpt"
+        damaged.write_bytes(last.read_bytes()[:2000])
+        message = f"{damaged} is not a readable checkpoint"
     result = rws(
-        command, "--config", str(CONFIGS / "debug.yaml"), "--model.layer_sizes", "[784, 20, 5]",
-        "--ckpt_path", str(poisoned), "--trainer.max_epochs", "3", "--trainer.default_root_dir", str(tmp_path / "runs"),
-        cwd=tmp_path,
+        command, "--config", str(CONFIGS / "debug.yaml"), "--ckpt_path", str(damaged), "--trainer.max_epochs", "3",
+        "--trainer.default_root_dir", str(tmp_path / "runs"), cwd=tmp_path,
     )  # fmt: skip
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert f"checkpoint {poisoned}: parameters {name} hold NaN or inf values" in result.stderr
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("command", ["validate", "test", "fit"])
+def test_ckpt_path_gives_the_architecture_and_the_config_the_rest(trained_run, monkeypatch, command):
+    """The checkpoint's layer sizes over the configured ones (its weights fix them), but the command line's
+    val_num_samples and p_lr over the checkpoint's (Lightning's own rule would keep the checkpoint's silently)."""
+    from lightning_modules import cli
+
+    seen = {}
+
+    def record(self):
+        seen.update(self.model.hparams)
+        raise ValueError("stop before running")
+
+    monkeypatch.setattr(cli.RWSLightningCLI, f"before_{command}", record)
+    code = cli.main([
+        command, "--config", str(CONFIGS / "debug.yaml"), "--ckpt_path", str(next((trained_run / "runs").rglob("last.ckpt"))),
+        "--model.layer_sizes", "[784, 30, 3]", "--model.val_num_samples", "7", "--model.p_lr", "0.0001",
+    ])  # fmt: skip
+    assert code == 2 and seen["layer_sizes"] == [784, 20, 5]
+    assert seen["val_num_samples"] == 7 and seen["p_lr"] == 0.0001
 
 
 def test_eval_errors_name_the_file(trained_run, tmp_path):
