@@ -176,15 +176,13 @@ class RWSModule(pl.LightningModule):
         # blaming the learning rates.
         nonfinite = nonfinite_names(checkpoint.get("state_dict", {}).items())
         if nonfinite:
-            trainer = self._trainer
-            raise NonFiniteError(
-                f"checkpoint {trainer.ckpt_path if trainer is not None else ''}: parameters {', '.join(nonfinite)} "
-                "hold NaN or inf values; load an earlier checkpoint"
-            )
+            where = f"checkpoint {self._trainer.ckpt_path}" if self._trainer is not None else "the checkpoint"
+            raise NonFiniteError(f"{where}: parameters {', '.join(nonfinite)} hold NaN or inf values; load an earlier checkpoint")
         # Lightning would load one optimizer's state into the other without a word (Adam's moments
-        # into SGD, and the saved hyperparameters over the configured ones).
+        # into the momentum optimizer's buffers); validate and test load no optimizer state.
+        fitting = self._trainer is not None and self._trainer.state.fn == "fit"
         saved = checkpoint.get("hyper_parameters", {}).get("optimizer", "adam")
-        if saved != self.hparams.optimizer:
+        if fitting and saved != self.hparams.optimizer:
             raise ValueError(
                 f"model.optimizer={self.hparams.optimizer!r}, but the checkpoint was trained with {saved!r}, whose "
                 f"state cannot continue another optimizer: resume with --model.optimizer {saved}, or start a new run"

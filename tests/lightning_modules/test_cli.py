@@ -131,6 +131,21 @@ def test_commands_refuse_a_damaged_checkpoint(trained_run, tmp_path, command, da
 
 
 @pytest.mark.parametrize("command", ["validate", "test", "fit"])
+def test_only_fit_needs_the_optimizer_the_checkpoint_was_trained_with(trained_run, tmp_path, command):
+    result = rws(
+        command, "--config", str(CONFIGS / "debug.yaml"), "--ckpt_path", str(next((trained_run / "runs").rglob("last.ckpt"))),
+        "--model.optimizer", "momentum", "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2",
+        "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2", "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path / "runs"), cwd=tmp_path,
+    )  # fmt: skip
+    if command == "fit":
+        assert result.returncode == 2 and "the checkpoint was trained with 'adam'" in result.stderr, result.stderr[-2000:]
+    else:
+        metric = {"validate": "val", "test": "test"}[command] + "/log_likelihood"
+        assert result.returncode == 0 and metric in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", ["validate", "test", "fit"])
 def test_ckpt_path_gives_the_architecture_and_the_config_the_rest(trained_run, monkeypatch, command):
     """The checkpoint's layer sizes over the configured ones (its weights fix them), but the command line's
     val_num_samples and p_lr over the checkpoint's (Lightning's own rule would keep the checkpoint's silently)."""
