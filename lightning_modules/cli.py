@@ -194,10 +194,10 @@ def checkpoint_mismatch(ckpt_path: str | None, trainer) -> Iterator[None]:
     except RuntimeError as error:
         if ckpt_path is None or not str(error).startswith("Error(s) in loading state_dict"):
             raise
+        settings = ", ".join(f"model.{key}" for key in ARCHITECTURE)
         raise ValueError(
-            f"checkpoint {ckpt_path} holds a model of other sizes than the configured one (model.layer_sizes, "
-            f"model.p_layer, model.q_layer, model.nade_hidden): {describe_state_dict_error(error)}; resume with the "
-            "model settings it was trained with, or start a new run"
+            f"checkpoint {ckpt_path} holds a model of other sizes than the configured one ({settings}): "
+            f"{describe_state_dict_error(error)}; resume with the model settings it was trained with, or start a new run"
         ) from error
     except MisconfigurationException as error:
         if ckpt_path is None or not str(error).startswith("You restored a checkpoint with current_epoch"):
