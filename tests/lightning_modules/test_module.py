@@ -2,6 +2,7 @@
 
 import gc
 import weakref
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -66,7 +67,12 @@ def test_momentum_optimizer_takes_the_authors_steps():
 
 
 def test_resuming_with_another_optimizer_is_refused():
+    """By fit only: validate, test and load_from_checkpoint (no trainer) load no optimizer state."""
     module = RWSModule(layer_sizes=[6, 4, 2], optimizer="momentum")
+    for stage in ("validate", "test", None):
+        module._trainer = stage and SimpleNamespace(state=SimpleNamespace(fn=stage), ckpt_path="last.ckpt")
+        module.on_load_checkpoint({"hyper_parameters": {"optimizer": "adam"}})
+    module._trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), ckpt_path="last.ckpt")
     with pytest.raises(ValueError, match=r"model.optimizer='momentum'.*trained with 'adam'.*--model.optimizer adam"):
         module.on_load_checkpoint({"hyper_parameters": {"optimizer": "adam"}})
     with pytest.raises(ValueError, match="trained with 'adam'"):  # checkpoints from before the option: Adam
