@@ -26,11 +26,19 @@ def resolve_checkpoint(path: str | Path) -> Path:
             # Why the marker's time and not the write order: a .ckpt file has no sequence number.
             candidates.append((sharded[-1].time, sharded[-1].path))
         if not candidates:
-            raise FileNotFoundError(f"no checkpoint (last*.ckpt or a complete checkpoint directory) under directory {path}")
+            raise FileNotFoundError(
+                f"no checkpoint (last*.ckpt, or a checkpoint directory with a {ckpt.MARKER} marker) under directory {path}"
+            )
         return max(candidates)[1]
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     return path
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The Lightning checkpoint dict of a checkpoint file, or the shared state of a sharded checkpoint
+    directory (sha256-verified first; no per-rank state)."""
+    return ckpt.load(path, ranks=[], no_dist=True).shared if path.is_dir() else ckpt.read_file(path)
 
 
 def load_checkpoint(path: str | Path) -> tuple[RWSModule, dict]:
@@ -40,10 +48,7 @@ def load_checkpoint(path: str | Path) -> tuple[RWSModule, dict]:
     checkpoint (empty if none), so evaluation can default to the data the model was trained on.
     """
     path = resolve_checkpoint(path)
-    if path.is_dir():
-        checkpoint = ckpt.load(path, ranks=[], no_dist=True).shared  # sha256-verified first; no per-rank state needed
-    else:
-        checkpoint = ckpt.read_file(path)
+    checkpoint = read_checkpoint(path)
     for key in ("hyper_parameters", "state_dict"):
         if key not in checkpoint:
             raise ValueError(f"{path} is not an rws checkpoint: key {key!r} is missing")

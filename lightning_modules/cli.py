@@ -22,6 +22,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from lightning_modules.callbacks import CPUTimeBudget, PrintValidation, SampleGrid
+from lightning_modules.checkpoints import read_checkpoint, resolve_checkpoint
 from lightning_modules.checkpoint_cli import checkpoint_main
 from lightning_modules.checkpointing import DistributedCheckpoint, resolve_resume
 from lightning_modules.data_cli import data_main
@@ -29,7 +30,6 @@ from lightning_modules.datamodule import BinarizedMNISTDataModule
 from lightning_modules.evaluate import eval_main, sample_main
 from lightning_modules.launch import cluster_environment, resolve_devices
 from lightning_modules.module import RWSModule
-from pipeline import checkpoint as ckpt
 
 TOOLS = {"eval": eval_main, "sample": sample_main, "data": data_main, "checkpoint": checkpoint_main}
 SUBCOMMANDS = ("fit", "validate", "test")  # LightningCLI's, less `predict`: the module has no predict_step
@@ -107,18 +107,21 @@ class RWSLightningCLI(LightningCLI):
         super()._set_seed()
 
     def _parse_ckpt_path(self) -> None:
-        """`--ckpt_path FILE`: the model's architecture (ARCHITECTURE) comes from the checkpoint, the rest from the config.
+        """`--ckpt_path PATH`: the model's architecture (ARCHITECTURE) comes from the checkpoint, the rest from the config.
 
         Lightning's own version sets every model.* key from the checkpoint's hyperparameters, over
         the command line: `rws test --model.val_num_samples 5000` would silently estimate with the
-        training run's K, and a fit resumed with a lower --model.p_lr would keep the old one. The
-        file is read with the project's checkpoint reader, so a truncated one is a one-line error.
+        training run's K, and a fit resumed with a lower --model.p_lr would keep the old one. PATH
+        may also be a sharded checkpoint directory, or a run directory, which stands for its newest
+        checkpoint (as for `rws eval --checkpoint`). A truncated file is a one-line error.
         """
         subcommand = self.config.get("subcommand")
         path = subcommand and self.config[subcommand].get("ckpt_path")
-        if not path or not Path(path).is_file():
-            return  # Lightning's own checkpoint names (last, best), a sharded directory, or none
-        saved = ckpt.read_file(path).get("hyper_parameters", {})
+        if not path or not Path(path).exists():
+            return  # none, Lightning's own names (last, best, hpc), or a missing file, which it reports
+        path = resolve_checkpoint(path)
+        self.config[subcommand]["ckpt_path"] = str(path)
+        saved = read_checkpoint(path).get("hyper_parameters", {})
         architecture = {key: saved[key] for key in ARCHITECTURE if key in saved}
         if architecture:
             self.config = self.parser.parse_object({subcommand: {"model": architecture}}, self.config)

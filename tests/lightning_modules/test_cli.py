@@ -145,25 +145,31 @@ def test_only_fit_needs_the_optimizer_the_checkpoint_was_trained_with(trained_ru
         assert result.returncode == 0 and metric in result.stdout, result.stderr[-2000:]
 
 
+@pytest.mark.parametrize("kind", ["file", "sharded", "run"])
 @pytest.mark.parametrize("command", ["validate", "test", "fit"])
-def test_ckpt_path_gives_the_architecture_and_the_config_the_rest(trained_run, monkeypatch, command):
+def test_ckpt_path_gives_the_architecture_and_the_config_the_rest(trained_run, monkeypatch, command, kind):
     """The checkpoint's layer sizes over the configured ones (its weights fix them), but the command line's
-    val_num_samples and p_lr over the checkpoint's (Lightning's own rule would keep the checkpoint's silently)."""
+    val_num_samples and p_lr over the checkpoint's (Lightning's own rule would keep the checkpoint's silently).
+    The checkpoint: a .ckpt file, a sharded checkpoint directory, or a run directory (its newest checkpoint)."""
     from lightning_modules import cli
+    from lightning_modules.checkpoints import resolve_checkpoint
 
+    runs = trained_run / "runs"
+    path = {"file": next(runs.rglob("last.ckpt")), "sharded": sorted((runs / "checkpoints").iterdir())[0], "run": runs}[kind]
     seen = {}
 
     def record(self):
-        seen.update(self.model.hparams)
+        seen.update(self.model.hparams, ckpt_path=self.config[command]["ckpt_path"])
         raise ValueError("stop before running")
 
     monkeypatch.setattr(cli.RWSLightningCLI, f"before_{command}", record)
     code = cli.main([
-        command, "--config", str(CONFIGS / "debug.yaml"), "--ckpt_path", str(next((trained_run / "runs").rglob("last.ckpt"))),
+        command, "--config", str(CONFIGS / "debug.yaml"), "--ckpt_path", str(path),
         "--model.layer_sizes", "[784, 30, 3]", "--model.val_num_samples", "7", "--model.p_lr", "0.0001",
     ])  # fmt: skip
     assert code == 2 and seen["layer_sizes"] == [784, 20, 5]
     assert seen["val_num_samples"] == 7 and seen["p_lr"] == 0.0001
+    assert seen["ckpt_path"] == str(resolve_checkpoint(runs) if kind == "run" else path)
 
 
 def test_eval_errors_name_the_file(trained_run, tmp_path):
