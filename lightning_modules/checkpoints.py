@@ -35,10 +35,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def read_checkpoint(path: Path) -> dict:
-    """The Lightning checkpoint dict of a checkpoint file, or the shared state of a sharded checkpoint
-    directory (sha256-verified first; no per-rank state)."""
-    return ckpt.load(path, ranks=[], no_dist=True).shared if path.is_dir() else ckpt.read_file(path)
+def read_hyperparameters(path: Path) -> dict:
+    """The model hyperparameters saved in a checkpoint file or sharded checkpoint directory ({} if
+    none); for a directory, without reading its tensors."""
+    saved = ckpt.read_shared_value(path, "hyper_parameters") if path.is_dir() else ckpt.read_file(path).get("hyper_parameters")
+    return saved or {}
 
 
 def load_checkpoint(path: str | Path) -> tuple[RWSModule, dict]:
@@ -48,7 +49,10 @@ def load_checkpoint(path: str | Path) -> tuple[RWSModule, dict]:
     checkpoint (empty if none), so evaluation can default to the data the model was trained on.
     """
     path = resolve_checkpoint(path)
-    checkpoint = read_checkpoint(path)
+    if path.is_dir():
+        checkpoint = ckpt.load(path, ranks=[], no_dist=True).shared  # sha256-verified first; no per-rank state needed
+    else:
+        checkpoint = ckpt.read_file(path)
     for key in ("hyper_parameters", "state_dict"):
         if key not in checkpoint:
             raise ValueError(f"{path} is not an rws checkpoint: key {key!r} is missing")

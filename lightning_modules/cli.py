@@ -22,7 +22,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from lightning_modules.callbacks import CPUTimeBudget, PrintValidation, SampleGrid
-from lightning_modules.checkpoints import read_checkpoint, resolve_checkpoint
+from lightning_modules.checkpoints import read_hyperparameters, resolve_checkpoint
 from lightning_modules.checkpoint_cli import checkpoint_main
 from lightning_modules.checkpointing import DistributedCheckpoint, resolve_resume
 from lightning_modules.data_cli import data_main
@@ -121,7 +121,7 @@ class RWSLightningCLI(LightningCLI):
             return  # none, Lightning's own names (last, best, hpc), or a missing file, which it reports
         path = resolve_checkpoint(path)
         self.config[subcommand]["ckpt_path"] = str(path)
-        saved = read_checkpoint(path).get("hyper_parameters", {})
+        saved = read_hyperparameters(path)
         architecture = {key: saved[key] for key in ARCHITECTURE if key in saved}
         if architecture:
             self.config = self.parser.parse_object({subcommand: {"model": architecture}}, self.config)

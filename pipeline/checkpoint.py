@@ -707,6 +707,24 @@ class LoadedCheckpoint:
         return self.marker["world_size"]
 
 
+def _read_tree(file: Path) -> Any:
+    """The `flatten` structure stored in tree file `file` (tree.json or rankN.json)."""
+    stored = _read_json(file)
+    if not isinstance(stored, dict) or stored.get("format") != FORMAT:
+        raise CheckpointError(f"{file}: not an {FORMAT} tree")
+    return stored["tree"]
+
+
+def read_shared_value(path: str | os.PathLike, key: str) -> Any:
+    """`shared[key]` of complete checkpoint directory `path` (None if absent), for a value without
+    tensors, such as the hyperparameters: read from tree.json alone, without verifying or reading
+    the tensor data, which `load` does."""
+    path = Path(path)
+    read_marker(path)
+    entries = dict(_read_tree(path / SHARED_TREE).get("@d", []))
+    return unflatten(entries[key], {}, str(path / SHARED_TREE)) if key in entries else None
+
+
 def load(
     path: str | os.PathLike,
     ranks: Iterable[int] | None = None,
@@ -730,17 +748,11 @@ def load(
     if ranks is None:
         ranks = [rank if rank < marker["world_size"] else 0]
     ranks = sorted(set(ranks))
-    shared_file = _read_json(path / SHARED_TREE)
-    if not isinstance(shared_file, dict) or shared_file.get("format") != FORMAT:
-        raise CheckpointError(f"{path / SHARED_TREE}: not an {FORMAT} tree")
-    structures = {"shared": shared_file["tree"]}
+    structures = {"shared": _read_tree(path / SHARED_TREE)}
     for r in ranks:
         if not 0 <= r < marker["world_size"]:
             raise CheckpointError(f"{path}: has ranks 0..{marker['world_size'] - 1}, no rank {r}")
-        rank_file = _read_json(path / _RANK_TREE.format(r))
-        if not isinstance(rank_file, dict) or rank_file.get("format") != FORMAT:
-            raise CheckpointError(f"{path / _RANK_TREE.format(r)}: not an {FORMAT} tree")
-        structures[r] = rank_file["tree"]
+        structures[r] = _read_tree(path / _RANK_TREE.format(r))
     tensors = {}
     for where, structure in structures.items():
         file = SHARED_TREE if where == "shared" else _RANK_TREE.format(where)
