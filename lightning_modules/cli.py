@@ -10,9 +10,11 @@ the reverse.
 """
 
 import contextlib
+import logging
 import os
 import re
 import sys
+import warnings
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -229,6 +231,15 @@ def plugin_command(name: str):
     return next(iter(found)).load() if found else None
 
 
+def quiet_lightning() -> None:
+    """Drop two lines that every fit/validate/test printed and that ask nothing of the user:
+    Lightning's advertisement for its hosted logger, and the FutureWarning that torch 2.13 raises
+    when Lightning 2.6's own pytree helper builds a `LeafSpec`."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `rws` console script; `argv` defaults to the command line.
 
@@ -253,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             from lightning_modules.launch import dry_run  # config and process layout, no training
 
             return dry_run(argv)
+        quiet_lightning()
         RWSLightningCLI(args=args, **cli_kwargs())  # args None: LightningCLI reads sys.argv itself
     except (FileNotFoundError, ValueError, KeyError) as error:
         if os.environ.get("RWS_TRACEBACK"):

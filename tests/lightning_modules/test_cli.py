@@ -33,7 +33,15 @@ def trained_run(tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in (result.stdout + result.stderr).splitlines() if "val/log_likelihood" in line]
     assert len(lines) == 2, "one validation line per epoch"
+    (run_dir / "fit.log").write_text(result.stdout + result.stderr)
     return run_dir
+
+
+def test_fit_prints_no_third_party_noise(trained_run):
+    """Lightning's logger advertisement and torch's LeafSpec FutureWarning (raised inside Lightning) are dropped."""
+    output = (trained_run / "fit.log").read_text()
+    assert "GPU available" in output  # Lightning's own lines still print
+    assert "litlogger" not in output and "LeafSpec" not in output, output
 
 
 def test_fit_writes_checkpoints_with_finite_parameters(trained_run):
