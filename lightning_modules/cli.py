@@ -68,6 +68,19 @@ class ConciseParser(LightningArgumentParser):
         pass  # argparse calls this only on errors; --help prints the whole help, usage included
 
 
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_lightning() -> None:
+    """Drop two lines that every fit/validate/test printed and that ask nothing of the user:
+    Lightning's advertisement for its hosted logger, and the FutureWarning that torch 2.13 raises
+    when Lightning 2.6's own pytree helper builds a `LeafSpec`. Calling it again adds nothing."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_not_a_tip)
+
+
 class RWSLightningCLI(LightningCLI):
     """LightningCLI with the project's callbacks always present and configurable."""
 
@@ -129,7 +142,8 @@ class RWSLightningCLI(LightningCLI):
             self.config = self.parser.parse_object({subcommand: {"model": architecture}}, self.config)
 
     def before_instantiate_classes(self) -> None:
-        """Checks of the parsed config that would otherwise fail late, or be ignored."""
+        """Checks of the parsed config that would otherwise fail late, or be ignored; then, before the
+        Trainer exists, `quiet_lightning` (here, so that every user of this CLI gets it: `rws`, tune trials)."""
         if self.subcommand not in (None, "fit") and self._get(self.config, "resume") is not None:
             raise ValueError(
                 f"--resume is for fit only; {self.subcommand} takes the checkpoint to load as --ckpt_path PATH"
@@ -137,6 +151,7 @@ class RWSLightningCLI(LightningCLI):
         trainer = self._get(self.config, "trainer")
         if trainer is not None:  # raises a LayoutError (a ValueError) naming trainer.devices
             resolve_devices(trainer.get("devices", "auto"), trainer.get("accelerator"), 1, os.environ)
+        quiet_lightning()
 
     def before_fit(self) -> None:
         """Check the data against the model, then `--resume auto|PATH` -> fit's ckpt_path (on every
@@ -231,15 +246,6 @@ def plugin_command(name: str):
     return next(iter(found)).load() if found else None
 
 
-def quiet_lightning() -> None:
-    """Drop two lines that every fit/validate/test printed and that ask nothing of the user:
-    Lightning's advertisement for its hosted logger, and the FutureWarning that torch 2.13 raises
-    when Lightning 2.6's own pytree helper builds a `LeafSpec`."""
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
-    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `rws` console script; `argv` defaults to the command line.
 
@@ -264,7 +270,6 @@ def main(argv: list[str] | None = None) -> int:
             from lightning_modules.launch import dry_run  # config and process layout, no training
 
             return dry_run(argv)
-        quiet_lightning()
         RWSLightningCLI(args=args, **cli_kwargs())  # args None: LightningCLI reads sys.argv itself
     except (FileNotFoundError, ValueError, KeyError) as error:
         if os.environ.get("RWS_TRACEBACK"):

@@ -34,7 +34,7 @@ import torch
 from pytorch_lightning.callbacks import Checkpoint
 
 from lightning_modules.callbacks import METRIC, ValidationEpoch
-from lightning_modules.cli import RWSLightningCLI, cli_kwargs, quiet_lightning
+from lightning_modules.cli import RWSLightningCLI, cli_kwargs
 from tune.space import DERIVED, SearchConfigError, SearchSpec, set_dotted
 
 BEST_METRIC = f"best_{METRIC}"  # the trial's best METRIC so far, in each report
@@ -206,7 +206,6 @@ def train(
     prepare: Callable[[pl.Trainer], pl.Trainer] | None = None,
 ) -> None:
     """Build the fit config's model, data and Trainer and train, resuming from a Ray checkpoint if given."""
-    quiet_lightning()
     cli = TrialCLI(fit, trainer_kwargs, callbacks)
     trainer = prepare(cli.trainer) if prepare is not None else cli.trainer
     if checkpoint is None:
