@@ -48,7 +48,7 @@ class RWSModule(pl.LightningModule):
             the mean, so their lr at batch size B is lr * B here: 1e-3 at B = 100 is 0.1.
         momentum: m, the moving average's factor for optimizer='momentum' (the authors' 0.95).
         lr_schedule: 'constant', 'exponential' (times `lr_decay` each epoch) or 'cosine' (to 0 over
-            the trainer's max_epochs).
+            the trainer's max_epochs, which must then be set; a resumed run keeps the length it started with).
         lr_decay: per-epoch factor of the exponential schedule.
         val_num_samples: K for the validation log-likelihood estimate.
         val_chunk_size: samples per chunk in validation, >= 1 (None: chosen from a memory budget).
@@ -167,7 +167,13 @@ class RWSModule(pl.LightningModule):
         if self.hparams.lr_schedule == "exponential":
             schedulers = [torch.optim.lr_scheduler.ExponentialLR(opt, self.hparams.lr_decay) for opt in optimizers]
         else:
-            epochs = max(1, self.trainer.max_epochs or 1)
+            epochs = self.trainer.max_epochs
+            if epochs is None or epochs < 1:
+                # Why refuse: CosineAnnealingLR over 1 epoch repeats every 2, so every other epoch would run at lr 0.
+                raise ValueError(
+                    f"model.lr_schedule='cosine' anneals to 0 over trainer.max_epochs, which is {epochs} in this run "
+                    "(bounded by max_steps or max_time instead): set --trainer.max_epochs, or choose another schedule"
+                )
             schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs) for opt in optimizers]
         return optimizers, schedulers
 

@@ -39,7 +39,9 @@ class SoftplusSum(torch.autograd.Function):
     every step, and it costs one log per element forward plus a broadcast-gradient pass backward.
     Here softplus(l) = relu(l) - log sigmoid(|l|) with sigmoid(|l|) in [1/2, 1], so the logs are
     taken of products over groups of at most 100 units (>= 2^-100, no underflow in float32):
-    one exp per element. The error is a few float32 ulps of the sum, like the direct form.
+    one exp per element. In float32 the error is a few ulps of the sum of |l| (relu(l) comes from
+    sum l + sum |l|, which cancel when signs mix): 4-5x the direct form's, 1e-3 nats at logits of
+    scale 20 over 784 units, and unbiased.
     Backward: d/dl_i = sigmoid(l_i), in one pass.
     """
 
