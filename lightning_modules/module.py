@@ -208,12 +208,16 @@ class RWSModule(pl.LightningModule):
         p_optimizer.step()
         q_optimizer.step()
         self._record_nonfinite(surrogates, batch_idx)
+        losses = torch.stack([surrogates.p_loss.detach(), surrogates.q_loss.detach()])
+        if self.sample_group is not None:  # each rank holds S x its share: the group's sum / S is the loss
+            dist.all_reduce(losses, group=self.sample_group)
+            losses = losses / self.hparams.sample_parallel
         self.log_dict(
             {
                 "train/log_likelihood": surrogates.log_likelihood.mean(),
                 "train/ess": surrogates.ess.mean(),
-                "train/p_loss": surrogates.p_loss.detach(),
-                "train/q_loss": surrogates.q_loss.detach(),
+                "train/p_loss": losses[0],
+                "train/q_loss": losses[1],
             },
             on_step=True,
             on_epoch=True,

@@ -6,7 +6,8 @@
 - 2-process `rws fit` (Lightning 'ddp', subprocesses: 'ddp' re-executes sys.argv, never inside pytest) in
   the layouts 1 data group x 2 sample ranks and 2 data groups x 1 sample rank: both train, validate
   once, and a recording callback (this module's `BatchRecorder`, loaded by the CLI through its class
-  path) shows which minibatches each rank trained on.
+  path) shows which minibatches each rank trained on and what it logged: under sample parallelism
+  both ranks log the group's metrics, the losses included.
 - `torchrun --nproc-per-node 2 -m lightning_modules.cli eval` splits K over the 2 ranks and gives
   the single-process estimate, printing one JSON line.
 """
@@ -54,20 +55,27 @@ def rws(*args: str, cwd: Path, env: dict | None = None, launcher: list[str] | No
 
 
 class BatchRecorder(pl.Callback):
-    """Test-only callback: writes `rank{global_rank}.json`, a digest of every training batch, to `out_dir`."""
+    """Test-only callback: writes `rank{global_rank}.json` to `out_dir`: a digest of every training
+    batch and the training metrics the rank logged for it."""
+
+    METRICS = ("train/log_likelihood", "train/ess", "train/p_loss", "train/q_loss")
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
         self.digests: list[str] = []
+        self.metrics: list[dict[str, float]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         self.digests.append(hashlib.sha1(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16])
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.metrics.append({name: trainer.callback_metrics[f"{name}_step"].item() for name in self.METRICS})
+
     def on_train_end(self, trainer, pl_module):
         layout = {"data": list(pl_module.data_parallel_layout()), "sample_group": pl_module.sample_group is not None}
         path = Path(self.out_dir) / f"rank{trainer.global_rank}.json"
-        path.write_text(json.dumps({"digests": self.digests, "layout": layout}))
+        path.write_text(json.dumps({"digests": self.digests, "metrics": self.metrics, "layout": layout}))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,6 +210,10 @@ def test_ddp_fit_trains_in_both_layouts(ddp_runs, sample_parallel):
     if sample_parallel == 2:  # 1 data group x 2 sample ranks: both are data rank 0 of 1, in a sample group
         assert [r["layout"] for r in records] == [{"data": [0, 1], "sample_group": True}] * 2
         assert records[0]["digests"] == records[1]["digests"], "ranks of one sample group trained on different batches"
+        # Each rank holds its share of the samples, but every metric it logs is the group's (the
+        # losses: what one process with all K samples would log), so rank 0's logs tell the truth.
+        for batch, (metrics0, metrics1) in enumerate(zip(records[0]["metrics"], records[1]["metrics"], strict=True)):
+            assert metrics0 == pytest.approx(metrics1, rel=1e-6), f"batch {batch}: the two ranks logged {metrics0} and {metrics1}"
     else:  # 2 data groups x 1 sample rank
         assert [r["layout"] for r in records] == [{"data": [r, 2], "sample_group": False} for r in range(2)]
         assert not set(records[0]["digests"]) & set(records[1]["digests"]), "data-parallel ranks shared a batch"
