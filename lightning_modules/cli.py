@@ -148,6 +148,12 @@ class RWSLightningCLI(LightningCLI):
             raise ValueError(
                 f"--resume is for fit only; {self.subcommand} takes the checkpoint to load as --ckpt_path PATH"
             )
+        if self.subcommand in ("validate", "test") and self._get(self.config, "ckpt_path") is None:
+            # Why refuse: Lightning would score the config's freshly initialized model, a plausible-looking number.
+            raise ValueError(
+                f"{self.subcommand} scores a trained model: give --ckpt_path PATH (a .ckpt or .pt file, a checkpoint "
+                "directory, or a run directory such as runs, for its newest checkpoint)"
+            )
         trainer = self._get(self.config, "trainer")
         if trainer is not None:  # raises a LayoutError (a ValueError) naming trainer.devices
             resolve_devices(trainer.get("devices", "auto"), trainer.get("accelerator"), 1, os.environ)
@@ -235,6 +241,9 @@ def cli_kwargs() -> dict:
         model_class=RWSModule,
         datamodule_class=BinarizedMNISTDataModule,
         seed_everything_default=1234,
+        # RWSModule builds its two optimizers itself; LightningCLI's --optimizer/--lr_scheduler would
+        # replace them with one (training stops at unpacking it) or be ignored.
+        auto_configure_optimizers=False,
         # The DataModule splits data by data-parallel rank itself, so Lightning must not add a sampler.
         trainer_defaults={"default_root_dir": "runs", "log_every_n_steps": 50, "use_distributed_sampler": False},
     )

@@ -21,7 +21,7 @@ from pipeline.data import SPLITS
 from pipeline.distributed import rank_seed
 from pipeline.estimators import log_likelihood
 from pipeline.fileio import atomic_write
-from pipeline.images import image_grid, save_png, square_shape
+from pipeline.images import image_extensions, image_grid, save_image, square_shape
 from pipeline.shards import locate_shards
 
 
@@ -79,11 +79,11 @@ def eval_main(argv: list[str]) -> int:
         description="Estimate log p(x) of a trained model with K importance samples per point. "
         "Launched on several ranks (torchrun --nproc-per-node N), the ranks split the K samples.",
     )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (newest last.ckpt)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file or directory, or a run directory (its newest checkpoint)")
     parser.add_argument("--num-samples", type=int, default=5000, help="K samples from Q per data point (default 5000)")
-    parser.add_argument("--split", choices=SPLITS, default="test")
+    parser.add_argument("--split", choices=SPLITS, default="test", help="split to evaluate (default: test)")
     parser.add_argument("--data-path", default=None, help="data to evaluate on (default: the checkpoint's training data)")
-    parser.add_argument("--batch-size", type=int, default=100, help="data points per batch")
+    parser.add_argument("--batch-size", type=int, default=100, help="data points per batch (default 100)")
     parser.add_argument("--chunk-size", type=int, default=None, help="samples per chunk (default: from a memory budget)")
     parser.add_argument("--max-points", type=int, default=None, help="evaluate only the first N points of the split")
     parser.add_argument(
@@ -134,7 +134,7 @@ def eval_main(argv: list[str]) -> int:
     estimates = torch.cat(estimates).double()  # [N]
     result = {
         "log_likelihood": estimates.mean().item(),
-        "stderr": (estimates.std() / math.sqrt(len(estimates))).item() if len(estimates) > 1 else float("nan"),
+        "stderr": (estimates.std() / math.sqrt(len(estimates))).item() if len(estimates) > 1 else None,  # JSON null
         "num_samples": args.num_samples,
         "num_points": len(estimates),
         "split": args.split,
@@ -150,24 +150,32 @@ def eval_main(argv: list[str]) -> int:
     else:
         width = max(map(len, result))
         for key, value in result.items():
-            print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+            shown = f"{value:.4f}" if isinstance(value, float) else "n/a (one point)" if value is None else value
+            print(f"{key:<{width}}  {shown}")
     return 0
 
 
 def sample_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rws sample", description="Write a grid image of samples x ~ P.")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (newest last.ckpt)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file or directory, or a run directory (its newest checkpoint)")
     parser.add_argument("--num", type=int, default=64, help="number of samples")
-    parser.add_argument("--out", default="samples.png", help="output PNG path")
-    parser.add_argument("--nrow", type=int, default=None, help="images per row (default: square grid)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out", type=Path, default=Path("samples.png"),
+        help="output image (default samples.png); its extension picks the format, e.g. .png or .jpg",
+    )  # fmt: skip
+    parser.add_argument("--nrow", type=int, default=None, help="images per row (default: a square grid)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the samples (default 0)")
     args = parser.parse_args(argv)
-    if args.num < 1:
-        parser.error(f"--num must be >= 1, got {args.num}")
+    for name in ("num", "nrow"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be >= 1, got {value}")
+    if args.out.is_dir() or args.out.suffix.lower() not in image_extensions():
+        parser.error(f"--out {args.out}: not an image file name; give one ending in .png (or another image extension)")
     module, _ = load_checkpoint(args.checkpoint)
     torch.manual_seed(args.seed)
     x, _ = module.model.sample_p(args.num)
     shape = square_shape(x.shape[1]) or (1, x.shape[1])  # non-square data: one row of pixels each
-    save_png(image_grid(x, shape, args.nrow), args.out)
+    save_image(image_grid(x, shape, args.nrow), args.out)
     print(f"wrote {args.num} samples to {args.out}")
     return 0

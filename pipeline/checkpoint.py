@@ -63,7 +63,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 
-from pipeline.fileio import atomic_write, sha256_file
+from pipeline.fileio import atomic_write, load_error_reason, sha256_file
 
 FORMAT = "rws-dcp/1"
 MARKER = "COMPLETE"
@@ -811,7 +811,7 @@ def read_file(path: str | os.PathLike) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from error
+        raise CheckpointError(f"{path} is not a readable checkpoint ({load_error_reason(error)})") from error
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}, not a dict")
     return checkpoint

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.fileio import load_error_reason
+
 SPLITS = ("train", "valid", "test")
 NUM_PIXELS = 784
 
@@ -158,7 +160,7 @@ def _read_npz(file: Path, splits: tuple[str, ...]) -> dict[str, np.ndarray]:
     try:
         archive = np.load(file, allow_pickle=False)
     except Exception as error:  # np.load raises EOFError, BadZipFile, ValueError... for bad files
-        problem = "is empty" if file.stat().st_size == 0 else f"is not a readable .npz file ({error})"
+        problem = "is empty" if file.stat().st_size == 0 else f"is not a readable .npz file ({load_error_reason(error)})"
         raise ValueError(f"{file} {problem}") from error
     with archive:
         missing = [split for split in splits if split not in archive.files]

@@ -1,7 +1,8 @@
-"""Durable file writes and checksums shared by data shards and checkpoints."""
+"""Durable file writes, checksums and load-error wording shared by data files, shards and checkpoints."""
 
 import hashlib
 import os
+import pickle
 from pathlib import Path
 
 _HASH_CHUNK = 1 << 20
@@ -34,3 +35,19 @@ def sha256_file(path: Path) -> str:
         while chunk := stream.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def load_error_reason(error: BaseException) -> str:
+    """Why a safe loader refused a file, in one line, without the loader's advice to load it unsafely.
+
+    torch.load(weights_only=True) and np.load(allow_pickle=False) answer a foreign file with a
+    paragraph that ends by suggesting the safety be turned off; this project never does that, so the
+    reason is said in its own words. Any other error is its type and first line.
+    """
+    message = str(error).strip()
+    if isinstance(error, pickle.UnpicklingError) and message.startswith("Weights only load failed"):
+        return "not a torch file of tensors and plain values; objects that would run code are never unpickled"
+    if isinstance(error, ValueError) and "allow_pickle" in message:
+        return "neither an .npz archive nor an .npy array, and pickled data is never loaded"
+    first_line = message.splitlines()[0] if message else ""
+    return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__

@@ -18,12 +18,13 @@ def image_grid(
 ) -> np.ndarray:
     """Tile N flat images [N, H*W] with values in [0, 1] into one uint8 grayscale array [rows, cols].
 
-    `nrow` images per row (default: a square-ish grid); tiles are separated by `padding` gray pixels.
+    `nrow` images per row (default: a square-ish grid; at most N); tiles are separated by `padding`
+    gray pixels.
     """
     height, width = image_shape
     images = images.detach().float().cpu().reshape(-1, height, width).clamp(0, 1)
     num = images.shape[0]
-    nrow = nrow or math.ceil(math.sqrt(num))
+    nrow = min(nrow or math.ceil(math.sqrt(num)), num)
     ncol = math.ceil(num / nrow)
     grid = np.full((ncol * (height + padding) + padding, nrow * (width + padding) + padding), 128, np.uint8)
     pixels = (images.numpy() * 255).round().astype(np.uint8)
@@ -33,8 +34,18 @@ def image_grid(
     return grid
 
 
-def save_png(grid: np.ndarray, path: str | Path) -> None:
-    """Write a uint8 grayscale array as a PNG file."""
+def image_extensions() -> set[str]:
+    """The file extensions Pillow can write an image to ('.png', '.jpg', ...), in lower case."""
     from PIL import Image  # why here: only `rws sample` needs Pillow, not the training hot path
 
+    Image.init()
+    return {extension for extension, format in Image.registered_extensions().items() if format in Image.SAVE}
+
+
+def save_image(grid: np.ndarray, path: str | Path) -> None:
+    """Write a uint8 grayscale array as an image file, its format from the extension; missing parent
+    directories are created."""
+    from PIL import Image
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid, mode="L").save(path)

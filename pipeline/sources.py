@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 
 from pipeline.data import NUM_PIXELS, SPLITS, _read_amat, load_binarized_mnist
+from pipeline.fileio import load_error_reason
 
 
 def read_source(
@@ -67,7 +68,7 @@ def _splits_present(path: Path) -> tuple[str, ...]:
             with np.load(path, allow_pickle=False) as archive:
                 present = tuple(s for s in SPLITS if s in archive.files)
         except Exception as error:
-            raise ValueError(f"{path} is not a readable .npz file ({error})") from error
+            raise ValueError(f"{path} is not a readable .npz file ({load_error_reason(error)})") from error
     else:
         raise ValueError(
             f"{path}: unsupported source; expected a directory of binarized_mnist_<split>.amat files, "

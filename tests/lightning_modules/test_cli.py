@@ -61,6 +61,13 @@ def test_eval_json(trained_run):
     assert 0 < report["stderr"] < 20
 
 
+def test_eval_json_of_one_point_is_valid_json_without_a_stderr(trained_run):
+    result = rws("eval", "--checkpoint", "runs", "--num-samples", "5", "--max-points", "1", "--json", cwd=trained_run)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"{name} is not JSON: {result.stdout}"))
+    assert report["num_points"] == 1 and report["stderr"] is None
+
+
 def test_eval_per_point_file_holds_the_estimates_behind_the_mean(trained_run, tmp_path):
     out = tmp_path / "points.txt"
     args = ("eval", "--checkpoint", "runs", "--num-samples", "20", "--max-points", "30", "--json", "--seed", "3")
@@ -106,6 +113,29 @@ def test_sample_writes_png(trained_run, tmp_path):
     assert result.returncode == 0, result.stderr
     image = Image.open(out)
     assert image.size == (4 * 30 + 2, 4 * 30 + 2)  # 4x4 tiles of 28 pixels, 2 pixels of padding
+
+
+def test_sample_into_a_new_directory_as_jpeg_with_more_columns_than_samples(trained_run, tmp_path):
+    out = tmp_path / "new" / "grid.jpg"
+    result = rws("sample", "--checkpoint", "runs", "--num", "4", "--nrow", "100", "--out", str(out), cwd=trained_run)
+    assert result.returncode == 0, result.stderr
+    image = Image.open(out)
+    assert image.format == "JPEG" and image.size == (4 * 30 + 2, 30 + 2)  # one row of the 4 samples
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--nrow", "0"], "--nrow must be >= 1, got 0"),
+        (["--nrow", "-2"], "--nrow must be >= 1, got -2"),
+        (["--num", "0"], "--num must be >= 1, got 0"),
+        (["--out", "grid"], "--out grid: not an image file name"),
+        (["--out", "."], "--out .: not an image file name"),
+    ],
+)
+def test_sample_rejects_bad_options_by_name(trained_run, override, message):
+    result = rws("sample", "--checkpoint", "runs", *override, cwd=trained_run)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 def nan_checkpoint(source: Path, path: Path) -> tuple[Path, str]:
@@ -279,6 +309,9 @@ def test_validation_line_only_in_epochs_that_validated(tmp_path):
         (["predict", "--config", str(CONFIGS / "debug.yaml")], "rws: error: unknown command 'predict'"),
         (["validate", "--config", str(CONFIGS / "debug.yaml"), "--resume", "auto"], "--ckpt_path"),
         (["test", "--config", str(CONFIGS / "debug.yaml"), "--resume", "auto"], "--ckpt_path"),
+        # without a checkpoint they would score the config's untrained model
+        (["validate", "--config", str(CONFIGS / "debug.yaml")], "validate scores a trained model: give --ckpt_path"),
+        (["test", "--config", str(CONFIGS / "debug.yaml")], "test scores a trained model: give --ckpt_path"),
     ],
 )
 def test_commands_reject_what_they_cannot_do(capsys, args, message):
@@ -292,7 +325,13 @@ def test_commands_reject_what_they_cannot_do(capsys, args, message):
 @pytest.mark.parametrize("command", ["fit", "validate", "test"])
 @pytest.mark.parametrize(
     "override, message",
-    [(["--model.optimizer", "sgd"], 'Parser key "model.optimizer"'), (["--modle.p_lr", "1"], "--modle.p_lr")],
+    [
+        (["--model.optimizer", "sgd"], 'Parser key "model.optimizer"'),
+        (["--modle.p_lr", "1"], "--modle.p_lr"),
+        # LightningCLI's own: the module has two optimizers of its own, which one --optimizer would replace
+        (["--optimizer", "Adam"], "--optimizer"),
+        (["--lr_scheduler", "StepLR"], "--lr_scheduler"),
+    ],
 )
 def test_a_bad_option_is_a_short_error_naming_it(capsys, command, override, message):
     from lightning_modules.cli import main

@@ -264,6 +264,28 @@ def test_consolidate_into_an_existing_directory_is_an_error(straight, tmp_path, 
     assert list(tmp_path.rglob("*.tmp")) == []
 
 
+def test_verify_checks_every_checkpoint_and_names_the_damaged_one(straight, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(straight / "checkpoints", run / "checkpoints")
+    older, newest = (info.path for info in checkpoints(run))
+    assert main(["checkpoint", "verify", str(run)]) == 0
+    assert [line.split(": ")[0] for line in capsys.readouterr().out.splitlines()] == [str(older), str(newest)]
+
+    shard = older / "__0_0.distcp"  # the older one: checking only the newest would report all well
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert main(["checkpoint", "verify", str(run / "checkpoints")]) == 2
+    captured = capsys.readouterr()
+    assert f"{older}: DAMAGED" in captured.out and f"{newest}: OK" in captured.out
+    assert f"rws checkpoint: error: 1 damaged checkpoint(s) under {run / 'checkpoints'}: {older}" in captured.err
+
+
+def test_list_of_a_missing_directory_is_an_error(tmp_path, capsys):
+    assert main(["checkpoint", "list", str(tmp_path / "typo")]) == 2
+    assert f"rws checkpoint: error: {tmp_path / 'typo'} is not a directory" in capsys.readouterr().err
+    assert main(["checkpoint", "list", str(tmp_path)]) == 0  # a directory without checkpoints: said on stderr
+    assert capsys.readouterr().err.strip() == f"rws checkpoint: no complete checkpoints under {tmp_path}"
+
+
 def test_per_rank_entries_go_to_rank_state_and_come_back(tmp_path):
     """The DataModule's stream position (and a stateful loader's state) is saved per rank and restored in place."""
     checkpoint = {

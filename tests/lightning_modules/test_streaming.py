@@ -205,8 +205,11 @@ def test_rws_test_runs_on_an_index_without_a_train_split(tmp_path, embedded, cap
     prepare_split(tmp_path, "test", np.packbits(embedded["test"][:100].numpy(), axis=1), 100)
     monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # restored afterwards: seed_everything sets it in-process
     monkeypatch.chdir(tmp_path)
-    args = ["test", "--config", str(CONFIGS / "debug.yaml"), "--data.shards", str(tmp_path), "--trainer.logger", "false"]
-    assert cli_main([*args, "--model.val_num_samples", "2", "--trainer.enable_progress_bar", "false"]) == 0
+    common = ["--config", str(CONFIGS / "debug.yaml"), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    trained = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0"]
+    assert cli_main(["fit", *common, *trained, "--trainer.default_root_dir", str(tmp_path / "run")]) == 0  # embedded data
+    args = ["test", *common, "--data.shards", str(tmp_path), "--ckpt_path", str(tmp_path / "run")]
+    assert cli_main([*args, "--model.val_num_samples", "2"]) == 0
     assert "test/log_likelihood" in capsys.readouterr().out
 
 

@@ -265,6 +265,17 @@ def _shard_items(path: Path):
     return metadata, [(info.relative_path, info.offset, info.length) for info in metadata.storage_data.values()]
 
 
+@pytest.mark.parametrize("content", [os.urandom(5000), b"\x89PNG\r\n\x1a\n" + bytes(200)], ids=["random", "png"])
+def test_a_foreign_file_is_one_line_that_never_suggests_unsafe_loading(tmp_path, content):
+    """torch's own message for such a file is a paragraph that suggests weights_only=False."""
+    path = tmp_path / "foreign.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(ckpt.CheckpointError, match=r"foreign\.ckpt is not a readable checkpoint") as refused:
+        ckpt.read_file(path)
+    message = str(refused.value)
+    assert "\n" not in message and "weights_only" not in message, message
+
+
 def test_loading_never_runs_pickled_code(two_checkpoints, tmp_path, monkeypatch):
     path = two_checkpoints / "step000000020"
     for name in ("tree.json", "rank0.json", ckpt.MARKER):

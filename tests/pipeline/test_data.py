@@ -241,13 +241,17 @@ def test_empty_amat(tmp_path, pixels):
 
 
 def test_empty_and_corrupt_npz(tmp_path):
-    empty, corrupt = tmp_path / "empty.npz", tmp_path / "corrupt.npz"
+    empty, corrupt, text = tmp_path / "empty.npz", tmp_path / "corrupt.npz", tmp_path / "text.npz"
     empty.touch()
     corrupt.write_bytes(b"PK\x03\x04 not really a zip")
+    text.write_text("0 1 0 1\n")  # numpy would read it as a pickle, and its message says how to allow that
     with pytest.raises(ValueError, match=r"empty\.npz is empty"):
         load_binarized_mnist(empty)
     with pytest.raises(ValueError, match=r"corrupt\.npz is not a readable \.npz file"):
         load_binarized_mnist(corrupt)
+    with pytest.raises(ValueError, match=r"text\.npz is not a readable \.npz file") as refused:
+        load_binarized_mnist(text)
+    assert "allow_pickle" not in str(refused.value) and "\n" not in str(refused.value)
 
 
 # --- the full data set, when this machine has it ----------------------------------------------
