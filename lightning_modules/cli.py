@@ -26,12 +26,12 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from lightning_modules.callbacks import CPUTimeBudget, PrintValidation, SampleGrid
 from lightning_modules.checkpoints import read_hyperparameters, resolve_checkpoint
 from lightning_modules.checkpoint_cli import checkpoint_main
-from lightning_modules.checkpointing import DistributedCheckpoint, resolve_resume
+from lightning_modules.checkpointing import DistributedCheckpoint, refuse_foreign_checkpoints, resolve_resume
 from lightning_modules.data_cli import data_main
 from lightning_modules.datamodule import BinarizedMNISTDataModule
 from lightning_modules.evaluate import eval_main, sample_main
 from lightning_modules.launch import cluster_environment, resolve_devices
-from lightning_modules.module import RWSModule
+from lightning_modules.module import RWSModule, check_precision, check_schedule
 
 TOOLS = {"eval": eval_main, "sample": sample_main, "data": data_main, "checkpoint": checkpoint_main}
 SUBCOMMANDS = ("fit", "validate", "test")  # LightningCLI's, less `predict`: the module has no predict_step
@@ -41,6 +41,7 @@ _SIZE_MISMATCH = re.compile(
 )
 _MISMATCHES_LISTED = 3
 ARCHITECTURE = ("layer_sizes", "p_layer", "q_layer", "nade_hidden")  # what a checkpoint's weights fix
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself ("registry:...")
 
 USAGE = """usage: rws {fit,validate,test,eval,sample,data,checkpoint,tune} ...
 
@@ -132,8 +133,10 @@ class RWSLightningCLI(LightningCLI):
         """
         subcommand = self.config.get("subcommand")
         path = subcommand and self.config[subcommand].get("ckpt_path")
-        if not path or not Path(path).exists():
-            return  # none, Lightning's own names (last, best, hpc), or a missing file, which it reports
+        if not path or path.split(":")[0] in LIGHTNING_CKPT_NAMES:
+            return
+        if not Path(path).exists():  # Lightning would say so too, but after making the run's log directory
+            raise FileNotFoundError(f"--ckpt_path {path}: no such file or directory")
         path = resolve_checkpoint(path)
         self.config[subcommand]["ckpt_path"] = str(path)
         saved = read_hyperparameters(path)
@@ -157,18 +160,25 @@ class RWSLightningCLI(LightningCLI):
         trainer = self._get(self.config, "trainer")
         if trainer is not None:  # raises a LayoutError (a ValueError) naming trainer.devices
             resolve_devices(trainer.get("devices", "auto"), trainer.get("accelerator"), 1, os.environ)
+            if trainer.get("precision") is not None:  # also checked at setup; here before any run directory exists
+                check_precision(trainer["precision"])
         quiet_lightning()
 
     def before_fit(self) -> None:
         """Check the data against the model, then `--resume auto|PATH` -> fit's ckpt_path (on every
-        rank: they see the same files)."""
+        rank: they see the same files). The LR schedule, and a fresh run into a directory of
+        checkpoints, are refused here already (the module and the callback refuse them later too),
+        before the logger makes its version directory."""
         self.check_data("fit")
+        check_schedule(self.model.hparams.lr_schedule, self.trainer.max_epochs)
         config = self.config_init[self.subcommand]
+        callback = next(cb for cb in self.trainer.callbacks if isinstance(cb, DistributedCheckpoint))
         if config.get("resume") is None:
+            if config.get("ckpt_path") is None and callback.every_n_epochs:
+                refuse_foreign_checkpoints(callback.resolve_dirpath(self.trainer))
             return
         if config.get("ckpt_path") is not None:
             raise ValueError("give either --resume or --ckpt_path, not both")
-        callback = next(cb for cb in self.trainer.callbacks if isinstance(cb, DistributedCheckpoint))
         config["ckpt_path"] = resolve_resume(config["resume"], callback.resolve_dirpath(self.trainer))
 
     def before_validate(self) -> None:

@@ -29,6 +29,29 @@ def nonfinite_names(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[s
     return [name for name, tensor in named_tensors if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
 
 
+def check_schedule(lr_schedule: str, max_epochs: int | None) -> None:
+    """ValueError for a cosine schedule without a positive `trainer.max_epochs`, the length it anneals over.
+
+    Why: CosineAnnealingLR over 1 epoch (what a run bounded by max_steps or max_time would get)
+    repeats every 2, so every other epoch would run at lr 0.
+    """
+    if lr_schedule == "cosine" and (max_epochs is None or max_epochs < 1):
+        raise ValueError(
+            f"model.lr_schedule='cosine' anneals to 0 over trainer.max_epochs, which is {max_epochs} in this run "
+            "(bounded by max_steps or max_time instead): set --trainer.max_epochs, or choose another schedule"
+        )
+
+
+def check_precision(precision) -> None:
+    """ValueError unless `trainer.precision` keeps the log-weights in float32 or float64."""
+    precision = str(precision)
+    if not precision.startswith(("32", "64")):
+        raise ValueError(
+            f"trainer.precision={precision!r}: RWS needs float32 (or 64) log-probabilities; for faster GPU "
+            "matmuls use --model.matmul_precision high (TF32) instead"
+        )
+
+
 class RWSModule(pl.LightningModule):
     """Reweighted Wake-Sleep on a Helmholtz machine with separate optimizers for P and Q.
 
@@ -116,12 +139,7 @@ class RWSModule(pl.LightningModule):
         self.rws_surrogates = torch.compile(rws_surrogates, dynamic=False) if compile else rws_surrogates
 
     def setup(self, stage: str):
-        precision = str(self.trainer.precision)
-        if not precision.startswith(("32", "64")):
-            raise ValueError(
-                f"trainer.precision={precision!r}: RWS needs float32 (or 64) log-probabilities; for faster GPU "
-                "matmuls use --model.matmul_precision high (TF32) instead"
-            )
+        check_precision(self.trainer.precision)
         torch.set_float32_matmul_precision(self.hparams.matmul_precision)
         retain_freed_memory()  # each rank: its steps' temporaries stay mapped (pipeline/allocator.py)
         world_size = self.trainer.world_size
@@ -167,14 +185,8 @@ class RWSModule(pl.LightningModule):
         if self.hparams.lr_schedule == "exponential":
             schedulers = [torch.optim.lr_scheduler.ExponentialLR(opt, self.hparams.lr_decay) for opt in optimizers]
         else:
-            epochs = self.trainer.max_epochs
-            if epochs is None or epochs < 1:
-                # Why refuse: CosineAnnealingLR over 1 epoch repeats every 2, so every other epoch would run at lr 0.
-                raise ValueError(
-                    f"model.lr_schedule='cosine' anneals to 0 over trainer.max_epochs, which is {epochs} in this run "
-                    "(bounded by max_steps or max_time instead): set --trainer.max_epochs, or choose another schedule"
-                )
-            schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs) for opt in optimizers]
+            check_schedule("cosine", self.trainer.max_epochs)
+            schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.trainer.max_epochs) for opt in optimizers]
         return optimizers, schedulers
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from lightning_modules.checkpoints import load_checkpoint
+from pipeline import checkpoint as ckpt
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 
@@ -258,6 +259,28 @@ def test_fit_rejects_bad_config_values(tmp_path, override, message):
     )  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert message in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["fit", "--trainer.precision", "bf16-mixed"], "trainer.precision='bf16-mixed'"),
+        (["fit", "--model.lr_schedule", "cosine", "--trainer.max_epochs", "-1", "--trainer.max_steps", "2"], "cosine"),
+        (["fit", "--trainer.max_epochs", "1"], "already holds 1 complete checkpoint(s)"),  # the directory holds a run
+        (["validate", "--ckpt_path", "missing.ckpt"], "--ckpt_path missing.ckpt: no such file or directory"),
+    ],
+)
+def test_refusals_leave_no_log_directory(tmp_path, args, message):
+    """Checked before Lightning's logger makes runs/lightning_logs/version_N (which would then hold a
+    config.yaml of a run that never happened)."""
+    run = ["--config", str(CONFIGS / "debug.yaml"), "--trainer.default_root_dir", "runs", "--trainer.limit_train_batches", "1"]
+    checkpoint = tmp_path / "runs" / "checkpoints" / "epoch0000-step000000002"
+    checkpoint.mkdir(parents=True)
+    marker = {"format": ckpt.FORMAT, "step": 2, "epoch": 0, "world_size": 1, "files": {}}  # complete, as listing goes
+    (checkpoint / ckpt.MARKER).write_text(json.dumps(marker))
+    result = rws(args[0], *run, *args[1:], cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "runs" / "lightning_logs").exists(), "a refused run left a log directory behind"
 
 
 def test_lr_decay_must_be_a_positive_number():
