@@ -105,6 +105,15 @@ class RWSLightningCLI(LightningCLI):
             "a fresh start if none) or a checkpoint directory or file",
         )  # fmt: skip
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "fit":  # `main` takes --dry-run before any parser runs (launch.py); --help says so
+            parser.epilog = (
+                "--dry-run: print the resolved config and the process layout (world size, data x sample groups, "
+                "each rank's environment) and exit without training (docs/cluster.md)"
+            )
+        return parser
+
     def _set_seed(self) -> None:
         """LightningCLI's seeding, refusing `seed_everything: true` in processes that torchrun or
         srun started.

@@ -125,6 +125,12 @@ def test_dry_run_prints_config_and_layout(capsys):
     assert "nothing was trained" in layout
 
 
+def test_fit_help_mentions_dry_run(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["fit", "--help"])
+    assert exited.value.code == 0 and "--dry-run: print the resolved config" in capsys.readouterr().out
+
+
 def test_dry_run_accepts_fit_only_arguments_and_lists_many_groups(capsys):
     """--ckpt_path belongs to the `fit` subcommand; 64 ranks list 8 groups and an ellipsis."""
     code = dry_run(["fit", "--config", DEBUG, "--trainer.num_nodes", "8", "--trainer.devices", "8",
