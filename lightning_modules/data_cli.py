@@ -75,6 +75,8 @@ def data_main(argv: list[str]) -> int:
     if args.command != "prepare":
         parser.print_help(sys.stderr)
         return 2
+    if args.shard_size < 1:  # before reading the input, which can take a while
+        raise ValueError(f"--shard-size must be >= 1, got {args.shard_size}")
     return _prepare(args)
 
 

@@ -241,6 +241,9 @@ def test_rws_data_prepare_command(tmp_path, embedded, capsys):
     # In-process from here (each subprocess pays seconds of imports): errors, re-runs, --help.
     assert cli_main(["data", "prepare", "--input", str(tmp_path / "nope.npz"), "--output", "x", "--shard-size", "5"]) == 2
     assert "rws data: error:" in capsys.readouterr().err.replace("\n", " ")
+    # checked before reading the input: the missing file is not what it reports
+    assert cli_main(["data", "prepare", "--input", str(tmp_path / "nope.npz"), "--output", "x", "--shard-size", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "rws data: error: --shard-size must be >= 1, got 0"
     assert data_main(["prepare", "--input", str(source), "--output", str(tmp_path / "out"), "--shard-size", "1000", "--quiet"]) == 0
     assert index == json.loads((tmp_path / "out" / "index.json").read_text())
     assert data_main(["prepare", "--help"]) == 0
