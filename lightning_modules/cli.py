@@ -16,7 +16,7 @@ import re
 import sys
 import warnings
 from collections.abc import Iterator
-from importlib.metadata import entry_points
+from importlib.metadata import entry_points, version
 from pathlib import Path
 
 from lightning_fabric.utilities.exceptions import MisconfigurationException
@@ -43,7 +43,7 @@ _MISMATCHES_LISTED = 3
 ARCHITECTURE = ("layer_sizes", "p_layer", "q_layer", "nade_hidden")  # what a checkpoint's weights fix
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself ("registry:...")
 
-USAGE = """usage: rws {fit,validate,test,eval,sample,data,checkpoint,tune} ...
+USAGE = """usage: rws {fit,validate,test,eval,sample,data,checkpoint,tune} ... | rws --version
 
 Reweighted Wake-Sleep training of Helmholtz machines.
 
@@ -284,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
+        return 0
+    if argv[0] in ("-V", "--version"):  # for bug reports: this package's version and the stack under it
+        print(f"rws {version('rws')} (torch {version('torch')}, pytorch-lightning {version('pytorch-lightning')})")
         return 0
     try:
         if argv[0] in TOOLS:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from lightning_modules.checkpoints import load_checkpoint
+from lightning_modules.checkpoints import load_checkpoint, resolve_checkpoint
 from lightning_modules.datamodule import read_splits
 from pipeline.allocator import retain_freed_memory
 from pipeline.data import SPLITS
@@ -139,7 +139,7 @@ def eval_main(argv: list[str]) -> int:
         "num_points": len(estimates),
         "split": args.split,
         "data": data_source,
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": str(resolve_checkpoint(args.checkpoint)),  # the file or directory read, not a run directory
         "seconds": round(time.perf_counter() - start, 2),
     }
     if args.per_point is not None:

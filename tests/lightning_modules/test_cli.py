@@ -60,6 +60,8 @@ def test_eval_json(trained_run):
     assert report["num_samples"] == 20 and report["num_points"] == 50 and report["split"] == "test"
     assert -784 * 0.7 < report["log_likelihood"] < 0  # better than uniform pixels (-543 nats), a probability
     assert 0 < report["stderr"] < 20
+    # the checkpoint read, not the run directory given: the report says which of the run's checkpoints it scored
+    assert report["checkpoint"] != "runs" and (trained_run / report["checkpoint"]).exists(), report["checkpoint"]
 
 
 def test_eval_json_of_one_point_is_valid_json_without_a_stderr(trained_run):
@@ -324,6 +326,15 @@ def test_validation_line_only_in_epochs_that_validated(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in (result.stdout + result.stderr).splitlines() if "val/log_likelihood" in line]
     assert [line.split()[1] for line in lines] == ["1", "3"], lines
+
+
+def test_version_names_the_package_and_its_stack(capsys):
+    from importlib.metadata import version
+
+    from lightning_modules.cli import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith(f"rws {version('rws')} (torch {torch.__version__}, pytorch-lightning ")
 
 
 @pytest.mark.parametrize(
