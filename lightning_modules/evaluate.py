@@ -24,6 +24,8 @@ from pipeline.fileio import atomic_write
 from pipeline.images import image_extensions, image_grid, save_image, square_shape
 from pipeline.shards import locate_shards
 
+CHECKPOINT_HELP = "checkpoint file or directory, or a run directory (its newest checkpoint)"
+
 
 def _device(name: str) -> torch.device:
     """The torch device of `--device NAME`; ValueError naming the option for one this machine lacks."""
@@ -79,7 +81,7 @@ def eval_main(argv: list[str]) -> int:
         description="Estimate log p(x) of a trained model with K importance samples per point. "
         "Launched on several ranks (torchrun --nproc-per-node N), the ranks split the K samples.",
     )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file or directory, or a run directory (its newest checkpoint)")
+    parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     parser.add_argument("--num-samples", type=int, default=5000, help="K samples from Q per data point (default 5000)")
     parser.add_argument("--split", choices=SPLITS, default="test", help="split to evaluate (default: test)")
     parser.add_argument("--data-path", default=None, help="data to evaluate on (default: the checkpoint's training data)")
@@ -157,7 +159,7 @@ def eval_main(argv: list[str]) -> int:
 
 def sample_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rws sample", description="Write a grid image of samples x ~ P.")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file or directory, or a run directory (its newest checkpoint)")
+    parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     parser.add_argument("--num", type=int, default=64, help="number of samples")
     parser.add_argument(
         "--out", type=Path, default=Path("samples.png"),

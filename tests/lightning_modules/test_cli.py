@@ -248,7 +248,10 @@ def test_eval_errors_name_the_file(trained_run, tmp_path):
         (["--model.val_chunk_size", "-1"], "model.val_chunk_size must be >= 1, got -1"),
         (["--model.val_chunk_size", "0"], "model.val_chunk_size must be >= 1, got 0"),
         (["--model.lr_schedule", "exponential", "--model.lr_decay", "0"], "model.lr_decay must be a positive number"),
-        (["--model.lr_schedule", "cosine", "--trainer.max_epochs", "-1", "--trainer.max_steps", "2"], "trainer.max_epochs, which is -1"),
+        (
+            ["--model.lr_schedule", "cosine", "--trainer.max_epochs", "-1", "--trainer.max_steps", "2"],
+            "trainer.max_epochs, which is -1",
+        ),
         (["--cpu_time_budget.seconds", "-1"], "cpu_time_budget.seconds must be a number >= 0"),
         (["--data.batch_size", "20000"], "data.batch_size=20000 is larger than the 10000 training points"),
         (["--model.sample_parallel", "0"], "model.sample_parallel must be >= 1, got 0"),
