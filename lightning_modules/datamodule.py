@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from pipeline.data import load_binarized_mnist
 from pipeline.shards import ShardError, ShardLocation, check_local_shards, locate_shards, read_split
-from pipeline.stream import StreamingLoader, batches_per_rank
+from pipeline.stream import StreamingLoader, batches_per_rank, warn_if_order_changed
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,56 @@ def sampler_seed(seed: int) -> int:
     """
     digest = hashlib.sha256(f"rws in-memory sampler, run seed {int(seed)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+class ResumableSampler(DistributedSampler):
+    """The in-memory training order (DistributedSampler, shuffled, drop_last) that can continue an epoch.
+
+    Like StreamingLoader for shards: `position()` is {epoch, batches_consumed, ...}, counted by
+    `mark_consumed` (the DataModule calls it when a batch reaches the step, so batches Lightning
+    prefetched do not count), and after `resume(position)` the epoch of that number skips its
+    consumed batches. It does so each time that epoch is iterated, because Lightning may start an
+    iterator before it sets the epoch; later epochs are whole.
+    """
+
+    def __init__(self, dataset: TensorDataset, num_replicas: int, rank: int, *, seed: int, batch_size: int):
+        super().__init__(dataset, num_replicas, rank, shuffle=True, seed=seed, drop_last=True)
+        self.batch_size = batch_size
+        self.consumed = 0  # batches of the current epoch that reached the step
+        self._resume: tuple[int, int] | None = None  # (epoch, batches to skip)
+
+    def __iter__(self):
+        indices = list(super().__iter__())  # this rank's share of the epoch, in order
+        skip = 0
+        if self._resume is not None:
+            epoch, batches = self._resume
+            if self.epoch == epoch:
+                skip = batches
+            elif self.epoch > epoch:
+                self._resume = None
+        self.consumed = skip
+        return iter(indices[skip * self.batch_size :])
+
+    def mark_consumed(self) -> None:
+        self.consumed += 1
+
+    def position(self) -> dict:
+        return {
+            "epoch": int(self.epoch),
+            "batches_consumed": self.consumed,
+            "batches_per_epoch": self.num_samples // self.batch_size,
+            "batch_size": self.batch_size,
+            "dp_size": self.num_replicas,
+            "seed": self.seed,
+        }
+
+    def resume(self, position: dict) -> None:
+        """Continue from `position` (from `position()`): skip its consumed batches of its epoch."""
+        current = self.position()
+        warn_if_order_changed(position, current, ("batch_size", "dp_size", "seed", "batches_per_epoch"), "training sampler")
+        epoch, consumed = int(position["epoch"]), int(position["batches_consumed"])
+        # A finished epoch needs no skip: Lightning goes on with the next one.
+        self._resume = (epoch, consumed) if 0 < consumed < current["batches_per_epoch"] else None
 
 
 def read_splits(
@@ -103,6 +153,7 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
         self.splits: dict[str, torch.Tensor] = {}
         self._location: ShardLocation | None = None
         self._train_loader: StreamingLoader | None = None
+        self._train_sampler: ResumableSampler | None = None  # in-memory training
         self._resume: dict | None = None  # a stream position loaded from a checkpoint
         self.skipped_shards: dict[str, str] = {}  # url -> reason, for validation/test shards (training: see below)
 
@@ -169,8 +220,11 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
             # from the rank's torch RNG, which differs between the ranks of a sample group (each
             # draws its own importance samples), but they must see the same minibatches.
             # Lightning calls its set_epoch, so each epoch has its own order.
-            seed = sampler_seed(self._seed())
-            sampler = DistributedSampler(dataset, size, rank, shuffle=True, seed=seed, drop_last=True)
+            sampler = ResumableSampler(dataset, size, rank, seed=sampler_seed(self._seed()), batch_size=batch_size)
+            if self._resume is not None:
+                sampler.resume(self._resume)
+                self._resume = None
+            self._train_sampler = sampler
         else:
             dataset, sampler = TensorDataset(self._rank_share(split, rank, size)), None
         return DataLoader(
@@ -227,10 +281,15 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
     def test_dataloader(self):
         return self._loader("test", self.hparams.eval_batch_size, shuffle=False)
 
+    @property
+    def _train_position(self) -> StreamingLoader | ResumableSampler | None:
+        """What counts the training batches consumed: the stream, or the in-memory sampler."""
+        return self._train_loader if self.streaming else self._train_sampler
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         trainer = getattr(self, "trainer", None)
-        if self._train_loader is not None and trainer is not None and trainer.training:
-            self._train_loader.mark_consumed()
+        if self._train_position is not None and trainer is not None and trainer.training:
+            self._train_position.mark_consumed()
         return batch
 
     @property
@@ -239,16 +298,17 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
         return dict(self._train_loader.skipped) if self._train_loader is not None else {}
 
     def state_dict(self) -> dict:
-        """The training stream position {epoch, batches_consumed, ...}; {} for in-memory data.
+        """The training position {epoch, batches_consumed, ...} of the stream or the in-memory sampler.
 
         Lightning stores it in checkpoints; `load_state_dict` makes the next epoch of that number
         skip the batches already consumed, so a mid-epoch resume continues the same sample order.
+        {} for in-memory data before training.
         """
-        if not self.streaming:
-            return {}
-        if self._train_loader is not None:
-            return self._train_loader.position()
-        return dict(self._resume) if self._resume is not None else {"epoch": 0, "batches_consumed": 0}
+        if self._train_position is not None:
+            return self._train_position.position()
+        if self._resume is not None:
+            return dict(self._resume)
+        return {"epoch": 0, "batches_consumed": 0} if self.streaming else {}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not state_dict:
@@ -256,7 +316,7 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
         missing = [key for key in _POSITION_KEYS if key not in state_dict]
         if missing:
             raise ValueError(f"data state_dict lacks {', '.join(missing)}; expected a stream position {_POSITION_KEYS}")
-        if self._train_loader is not None:
-            self._train_loader.resume(state_dict)
+        if self._train_position is not None:
+            self._train_position.resume(state_dict)
         else:
             self._resume = dict(state_dict)

@@ -239,6 +239,8 @@ class RWSModule(pl.LightningModule):
     def on_train_epoch_start(self):
         self._first_nonfinite_batch = torch.tensor(-1, device=self.device)
 
+    on_train_start = on_train_epoch_start  # a run resumed mid-epoch continues it without on_train_epoch_start
+
     def _record_nonfinite(self, surrogates, batch_idx: int) -> None:
         """Note the epoch's first batch whose losses are NaN or infinite, on the device: the step
         never waits for the host, and `on_train_batch_end` looks at the note now and then."""

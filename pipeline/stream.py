@@ -57,6 +57,17 @@ def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool = True) ->
     return np.random.default_rng(_mix(seed, epoch)).permutation(num_shards).tolist()
 
 
+def warn_if_order_changed(saved: dict, current: dict, keys: tuple[str, ...], what: str) -> None:
+    """Log a warning naming the `keys` whose value differs between a saved position and this loader:
+    after such a resume, the rest of the epoch is not the sample order the saved run would have seen."""
+    changed = [key for key in keys if key in saved and saved[key] != current[key]]
+    if changed:
+        log.warning(
+            "resuming the %s with different %s than when it was saved: the remaining batches of the "
+            "epoch will not be the ones the saved run would have seen", what, ", ".join(changed)
+        )
+
+
 def batches_per_rank(total: int, dp_size: int, batch_size: int) -> int:
     """floor(total / (dp_size * batch_size)): the same on every rank, as DDP requires."""
     return total // (dp_size * batch_size)
@@ -304,6 +315,7 @@ class StreamingLoader:
             "dp_size": self.dp_size,
             "num_workers": self.num_workers,
             "seed": self.seed,
+            "shuffle_buffer": self.shuffle_buffer,
         }
 
     def resume(self, position: dict) -> None:
@@ -311,14 +323,8 @@ class StreamingLoader:
         epoch, consumed = int(position["epoch"]), int(position["batches_consumed"])
         if consumed >= self.num_batches:  # that epoch was finished: start the next one
             epoch, consumed = epoch + 1, 0
-        current = self.position()
-        keys = ("batch_size", "dp_size", "num_workers", "seed")
-        changed = [key for key in keys if key in position and position[key] != current[key]]
-        if changed:
-            log.warning(
-                "resuming the shard stream with different %s than when it was saved: the remaining "
-                "batches of the epoch will not be the ones the saved run would have seen", ", ".join(changed)
-            )
+        keys = ("batch_size", "dp_size", "num_workers", "seed", "shuffle_buffer", "batches_per_epoch")  # the last: the shard set
+        warn_if_order_changed(position, self.position(), keys, "shard stream")
         self._pending = {"epoch": epoch, "batches_consumed": consumed}
         self._next_epoch = epoch
 

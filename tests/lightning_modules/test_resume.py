@@ -33,7 +33,8 @@ from pipeline import checkpoint as ckpt
 from ..assertions import assert_same_state
 from ..ports import free_port
 
-CONFIGS = Path(__file__).parents[2] / "configs"
+ROOT = Path(__file__).parents[2]
+CONFIGS = ROOT / "configs"
 N = 10  # steps per epoch
 
 TINY = [
@@ -113,6 +114,35 @@ def test_kill_9_after_n_steps_then_resume_auto_is_bitwise_identical(straight, tm
     assert epoch_lines(resumed.stdout) == [f"epoch 1 step {2 * N}"]  # continued, did not start over
     assert steps(run) == [N, 2 * N]
     assert_same_state(training_state(checkpoints(straight)[-1].path, 1), training_state(checkpoints(run)[-1].path, 1))
+
+
+def _recorded_batches(out_dir: Path) -> list[str]:
+    return json.loads((out_dir / "rank0.json").read_text())["digests"]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_from_a_mid_epoch_ckpt_trains_the_rest_of_that_epoch(tmp_path, num_workers):
+    """Lightning's last.ckpt, written by the validation that --trainer.val_check_interval runs after 3
+    of the epoch's 5 batches, resumes there: the batches trained after the resume are the straight
+    run's last 2, neither the epoch's first ones again nor a crash in the first step."""
+    recorder = "tests.lightning_modules.test_sample_parallel.BatchRecorder"  # digests of the batches trained
+    env = {"PYTHONPATH": str(ROOT)}
+
+    def run(name: str, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
+        callbacks = json.dumps([{"class_path": recorder, "init_args": {"out_dir": str(tmp_path / name)}}])
+        (tmp_path / name).mkdir(exist_ok=True)
+        common = ["--trainer.max_epochs", "1", "--data.num_workers", str(num_workers), "--trainer.callbacks", callbacks]
+        return fit(tmp_path / name / "run", *common, *args, env={**env, **extra_env})
+
+    straight = run("straight")
+    assert straight.returncode == 0, straight.stdout[-3000:]
+    killed = run("killed", "--trainer.val_check_interval", "3", RWS_FAULT_KILL_AT_STEP="8")  # in batch 4 of 5
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
+    (last,) = (tmp_path / "killed" / "run").rglob("last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] == 6  # 3 batches: mid-epoch
+    resumed = run("resumed", "--trainer.val_check_interval", "3", "--resume", str(last))
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert _recorded_batches(tmp_path / "resumed") == _recorded_batches(tmp_path / "straight")[3:]
 
 
 @pytest.mark.slow  # the crash itself is tested without Lightning in tests/pipeline/test_checkpoint.py
