@@ -396,6 +396,9 @@ def locate_shards(spec: str) -> ShardLocation:
     if "{" in prefix or "{" in suffix:
         raise ValueError(f"data.shards: {spec!r}: brace expressions are supported in the shard file name only")
     names = tuple(_expand_braces(token.group()))
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # its samples would count, and be read, twice per epoch
+        raise ValueError(f"data.shards: {spec!r} names {', '.join(repeated)} more than once")
     return _load_location(prefix + INDEX_NAME + suffix, prefix, suffix, names)
 
 

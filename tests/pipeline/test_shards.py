@@ -239,6 +239,8 @@ def test_locate_directory_index_pattern_and_urls(tmp_path):
     assert len(piped_ids) == len(set(piped_ids)) == 24 and set(piped_ids) <= set(range(25))  # 6 batches of 4
     with pytest.raises(S.ShardError, match="not listed in the index"):
         S.locate_shards(f"{tmp_path}/train-{{000000..000003}}.tar").train()
+    with pytest.raises(ValueError, match="names train-000000.tar more than once"):
+        S.locate_shards(f"{tmp_path}/train-{{000000,000000,000001}}.tar")
     (tmp_path / "elsewhere").mkdir()
     with pytest.raises(S.ShardError, match="cannot read the shard index.*missing"):
         S.locate_shards(str(tmp_path / "elsewhere"))
