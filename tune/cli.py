@@ -35,11 +35,24 @@ def parse_overrides(rest: list[str]) -> list[tuple[str, Any]]:
             value = next(items, None)
             if value is None:
                 raise SearchConfigError(f"--{key} needs a value")
-        overrides.append((key.replace("-", "_"), yaml.safe_load(value)))  # --storage-path = --storage_path
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise SearchConfigError(f"--{key} {value!r}: not valid YAML ({' '.join(str(error).split())})") from error
+        overrides.append((key.replace("-", "_"), parsed))  # --storage-path = --storage_path
     return overrides
 
 
 def main(argv: list[str]) -> int:
+    """`rws tune ARGV`; returns the exit code: 0, 1 (no trial finished), 2 (bad input, raised), 130 (interrupted)."""
+    try:
+        return search(argv)
+    except KeyboardInterrupt:  # while Ray's own Ctrl-C handler is not installed: imports, Ray's start, its cleanup
+        print("rws tune: interrupted; continue with --resume (if the search had not begun, start it again)", flush=True)
+        return 130
+
+
+def search(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="rws tune",
         usage="rws tune --config SEARCH.yaml [--address HOST:PORT] [--resume] [--num-trials N] [--KEY VALUE ...]",
@@ -64,7 +77,7 @@ def main(argv: list[str]) -> int:
 
     check_fit_configs(spec)
     print(f"rws tune: experiment {experiment_dir(spec)}, {spec.num_trials} trials", flush=True)
-    results = run(spec, args.address, args.resume)
+    results, interrupted = run(spec, args.address, args.resume)
     rows = trial_rows(results, spec)
     if not rows:
         print("rws tune: no trial started; continue with --resume", flush=True)
@@ -75,9 +88,9 @@ def main(argv: list[str]) -> int:
         print(f"{name}: {path}")
     # Failed trials (ERROR) ran out of retries: they count as done here, though --resume retries them.
     unfinished = spec.num_trials - results.num_terminated - results.num_errors
-    if unfinished:
+    if interrupted or unfinished:
         print(
-            f"rws tune: interrupted with {unfinished} trial(s) unfinished (the files above are partial); continue with --resume",
+            "rws tune: interrupted before the search's end (the files above are partial); continue with --resume",
             flush=True,
         )
         return 130

@@ -3,7 +3,7 @@
 - Ray: a local instance with this machine's CPUs by default, or an existing cluster (`address`).
 - Search: `SearchSpec.space` as Ray domains, sampled by Optuna's TPE (or at random), trials run by
   `trial.run_trial` with `resources_per_trial`, stopped early by ASHA on val/log_likelihood
-  (one report per epoch, so ASHA's time unit is the epoch).
+  (one report per validated epoch: ASHA's time unit, up to `SearchSpec.last_rung`).
 - Faults: a failed trial is retried up to `max_failures` times from its last checkpoint
   (FailureConfig). Ray saves the experiment's state (trials, searcher, scheduler) under
   `storage_path/name`; `resume=True` continues it with `Tuner.restore`: finished trials stay
@@ -68,9 +68,10 @@ def param_space(spec: SearchSpec) -> dict:
     }
 
 
-def searcher(spec: SearchSpec):
+def searcher(spec: SearchSpec, max_concurrent: int | None):
     if spec.searcher == "random":
-        return tune.search.BasicVariantGenerator(random_state=spec.seed)
+        # Tune ignores TuneConfig.max_concurrent_trials for this searcher (with a warning): it takes its own.
+        return tune.search.BasicVariantGenerator(random_state=spec.seed, max_concurrent=max_concurrent or 0)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -120,7 +121,10 @@ class ProgressLines(tune.Callback):
         print(f"{self._status(trials)} trial {trial.trial_id} finished after {epochs} epoch(s)", flush=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        print(f"{self._status(trials)} trial {trial.trial_id} failed; retrying from its last checkpoint", flush=True)
+        print(
+            f"{self._status(trials)} trial {trial.trial_id} failed ({trial.path}/error.txt); retrying from its last checkpoint",
+            flush=True,
+        )
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"{self._status(trials)} trial {trial.trial_id} failed for good: see {trial.path}/error.txt", flush=True)
@@ -143,9 +147,10 @@ def concurrent_trials(spec: SearchSpec) -> int | None:
 
 
 def new_tuner(spec: SearchSpec) -> tune.Tuner:
+    max_concurrent = concurrent_trials(spec)
     scheduler = tune.schedulers.ASHAScheduler(
         time_attr="training_iteration",
-        max_t=spec.max_epochs or 100,
+        max_t=spec.last_rung,
         grace_period=spec.scheduler["grace_period"],
         reduction_factor=spec.scheduler["reduction_factor"],
     )
@@ -155,10 +160,10 @@ def new_tuner(spec: SearchSpec) -> tune.Tuner:
         tune_config=tune.TuneConfig(
             metric=METRIC,
             mode="max",
-            search_alg=searcher(spec),
+            search_alg=searcher(spec, max_concurrent),
             scheduler=scheduler,
             num_samples=spec.num_trials,
-            max_concurrent_trials=concurrent_trials(spec),
+            max_concurrent_trials=None if spec.searcher == "random" else max_concurrent,
             trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
@@ -239,9 +244,32 @@ def recover_lost_checkpoints(directory: Path) -> None:
         )
 
 
-def run(spec: SearchSpec, address: str | None, resume: bool) -> tune.ResultGrid:
-    """Run (or resume) the search to its end; Ctrl-C stops it with its state saved."""
+class RayLines(logging.Filter):
+    """Ray Tune's own lines that `rws tune` says in its words: notes a Ctrl-C (after which Ray marks
+    the unfinished trials TERMINATED, so their count cannot tell) and drops Ray's hint to resume
+    with `Tuner.restore`, a failed trial's traceback (ProgressLines says where its error.txt is) and
+    "Trials did not complete" (`rws tune` counts the failed trials)."""
+
+    LOGGERS = ("ray.tune.tune", "ray.tune.execution.tune_controller")
+    DROPPED = ("Stop signal received", "Experiment has been interrupted", "Trials did not complete", "Trial task failed")
+
+    def __init__(self):
+        super().__init__()
+        self.interrupted = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        self.interrupted |= message.startswith(self.DROPPED[0])
+        return not message.startswith(self.DROPPED)
+
+
+def run(spec: SearchSpec, address: str | None, resume: bool) -> tuple[tune.ResultGrid, bool]:
+    """Run (or resume) the search to its end; Ctrl-C stops it with its state saved. Returns the
+    results and whether it was interrupted."""
     directory = prepare(spec, resume)
+    ray_lines = RayLines()
+    for name in RayLines.LOGGERS:
+        logging.getLogger(name).addFilter(ray_lines)
     init_ray(address)
     try:
         if resume:
@@ -251,6 +279,8 @@ def run(spec: SearchSpec, address: str | None, resume: bool) -> tune.ResultGrid:
             )
         else:
             tuner = new_tuner(spec)
-        return tuner.fit()
+        return tuner.fit(), ray_lines.interrupted
     finally:
         ray.shutdown()
+        for name in RayLines.LOGGERS:
+            logging.getLogger(name).removeFilter(ray_lines)

@@ -78,7 +78,7 @@ def write_results(rows: list[dict[str, Any]], spec: SearchSpec, directory: Path)
     """Write trials.csv, trials.md and (when a trial reported a score) best.yaml; returns their paths."""
     paths = {"csv": directory / "trials.csv", "markdown": directory / "trials.md"}
     with paths["csv"].open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n")  # not csv's \r\n: cut and awk read it
         writer.writeheader()
         writer.writerows(rows)
     paths["markdown"].write_text(markdown_table(rows))

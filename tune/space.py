@@ -195,6 +195,16 @@ class SearchSpec:
         epochs = self.settings["fixed"].get("trainer.max_epochs", get_dotted(self.base, "trainer.max_epochs"))
         return epochs if isinstance(epochs, int) and epochs > 0 else None
 
+    @property
+    def last_rung(self) -> int:
+        """ASHA's max_t: the reports of a full trial, one per validated epoch (trainer.max_epochs /
+        trainer.check_val_every_n_epoch), or 100 where max_epochs is unset."""
+        every = self.settings["fixed"].get(
+            "trainer.check_val_every_n_epoch", get_dotted(self.base, "trainer.check_val_every_n_epoch")
+        )
+        every = every if isinstance(every, int) and every > 0 else 1
+        return max(1, self.max_epochs // every) if self.max_epochs else 100
+
     def to_dict(self) -> dict[str, Any]:
         """Self-contained (the base config inlined): stored with an experiment, compared on --resume."""
         return {"settings": self.settings, "base": self.base}
@@ -231,7 +241,7 @@ def load_spec(path: str | Path, overrides: list[tuple[str, Any]] = ()) -> Search
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"search config not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise SearchConfigError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(SETTINGS))
@@ -252,9 +262,35 @@ def load_spec(path: str | Path, overrides: list[tuple[str, Any]] = ()) -> Search
         raise SearchConfigError(f"storage_path must be a directory path, got {settings['storage_path']!r}")
     # Absolute: trials run in other directories; on a cluster it must be a shared filesystem.
     settings["storage_path"] = str(Path(settings["storage_path"]).expanduser().resolve())
+    if Path(settings["storage_path"]).exists() and not Path(settings["storage_path"]).is_dir():
+        raise SearchConfigError(f"storage_path {settings['storage_path']} is a file, not a directory")
     if isinstance(settings["fixed"].get("data.path"), str):
         settings["fixed"]["data.path"] = absolute_data_path(settings["fixed"]["data.path"], "fixed.data.path")
-    return SearchSpec(settings, read_base_config(settings["base_config"]))
+    if isinstance(settings["fixed"].get("data.shards"), str):
+        settings["fixed"]["data.shards"] = absolute_shards(settings["fixed"]["data.shards"])
+    spec = SearchSpec(settings, read_base_config(settings["base_config"]))
+    if settings["scheduler"]["grace_period"] > spec.last_rung:  # Ray would only assert it once the search started
+        raise SearchConfigError(
+            f"scheduler.grace_period ({settings['scheduler']['grace_period']}) must be <= ASHA's last rung, "
+            f"{spec.last_rung}: the validated epochs of a trial (trainer.max_epochs / check_val_every_n_epoch)"
+        )
+    return spec
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML file at `path`; a syntax error is a SearchConfigError naming the file and the place."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SearchConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from error
+
+
+def absolute_shards(shards: str) -> str:
+    """A local `data.shards` (a directory, an index or a brace pattern of files) as an absolute path;
+    URLs and `pipe:` commands as given. Why: trials run in their own directories."""
+    if "://" in shards or shards.startswith("pipe:"):
+        return shards
+    return str(Path(shards).expanduser().absolute())
 
 
 def check_settings(settings: dict, path: Path) -> dict:
@@ -340,7 +376,7 @@ def read_base_config(path: Any) -> dict:
         raise SearchConfigError(f"base_config must be the path of an rws fit YAML, got {path!r}")
     if not Path(path).is_file():
         raise FileNotFoundError(f"base_config not found: {path}")
-    base = yaml.safe_load(Path(path).read_text()) or {}
+    base = read_yaml(Path(path)) or {}
     if not isinstance(base, dict):
         raise SearchConfigError(
             f"base_config {path}: expected a mapping (an rws fit config), got {type(base).__name__}"

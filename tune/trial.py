@@ -35,6 +35,7 @@ from pytorch_lightning.callbacks import Checkpoint
 
 from lightning_modules.callbacks import METRIC, ValidationEpoch
 from lightning_modules.cli import RWSLightningCLI, cli_kwargs
+from lightning_modules.module import check_precision, check_schedule
 from tune.space import DERIVED, SearchConfigError, SearchSpec, set_dotted
 
 BEST_METRIC = f"best_{METRIC}"  # the trial's best METRIC so far, in each report
@@ -136,7 +137,9 @@ def check_fit_configs(spec: SearchSpec) -> None:
 
     def error_of(sample: dict[str, Any], search: SearchSpec = spec) -> str | None:
         try:
-            parser.instantiate(parser.parse_object(search.fit_config(sample)))
+            config = parser.parse_object(search.fit_config(sample))
+            check_trial_settings(config, search)
+            parser.instantiate(config)
         except (ArgumentError, ValueError, TypeError, KeyError, ImportError) as error:
             return " ".join(str(error.args[0] if isinstance(error, KeyError) else error).split())
         return None
@@ -151,9 +154,32 @@ def check_fit_configs(spec: SearchSpec) -> None:
             raise SearchConfigError(f"space.{key} = {sample[key]!r}: {message}")
 
 
+def check_trial_settings(config, spec: SearchSpec) -> None:
+    """ValueError for a parsed fit config that `rws fit` would refuse at its start, or that would
+    fail only inside Ray: a trial ranks by the validation it reports, and its processes are Ray's."""
+    check_precision(config.trainer.precision or "32-true")
+    check_schedule(config.model.lr_schedule, config.trainer.max_epochs)
+    if config.trainer.limit_val_batches == 0:
+        raise ValueError(f"trainer.limit_val_batches=0: a trial reports {METRIC} after each validation, and ASHA ranks by it")
+    every, epochs = config.trainer.check_val_every_n_epoch, config.trainer.max_epochs
+    if every is not None and epochs is not None and 0 < epochs < every:
+        raise ValueError(
+            f"trainer.check_val_every_n_epoch={every} is more than trainer.max_epochs={epochs}: "
+            f"a trial would never report {METRIC}"
+        )
+    devices = config.trainer.devices
+    if spec.workers_per_trial == 1 and devices not in (None, "auto", 1, "1"):
+        raise ValueError(
+            f"trainer.devices={devices!r}: Ray starts a trial's processes; give workers_per_trial instead"
+        )
+    if str(config.trainer.accelerator) in ("gpu", "cuda") and not spec.use_gpu:
+        raise ValueError(f"trainer.accelerator={config.trainer.accelerator!r} needs use_gpu: true (and GPUs for the trials)")
+
+
 def blame(spec: SearchSpec, first: dict[str, Any], error_of: Callable) -> str:
     """The setting that makes the first sample's fit config fail, for the error line: the base
-    config alone, else the first `fixed` key that fails on its own, else the first space key.
+    config alone, else the first `fixed` key that fails on its own, else the fixed keys together,
+    else the first space key.
 
     Derived keys (depth, width, top_width) stay in every try: they only make sense together.
     """
@@ -168,6 +194,8 @@ def blame(spec: SearchSpec, first: dict[str, Any], error_of: Callable) -> str:
     for key, value in spec.fixed.items():
         if key not in DERIVED and error_of(derived, with_fixed({**fixed_derived, key: value})) is not None:
             return f"fixed.{key} = {value!r}"
+    if error_of(derived) is not None:  # fixed keys that fail only together (e.g. two trainer settings)
+        return "fixed (" + ", ".join(f"{key} = {value!r}" for key, value in spec.fixed.items() if key not in DERIVED) + ")"
     for key, value in first.items():
         if key not in DERIVED and error_of({**derived, key: value}) is not None:
             return f"space.{key} = {value!r}"

@@ -177,10 +177,40 @@ def test_existing_experiment_needs_resume_or_a_new_name(tmp_path, capsys):
         (["--scheduler.reduction_factor", "1"], "scheduler.reduction_factor must be a number > 1, got 1"),
         (["--scheduler.grace_perod", "2"], "scheduler.grace_perod: unknown setting"),
         (["--resources-per-trial", "3"], "resources_per_trial must be {cpu: N, gpu: N}"),
+        # what Ray only asserts, or a trial only hits, once the search has started
+        (["--scheduler.grace_period", "4"], "scheduler.grace_period (4) must be <= ASHA's last rung, 3"),
+        (
+            ["--scheduler.grace_period", "2", "--fixed.trainer.max_epochs", "4", "--fixed.trainer.check_val_every_n_epoch", "4"],
+            "scheduler.grace_period (2) must be <= ASHA's last rung, 1",  # one report per validated epoch
+        ),
+        (["--space.width", "{choice: [1,"], "--space.width '{choice: [1,': not valid YAML"),
+        (["--fixed.trainer.limit_val_batches", "0"], "fixed.trainer.limit_val_batches = 0: trainer.limit_val_batches=0"),
+        (["--fixed.trainer.check_val_every_n_epoch", "4"], "trainer.check_val_every_n_epoch=4 is more than trainer.max_epochs=3"),
+        (["--fixed.trainer.devices", "2"], "fixed.trainer.devices = 2: trainer.devices=2: Ray starts a trial's processes"),
+        (["--fixed.trainer.precision", "16-mixed"], "fixed.trainer.precision = '16-mixed': trainer.precision='16-mixed'"),
+        (["--fixed.trainer.accelerator", "gpu"], "trainer.accelerator='gpu' needs use_gpu: true"),
     ],
 )
 def test_bad_settings_are_one_line_naming_the_key(tmp_path, capsys, args, message):
     assert message in tune_error(capsys, "--config", str(write_search(tmp_path)), *args)
+
+
+def test_bad_yaml_and_a_file_as_storage_path_are_one_line_naming_the_file(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: {p_lr: [1,\n")
+    assert f"{broken}: not valid YAML" in tune_error(capsys, "--config", str(write_search(tmp_path, base_config=str(broken))))
+    assert f"{broken}: not valid YAML" in tune_error(capsys, "--config", str(broken))
+    (tmp_path / "afile").touch()
+    err = tune_error(capsys, "--config", str(write_search(tmp_path)), "--storage-path", str(tmp_path / "afile"))
+    assert f"storage_path {tmp_path / 'afile'} is a file, not a directory" in err
+
+
+def test_relative_shards_are_made_absolute_for_the_trials(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec(write_search(tmp_path), [("fixed.data.shards", "shards"), ("fixed.data.path", None)])
+    assert spec.fixed["data.shards"] == str(tmp_path / "shards")  # trials run in their own directories
+    url = load_spec(write_search(tmp_path), [("fixed.data.shards", "pipe:cat x/train-{0..3}.tar")])
+    assert url.fixed["data.shards"] == "pipe:cat x/train-{0..3}.tar"
 
 
 def test_bad_fixed_key_is_blamed_not_the_first_space_key(tmp_path, capsys):

@@ -156,6 +156,7 @@ def test_results_table_sorted_by_val_log_likelihood(resumed_search):
     with (search.experiment / "trials.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [row["rank"] for row in rows] == ["1", "2", "3"]
+    assert b"\r" not in (search.experiment / "trials.csv").read_bytes()  # cut/awk on a path column get no \r
     assert {row["trial"] for row in rows} == set(trial_states(search.experiment))
     scores = [float(row[METRIC]) for row in rows]
     assert all(math.isfinite(score) and -784 < score < 0 for score in scores)
@@ -246,9 +247,43 @@ def test_failed_trial_is_retried_from_its_last_checkpoint(tmp_path):
     (failed,) = [trial for trial, state in states.items() if state["num_failures"] == 1]
     # Epoch 0 was reported (and checkpointed) once: the retry went on from that checkpoint, not from scratch.
     assert reported_epochs(experiment, failed) == [0, 1]
-    assert f"trial {failed} failed; retrying from its last checkpoint" in result.stdout
+    error_file = experiment / f"trial_{failed}" / "error.txt"
+    assert f"trial {failed} failed ({error_file}); retrying from its last checkpoint" in result.stdout
+    assert "Trial task failed" not in result.stdout + result.stderr  # Ray's traceback stays in Ray's logs
     with (experiment / "trials.csv").open() as handle:
         assert [row["status"] for row in csv.DictReader(handle)] == ["ok", "ok"]
+
+
+def test_ctrl_c_exits_130_and_the_random_searcher_keeps_its_concurrency_cap(tmp_path):
+    """Ctrl-C (SIGINT to the process group) while the first of two trials runs: exit code 130 and
+    rws's line, not Ray's `Tuner.restore` hint, though Ray marks the unfinished trials TERMINATED.
+    With max_concurrent_trials 1, the random searcher never runs the two trials at once."""
+    experiment = tmp_path / "runs" / "tune" / "interrupted"
+    args = [
+        "tune", "--config", str(DEBUG_SEARCH), "--name", "interrupted", "--num-trials", "2", "--searcher", "random",
+        "--max-concurrent-trials", "1", "--fixed.trainer.max_epochs", "6", "--scheduler.grace_period", "6",
+    ]  # fmt: skip
+    started, running_at_once = time.monotonic(), 0
+    with (tmp_path / "out.log").open("w") as log:
+        process = subprocess.Popen(
+            rws(*args), cwd=tmp_path, env=environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            while not (tmp_path / "out.log").read_text().count(" epoch 0: "):
+                assert process.poll() is None, (tmp_path / "out.log").read_text()[-3000:]
+                assert time.monotonic() - started < 300, "no epoch reported within 5 minutes"
+                states = trial_states(experiment)
+                running_at_once = max(running_at_once, sum(s["status"] == "RUNNING" for s in states.values()))
+                time.sleep(0.1)
+            os.killpg(process.pid, signal.SIGINT)
+            code = process.wait(timeout=180)
+        finally:
+            if process.poll() is None:
+                kill_session(process)
+    output = (tmp_path / "out.log").read_text()
+    assert code == 130, output[-3000:]
+    assert "rws tune: interrupted before the search's end" in output and "Tuner.restore" not in output
+    assert running_at_once <= 1 and sum(s["status"] == "RUNNING" for s in trial_states(experiment).values()) <= 1
 
 
 @pytest.mark.slow
