@@ -158,7 +158,8 @@ def check_trial_settings(config, spec: SearchSpec) -> None:
     """ValueError for a parsed fit config that `rws fit` would refuse at its start, or that would
     fail only inside Ray: a trial ranks by the validation it reports, and its processes are Ray's."""
     check_precision(config.trainer.precision or "32-true")
-    check_schedule(config.model.lr_schedule, config.trainer.max_epochs)
+    unbounded = config.trainer.max_epochs is None and config.trainer.max_steps in (None, -1)
+    check_schedule(config.model.lr_schedule, 1000 if unbounded else config.trainer.max_epochs)  # 1000: Lightning's default
     if config.trainer.limit_val_batches == 0:
         raise ValueError(f"trainer.limit_val_batches=0: a trial reports {METRIC} after each validation, and ASHA ranks by it")
     every, epochs = config.trainer.check_val_every_n_epoch, config.trainer.max_epochs
