@@ -14,7 +14,7 @@ import sys
 from tqdm import tqdm
 
 from pipeline.data import SPLITS
-from pipeline.shards import INDEX_NAME, prepare_split
+from pipeline.shards import INDEX_NAME, check_shard_size, prepare_split
 from pipeline.sources import read_source
 
 _DESCRIPTION = """Convert binarized MNIST into WebDataset tar shards (one 98-byte packed image per sample) and an
@@ -75,8 +75,7 @@ def data_main(argv: list[str]) -> int:
     if args.command != "prepare":
         parser.print_help(sys.stderr)
         return 2
-    if args.shard_size < 1:  # before reading the input, which can take a while
-        raise ValueError(f"--shard-size must be >= 1, got {args.shard_size}")
+    check_shard_size(args.shard_size)  # before reading the input, which can take a while
     return _prepare(args)
 
 

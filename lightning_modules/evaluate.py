@@ -115,7 +115,8 @@ def eval_main(argv: list[str]) -> int:
         parser.error(f"--per-point {args.per_point}: not a file in an existing directory")
 
     device = _device(args.device)
-    module, data_hparams = load_checkpoint(args.checkpoint)
+    checkpoint = resolve_checkpoint(args.checkpoint)  # reported as read, not as the run directory given
+    module, data_hparams = load_checkpoint(checkpoint)
     points, data_source = _points(args.split, args.data_path, data_hparams)
     points = points[: args.max_points]
     model = module.model.to(device)
@@ -141,7 +142,7 @@ def eval_main(argv: list[str]) -> int:
         "num_points": len(estimates),
         "split": args.split,
         "data": data_source,
-        "checkpoint": str(resolve_checkpoint(args.checkpoint)),  # the file or directory read, not a run directory
+        "checkpoint": str(checkpoint),
         "seconds": round(time.perf_counter() - start, 2),
     }
     if args.per_point is not None:

@@ -89,6 +89,11 @@ def sample_key(split: str, row: int) -> str:
     return f"{split}-{row:08d}"
 
 
+def check_shard_size(shard_size: int) -> None:
+    if shard_size < 1:
+        raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+
+
 def prepare_split(
     out_dir: str | os.PathLike,
     split: str,
@@ -113,8 +118,7 @@ def prepare_split(
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    if shard_size < 1:
-        raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+    check_shard_size(shard_size)
     packed = _check_packed(packed, split)
     out = Path(out_dir)
     _make_output_dir(out)

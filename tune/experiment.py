@@ -251,7 +251,8 @@ class RayLines(logging.Filter):
     "Trials did not complete" (`rws tune` counts the failed trials)."""
 
     LOGGERS = ("ray.tune.tune", "ray.tune.execution.tune_controller")
-    DROPPED = ("Stop signal received", "Experiment has been interrupted", "Trials did not complete", "Trial task failed")
+    INTERRUPTED = "Stop signal received"  # Ray's line for a Ctrl-C
+    DROPPED = (INTERRUPTED, "Experiment has been interrupted", "Trials did not complete", "Trial task failed")
 
     def __init__(self):
         super().__init__()
@@ -259,7 +260,7 @@ class RayLines(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        self.interrupted |= message.startswith(self.DROPPED[0])
+        self.interrupted |= message.startswith(self.INTERRUPTED)
         return not message.startswith(self.DROPPED)
 
 

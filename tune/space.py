@@ -190,18 +190,20 @@ class SearchSpec:
         """GPUs one trial uses in all: resources_per_trial.gpu, or with use_gpu one per worker."""
         return self.resources_per_trial.get("gpu", 0) or (self.workers_per_trial if self.use_gpu else 0)
 
+    def fixed_setting(self, key: str) -> Any:
+        """The value of fit key `key` in every trial: from `fixed`, else from the base config (None if neither)."""
+        return self.settings["fixed"].get(key, get_dotted(self.base, key))
+
     @property
     def max_epochs(self) -> int | None:
-        epochs = self.settings["fixed"].get("trainer.max_epochs", get_dotted(self.base, "trainer.max_epochs"))
+        epochs = self.fixed_setting("trainer.max_epochs")
         return epochs if isinstance(epochs, int) and epochs > 0 else None
 
     @property
     def last_rung(self) -> int:
         """ASHA's max_t: the reports of a full trial, one per validated epoch (trainer.max_epochs /
         trainer.check_val_every_n_epoch), or 100 where max_epochs is unset."""
-        every = self.settings["fixed"].get(
-            "trainer.check_val_every_n_epoch", get_dotted(self.base, "trainer.check_val_every_n_epoch")
-        )
+        every = self.fixed_setting("trainer.check_val_every_n_epoch")
         every = every if isinstance(every, int) and every > 0 else 1
         return max(1, self.max_epochs // every) if self.max_epochs else 100
 
