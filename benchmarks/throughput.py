@@ -1,6 +1,7 @@
 """Training throughput of RWS against Pyro's ReweightedWakeSleep, and against this machine's roofline.
 
-    python benchmarks/throughput.py [--threads N] [--steps N] [--models sbn,darn,nade] [--weights RUN] [--no-append]
+    python benchmarks/throughput.py [--threads N] [--steps N] [--models sbn,darn,nade] [--weights RUN] [--device cuda]
+        [--no-append]
 
 Times the full training step as `lightning_modules/module.py` runs it (sample Q, log-probs, both
 surrogates, backward of p_loss + q_loss, the module's two fused Adam steps) on batch 100 of real
@@ -30,6 +31,10 @@ directory or checkpoint, as `rws eval --checkpoint` takes). That matters for rws
 Q's samples with P's bottom weights take a sparse path once the samples agree
 (`pipeline/sample_linear.py`), which an untrained Q's fair coins never do. The table's notes give
 the fraction of h_1's entries that differ from their per-point majority at each K.
+
+Device: `--device cuda` runs rws and Pyro on the GPU (every timed step ends with a
+`torch.cuda.synchronize()`), and the peak is then `torch.mm` of 8192 x 8192 float32 matrices under
+the default float32 matmul precision ('highest': no TF32), which the steps run under too.
 
 Allocator: by default both run under the C library's malloc settings, as a plain process does.
 `rws fit` keeps freed memory in the heap (pipeline/allocator.py), which makes its steps faster;
@@ -79,11 +84,11 @@ LABELS = {
 }
 
 
-def load_batch() -> tuple[torch.Tensor, str]:
+def load_batch(path: Path) -> tuple[torch.Tensor, str]:
     """The first BATCH rows of the binarized MNIST training split (uint8 [B, 784])."""
     try:
-        train = load_binarized_mnist(DATA, splits=("train",))["train"]
-        source = str(DATA)
+        train = load_binarized_mnist(path, splits=("train",))["train"]
+        source = str(path)
     except FileNotFoundError:
         train = load_binarized_mnist(None, splits=("train",))["train"]
         source = "embedded default subset"
@@ -119,18 +124,37 @@ def sbn_step_flops(sizes: list[int], batch: int, k: int) -> int:
     return q_wake + p_wake + p_sleep + q_sleep
 
 
-def matmul_peak(n: int = 2048, runs: int = 15) -> float:
-    """Dense float32 matmul FLOP/s: median over `runs` torch.mm of n x n by n x n."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
+def matmul_peak(device: torch.device, runs: int = 15) -> float:
+    """Dense float32 matmul FLOP/s: median over `runs` torch.mm of n x n by n x n (n = 2048 on a CPU,
+    8192 on a GPU, where 2048 would not fill the chip)."""
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    out = torch.empty(n, n, device=device)
+    mm = synchronized(lambda: torch.mm(a, b, out=out), device)
     for _ in range(3):
-        torch.mm(a, b, out=out)
+        mm()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        torch.mm(a, b, out=out)
+        mm()
         times.append(time.perf_counter() - start)
     return 2 * n**3 / statistics.median(times)
+
+
+def synchronized(fn, device: torch.device):
+    """`fn` followed by a wait for the device's queued work (GPU launches return before they run)."""
+    if device.type != "cuda":
+        return fn
+
+    def call():
+        fn()
+        torch.cuda.synchronize(device)
+
+    return call
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
 
 def time_steps(steps_fns, steps: int, warmup: int, budget_s: float) -> list[tuple[float, int]]:
@@ -234,6 +258,8 @@ def main(argv=None):
     parser.add_argument("--ks", default=",".join(map(str, KS)))
     parser.add_argument("--weights", help="start the SBN rows from this `rws fit` checkpoint of SBN 784-200-200-10 "
                         "(run directory or checkpoint) instead of a fresh initialization")
+    parser.add_argument("--data", default=str(DATA), help="binarized_mnist.npz (missing: the embedded default subset)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (rws and Pyro alike)")
     parser.add_argument("--no-pyro", action="store_true")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--retain-freed-memory", action="store_true",
@@ -243,11 +269,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     retained = args.retain_freed_memory and retain_freed_memory()
     ks = [int(k) for k in args.ks.split(",")]
     models = [m for m in args.models.split(",") if m]
     load_before = load_average()
-    x, source = load_batch()
+    x, source = load_batch(Path(args.data))
+    x = x.to(device)
     pyro_version = "not run"
     if not args.no_pyro:
         import pyro
@@ -255,8 +283,8 @@ def main(argv=None):
         pyro.enable_validation(False)
         pyro_version = pyro.__version__
 
-    peak = matmul_peak()
-    print(f"torch {torch.__version__}, pyro {pyro_version}, threads {torch.get_num_threads()}, "
+    peak = matmul_peak(device)
+    print(f"torch {torch.__version__}, pyro {pyro_version}, {device_name(device)}, threads {torch.get_num_threads()}, "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s, data: {source}", flush=True)
 
     trained = load_weights(args.weights) if args.weights else None
@@ -269,6 +297,7 @@ def main(argv=None):
             torch._dynamo.reset()
             torch.manual_seed(0)
             base = trained if name == "sbn" and trained is not None else HelmholtzMachine(**MODELS[name])
+            base = base.to(device)
             if name == "sbn":
                 with torch.no_grad():
                     h1 = base.sample_q(x.to(torch.float32), k)[0]
@@ -278,6 +307,7 @@ def main(argv=None):
                 fns["compiled"] = rws_step_fn(copy.deepcopy(base), x, k, compile=True)
             if name == "sbn" and not args.no_pyro and k > 1:  # Pyro's RWS asserts K > 1
                 fns["pyro"] = pyro_step_fn(copy.deepcopy(base), x, k)
+            fns = {variant: synchronized(fn, device) for variant, fn in fns.items()}
             timings = dict(zip(fns, time_steps(list(fns.values()), args.steps, args.warmup, args.budget)))
             cells = [LABELS[name], str(k)]
             for variant in ("eager", "compiled", "pyro"):
@@ -293,7 +323,7 @@ def main(argv=None):
             rows.append((cells, flops, [timings[v][0] for v in ("eager", "compiled") if v in timings]))
             print("| " + " | ".join(cells) + " |", flush=True)
 
-    peak_after = matmul_peak()
+    peak_after = matmul_peak(device)
     load_after = load_average()
     peak = max(peak_before, peak_after)  # the higher median: the conservative roofline
     lines = []
@@ -312,10 +342,11 @@ def main(argv=None):
     meta = (
         f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n"
         f"- machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {cpu_name()}\n"
+        f"- device: {device_name(device)} (`--device {args.device}`)\n"
         f"- torch {torch.__version__}, pyro-ppl {pyro_version}, python {platform.python_version()}\n"
         f"- torch threads: {torch.get_num_threads()}\n"
         f"- allocator: {'glibc malloc keeping freed memory (pipeline/allocator.py, as `rws fit` sets it), for rws and Pyro alike' if retained else 'the C library default, for rws and Pyro alike (`rws fit` keeps freed memory: --retain-freed-memory)'}\n"
-        f"- float32 matmul peak (torch.mm 2048x2048, median of 15 runs): {peak_before / 1e9:.1f} GFLOP/s before the "
+        f"- float32 matmul peak (torch.mm {2048 if device.type == 'cpu' else 8192}^2, median of 15 runs): {peak_before / 1e9:.1f} GFLOP/s before the "
         f"steps, {peak_after / 1e9:.1f} after; the roofline column uses the higher\n"
         f"- load average (1/5/15 min) before: {load_before}; after: {load_after}\n"
         f"- data: batch of {BATCH} rows from {source}; q_update wake-sleep; Adam lr {LR} for P and Q\n"

@@ -12,6 +12,10 @@ Tolerances come from the exact Monte Carlo standard error, itself computed by en
     - the sleep phase averages N i.i.d. draws from P(x, h), covariance Cov_P[g] / N.
 Each test also asserts that the tolerance is tight enough to tell the right answer from a plausible
 wrong one (unweighted averaging, a log-likelihood that is unbiased in log p instead of p, ...).
+
+The samplers, the log-likelihood estimate and the gradient estimates are checked on every device
+this machine has (`device`): the estimate runs on a copy of the model there, the exact tables on
+the CPU. Without a GPU the CUDA cases are skipped.
 """
 
 import copy
@@ -67,6 +71,19 @@ def model(request) -> HelmholtzMachine:
     return make_model(*request.param)
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+
+
+@pytest.fixture(params=["cpu", CUDA])
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
+
+def on_device(model: HelmholtzMachine, device: torch.device) -> HelmholtzMachine:
+    """The model itself on the CPU, a copy of it on another device (the exact tables stay on the CPU)."""
+    return model if device.type == "cpu" else copy.deepcopy(model).to(device)
+
+
 def all_x() -> torch.Tensor:
     return all_binary(LAYER_SIZES[0])
 
@@ -109,24 +126,26 @@ def test_p_and_q_normalize_over_all_configurations(model):
     torch.testing.assert_close(log_q_total, torch.zeros_like(log_q_total), atol=1e-12, rtol=0)
 
 
-def test_samplers_match_enumerated_distributions(model):
+def test_samplers_match_enumerated_distributions(model, device):
     torch.manual_seed(1)
     x = all_x()
+    sampler = on_device(model, device)
     num_latent = sum(LAYER_SIZES[1:])
     # sample_q: K draws per x, against q(h | x).
     num_draws = 20_000
-    hs = model.sample_q(x, num_draws)
-    assert [tuple(h.shape) for h in hs] == [(num_draws, 16, size) for size in LAYER_SIZES[1:]]
-    h_index = binary_index(torch.cat(hs, -1))  # [K, 16]
+    hs = sampler.sample_q(x.to(device), num_draws)
+    assert [(tuple(h.shape), h.device.type) for h in hs] == [((num_draws, 16, size), device.type) for size in LAYER_SIZES[1:]]
+    h_index = binary_index(torch.cat(hs, -1).cpu())  # [K, 16]
     counts = torch.zeros(2**num_latent, 16, dtype=torch.float64)
     counts.scatter_add_(0, h_index, torch.ones_like(h_index, dtype=torch.float64))
     with torch.no_grad():
         assert_frequencies_match(counts, log_q_table(model, x).exp(), num_draws, "sample_q")
     # sample_p: ancestral draws of (x, h), against p(x, h).
     num_draws = 200_000
-    x_drawn, hs = model.sample_p(num_draws)
-    assert x_drawn.shape == (num_draws, LAYER_SIZES[0])
+    x_drawn, hs = sampler.sample_p(num_draws)
+    assert x_drawn.shape == (num_draws, LAYER_SIZES[0]) and x_drawn.device.type == device.type
     assert [tuple(h.shape) for h in hs] == [(num_draws, size) for size in LAYER_SIZES[1:]]
+    x_drawn, hs = x_drawn.cpu(), [h.cpu() for h in hs]
     joint_index = binary_index(torch.cat(hs, -1)) * 16 + binary_index(x_drawn)  # row-major in the [32, 16] table
     counts = torch.bincount(joint_index, minlength=2**num_latent * 16).to(torch.float64)
     with torch.no_grad():
@@ -138,11 +157,11 @@ def test_samplers_match_enumerated_distributions(model):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_log_likelihood_converges_to_exact_log_marginal(model):
+def test_log_likelihood_converges_to_exact_log_marginal(model, device):
     torch.manual_seed(2)
     x = some_x()
     num_samples = 50_000
-    estimate = log_likelihood(model, x, num_samples)
+    estimate = log_likelihood(on_device(model, device), x.to(device), num_samples).cpu()
     with torch.no_grad():
         exact = exact_log_marginal(model, x)
     # Delta method: log p_hat - log p(x) ~ (p_hat - p) / p, of variance chi^2 / K; its bias is -chi^2 / (2K).
@@ -266,13 +285,14 @@ def _check_gradient(estimate, exact, error_scale, wrong, what):
 GRADIENT_SAMPLES = 10_000  # K per data point in the wake gradient checks
 
 
-def test_p_gradient_matches_exact_gradient_of_log_likelihood(model):
+def test_p_gradient_matches_exact_gradient_of_log_likelihood(model, device):
     """grad p_loss ~ -grad mean_x log p(x): the self-normalized weights recover the posterior expectation."""
     torch.manual_seed(5)
     x = all_x()
     p_params = model.p_parameters()
-    surrogates = rws_surrogates(model, x, GRADIENT_SAMPLES, q_update="wake")
-    estimate = flat_grad(surrogates.p_loss, p_params)
+    estimator = on_device(model, device)
+    surrogates = rws_surrogates(estimator, x.to(device), GRADIENT_SAMPLES, q_update="wake")
+    estimate = flat_grad(surrogates.p_loss, estimator.p_parameters()).cpu()
 
     exact = flat_grad(-exact_log_marginal(model, x).mean(), p_params)
     log_joint = log_joint_table(model, x)
@@ -286,13 +306,14 @@ def test_p_gradient_matches_exact_gradient_of_log_likelihood(model):
     _check_gradient(estimate, exact, error_scale, unweighted, "P gradient")
 
 
-def test_wake_q_gradient_matches_exact_posterior_expectation(model):
+def test_wake_q_gradient_matches_exact_posterior_expectation(model, device):
     """q_update='wake': grad q_loss ~ -mean_x E_P(h|x)[grad log q(h|x)], descending KL(P(h|x) || Q(h|x))."""
     torch.manual_seed(6)
     x = all_x()
     q_params = model.q_parameters()
-    surrogates = rws_surrogates(model, x, GRADIENT_SAMPLES, q_update="wake")
-    estimate = flat_grad(surrogates.q_loss, q_params)
+    estimator = on_device(model, device)
+    surrogates = rws_surrogates(estimator, x.to(device), GRADIENT_SAMPLES, q_update="wake")
+    estimate = flat_grad(surrogates.q_loss, estimator.q_parameters()).cpu()
 
     posterior = exact_posterior(model, x)
     log_q = log_q_table(model, x)
@@ -304,14 +325,15 @@ def test_wake_q_gradient_matches_exact_posterior_expectation(model):
     _check_gradient(estimate, exact, error_scale, torch.zeros_like(exact), "wake Q gradient")
 
 
-def test_sleep_q_gradient_matches_exact_expectation_under_p(model):
+def test_sleep_q_gradient_matches_exact_expectation_under_p(model, device):
     """q_update='sleep': grad q_loss ~ -sum_{x,h} p(x, h) grad log q(h|x), from one P-draw per data point."""
     torch.manual_seed(7)
     batch = 100_000
     x = all_x()[6].expand(batch, LAYER_SIZES[0])  # x only sets the number of sleep draws
     q_params = model.q_parameters()
-    surrogates = rws_surrogates(model, x, 1, q_update="sleep")
-    estimate = flat_grad(surrogates.q_loss, q_params)
+    estimator = on_device(model, device)
+    surrogates = rws_surrogates(estimator, x.to(device), 1, q_update="sleep")
+    estimate = flat_grad(surrogates.q_loss, estimator.q_parameters()).cpu()
 
     x_all = all_x()
     log_q = log_q_table(model, x_all)  # [32, 16]
@@ -350,18 +372,18 @@ def test_wake_sleep_q_gradient_is_sum_of_wake_and_sleep(model):
     assert g_wake.norm() > 0.1 and g_sleep.norm() > 0.1 and (g_wake - g_sleep).norm() > 0.1
 
 
-def test_compiled_step_gradients_match_exact_gradients():
-    """torch.compile(rws_surrogates) in float32, as `RWSModule(compile=True)` trains: it draws from the
-    Philox uniforms of `pipeline.philox` and fuses the log-prob passes; its P and wake-Q gradients must
-    still match the exact (float64) ones."""
+def test_compiled_step_gradients_match_exact_gradients(device):
+    """torch.compile(rws_surrogates) in float32, as `RWSModule(compile=True)` trains: on a CPU it draws
+    from the Philox uniforms of `pipeline.philox`, on a GPU Inductor generates its kernels, and it fuses
+    the log-prob passes; its P and wake-Q gradients must still match the exact (float64) ones."""
     torch.manual_seed(8)
     model = make_model("sbn", "sbn")
     x = all_x()
     p_params, q_params = model.p_parameters(), model.q_parameters()
-    model32 = copy.deepcopy(model).float()
-    surrogates = torch.compile(rws_surrogates, dynamic=False)(model32, x.float(), GRADIENT_SAMPLES, "wake")
-    p_estimate = flat_grad(surrogates.p_loss, model32.p_parameters()).double()
-    q_estimate = flat_grad(surrogates.q_loss, model32.q_parameters()).double()
+    model32 = copy.deepcopy(model).float().to(device)
+    surrogates = torch.compile(rws_surrogates, dynamic=False)(model32, x.float().to(device), GRADIENT_SAMPLES, "wake")
+    p_estimate = flat_grad(surrogates.p_loss, model32.p_parameters()).double().cpu()
+    q_estimate = flat_grad(surrogates.q_loss, model32.q_parameters()).double().cpu()
 
     posterior = exact_posterior(model, x)
     log_q = log_q_table(model, x)
@@ -374,5 +396,5 @@ def test_compiled_step_gradients_match_exact_gradients():
     _check_gradient(q_estimate, q_exact, q_scale, torch.zeros_like(q_exact), "compiled wake Q gradient")
     chi2 = chi_square(model, x)
     tolerance = Z * torch.sqrt(chi2 / GRADIENT_SAMPLES) + chi2 / GRADIENT_SAMPLES  # as in the log-likelihood test
-    error = (surrogates.log_likelihood - exact_log_marginal(model, x).detach()).abs()
+    error = (surrogates.log_likelihood.cpu() - exact_log_marginal(model, x).detach()).abs()
     assert (error < tolerance).all(), f"|log p_hat - log p| = {error.tolist()}, tolerance {tolerance.tolist()}"
