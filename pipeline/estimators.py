@@ -37,6 +37,12 @@ Q_UPDATES = ("wake", "sleep", "wake-sleep")
 # against 0.70 GiB for the 2^25 floats used before, at the same throughput within this VM's noise.
 _CHUNK_BUDGET_FLOATS = 2**23
 
+# On a GPU a chunk that small leaves the kernels launch-bound: on an H200, `rws eval` of the same
+# model at K = 100000 on 100 test points ran 1.3M points x samples/s with 52 samples per chunk (2^23
+# floats), 9.3M with 500 and 12.7M with 5000 (5.2 GiB peak) (benchmarks/RESULTS.md, 2026-12-04).
+# So a GPU chunk aims for 2^29 floats (2 GiB), or a sixteenth of the free memory in bytes if less.
+_GPU_CHUNK_BUDGET_FLOATS = 2**29
+
 
 def log_weights(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """lw_k = log p(x, h_k) - log q(h_k | x): [K, B]."""
@@ -150,9 +156,14 @@ def _group_position(sample_group: ProcessGroup | None) -> tuple[int, int]:
     return size, dist.get_rank(sample_group) if size > 1 else 0
 
 
-def default_chunk_size(model: HelmholtzMachine, batch_size: int) -> int:
-    """Samples per chunk so that one chunk's log-prob pass holds about 2**23 activation floats."""
-    return max(1, _CHUNK_BUDGET_FLOATS // (batch_size * model.floats_per_sample()))
+def default_chunk_size(model: HelmholtzMachine, batch_size: int, device: torch.device) -> int:
+    """Samples per chunk so that one chunk's log-prob pass holds about 2**23 activation floats on a
+    CPU, and on a CUDA device 2**29 or a sixteenth of its free memory in bytes, the smaller."""
+    budget = _CHUNK_BUDGET_FLOATS
+    if device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        budget = min(_GPU_CHUNK_BUDGET_FLOATS, free_bytes // 16)
+    return max(1, budget // (batch_size * model.floats_per_sample()))
 
 
 def chunk_log_sum_weights(model: HelmholtzMachine, x: torch.Tensor, num_samples: int) -> torch.Tensor:
@@ -178,7 +189,8 @@ def log_likelihood(
     """Importance-sampling estimate of log p(x) with K = `num_samples` samples: [B].
 
     The samples are drawn `chunk_size` at a time and folded into a running logsumexp, so memory
-    does not grow with K (K = 100000 fits in a few hundred MB). With a `sample_group`, each rank
+    does not grow with K (K = 100000 fits in a few hundred MB on a CPU; a GPU's default chunks are
+    larger, see `default_chunk_size`). With a `sample_group`, each rank
     draws its share of the K samples and every rank gets the estimate over all of them.
     `compile` runs each chunk through `torch.compile` (worth its one-off compile time, tens of
     seconds, when K x B is in the millions).
@@ -187,7 +199,7 @@ def log_likelihood(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     group_ranks, rank = _group_position(sample_group)
     local_samples = split_evenly(num_samples, group_ranks, rank)
-    chunk_size = chunk_size or default_chunk_size(model, x.shape[0])
+    chunk_size = chunk_size or default_chunk_size(model, x.shape[0], x.device)
     chunk_fn = _compiled_chunk_log_sum_weights if compile else chunk_log_sum_weights
     # float64: in float32 each fold rounds log_total, and 100000 folds drifted by -0.02 nats.
     log_total = x.new_full((x.shape[0],), -math.inf, dtype=torch.float64)  # [B]

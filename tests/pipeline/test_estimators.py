@@ -222,6 +222,22 @@ def test_many_float32_chunks_fold_without_drift(monkeypatch):
     torch.testing.assert_close(estimate.double(), torch.full((2,), -90.0, dtype=torch.float64), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("free_gib", [80, 1])
+def test_default_chunks_on_a_gpu_are_larger_and_fit_its_free_memory(monkeypatch, free_gib):
+    """A CUDA device gets larger chunks than the CPU (launch-bound kernels otherwise), but never more
+    activation floats than a sixteenth of its free memory in bytes. (Only `torch.cuda.mem_get_info` is
+    faked: a device object needs no GPU.)"""
+    model = HelmholtzMachine([784, 200, 200, 10])
+    free_bytes = free_gib * 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_bytes, 2 * free_bytes))
+    batch = 100
+    cpu, gpu = (estimators.default_chunk_size(model, batch, torch.device(kind)) for kind in ("cpu", "cuda"))
+    floats_per_sample = batch * model.floats_per_sample()
+    assert cpu * floats_per_sample <= 2**23 < (cpu + 1) * floats_per_sample
+    assert gpu > 5 * cpu and gpu * floats_per_sample * 16 <= free_bytes
+    assert gpu * floats_per_sample <= 2**29 < (gpu + 1) * floats_per_sample or (gpu + 1) * floats_per_sample * 16 > free_bytes
+
+
 @pytest.mark.parametrize(
     "chunk_size, compile", [(1, False), (7, False), (None, False), (64, True)], ids=["1", "7", "default", "64-compiled"]
 )
