@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from importlib.metadata import entry_points, version
 from pathlib import Path
 
+import torch
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
@@ -69,17 +70,29 @@ class ConciseParser(LightningArgumentParser):
         pass  # argparse calls this only on errors; --help prints the whole help, usage included
 
 
-def _not_a_tip(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("💡 Tip")
+TENSOR_CORES = (
+    "This GPU has Tensor Cores, which float32 matmuls use only with --model.matmul_precision high (TF32) "
+    "or medium (bf16 products); the default, highest, keeps exact float32 products"
+)
+
+
+def _in_our_words(record: logging.LogRecord) -> bool:
+    """Drop Lightning's tip lines; say its Tensor Core hint (which tells the user to call
+    `torch.set_float32_matmul_precision`) as the option of this CLI that does it."""
+    message = str(record.msg)
+    if "that has Tensor Cores" in message:
+        record.msg, record.args = TENSOR_CORES, ()
+    return not message.startswith("💡 Tip")
 
 
 def quiet_lightning() -> None:
     """Drop two lines that every fit/validate/test printed and that ask nothing of the user:
     Lightning's advertisement for its hosted logger, and the FutureWarning that torch 2.13 raises
-    when Lightning 2.6's own pytree helper builds a `LeafSpec`. Calling it again adds nothing."""
+    when Lightning 2.6's own pytree helper builds a `LeafSpec`; and on a GPU, word Lightning's
+    Tensor Core hint as this CLI's option. Calling it again adds nothing."""
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_not_a_tip)
+        logging.getLogger(name).addFilter(_in_our_words)
 
 
 class RWSLightningCLI(LightningCLI):
@@ -155,7 +168,9 @@ class RWSLightningCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Checks of the parsed config that would otherwise fail late, or be ignored; then, before the
-        Trainer exists, `quiet_lightning` (here, so that every user of this CLI gets it: `rws`, tune trials)."""
+        Trainer exists, `quiet_lightning` (here, so that every user of this CLI gets it: `rws`, tune trials)
+        and the config's matmul precision (the module sets it again at setup; Lightning checks it, and
+        hints at Tensor Cores, before that)."""
         if self.subcommand not in (None, "fit") and self._get(self.config, "resume") is not None:
             raise ValueError(
                 f"--resume is for fit only; {self.subcommand} takes the checkpoint to load as --ckpt_path PATH"
@@ -171,6 +186,9 @@ class RWSLightningCLI(LightningCLI):
             resolve_devices(trainer.get("devices", "auto"), trainer.get("accelerator"), 1, os.environ)
             if trainer.get("precision") is not None:  # also checked at setup; here before any run directory exists
                 check_precision(trainer["precision"])
+        model = self._get(self.config, "model")
+        if model is not None and model.get("matmul_precision") is not None:
+            torch.set_float32_matmul_precision(model["matmul_precision"])
         quiet_lightning()
 
     def before_fit(self) -> None:

@@ -1,6 +1,7 @@
 """End-to-end: `rws fit` -> `rws eval` -> `rws sample` through the real command line, and its errors."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -329,6 +330,53 @@ def test_validation_line_only_in_epochs_that_validated(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in (result.stdout + result.stderr).splitlines() if "val/log_likelihood" in line]
     assert [line.split()[1] for line in lines] == ["1", "3"], lines
+
+
+def test_matmul_precision_holds_when_lightning_sets_up_the_device(tmp_path):
+    """Lightning checks the float32 matmul precision as it sets up the device, before the module's
+    setup sets it; on a GPU it then told users of --model.matmul_precision high to set the precision."""
+    script = (
+        "import sys, torch\n"
+        "from pytorch_lightning.accelerators.cpu import CPUAccelerator\n"
+        "setup_device = CPUAccelerator.setup_device\n"
+        "def recording(self, device):\n"
+        "    print('precision at device setup:', torch.get_float32_matmul_precision(), flush=True)\n"
+        "    setup_device(self, device)\n"
+        "CPUAccelerator.setup_device = recording\n"
+        "from lightning_modules.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, "fit", "--config", str(CONFIGS / "debug.yaml"), "--model.matmul_precision", "high",
+         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+         "--trainer.default_root_dir", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = [line for line in result.stdout.splitlines() if line.startswith("precision at device setup:")]
+    assert seen == ["precision at device setup: high"], seen  # not "highest", the default
+
+
+def test_lightnings_tensor_core_hint_names_this_clis_option(monkeypatch, caplog):
+    """Lightning's hint says to call torch.set_float32_matmul_precision; an rws user sets an option."""
+    from lightning_fabric.accelerators import cuda
+
+    from lightning_modules.cli import TENSOR_CORES, quiet_lightning
+
+    quiet_lightning()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(cuda, "_is_ampere_or_later", lambda device=None: True)
+    logger = logging.getLogger("lightning_fabric.utilities.rank_zero")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger=logger.name):
+            cuda._check_cuda_matmul_precision(torch.device("cuda", 0))
+    finally:
+        logger.removeHandler(caplog.handler)
+    messages = {record.getMessage() for record in caplog.records}
+    assert messages == {TENSOR_CORES}, messages
+    assert "--model.matmul_precision high" in TENSOR_CORES
 
 
 def test_version_names_the_package_and_its_stack(capsys):
