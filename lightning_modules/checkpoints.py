@@ -42,6 +42,20 @@ def read_hyperparameters(path: Path) -> dict:
     return saved or {}
 
 
+def saved_checkpoint_dirs(path: Path) -> dict[str, str]:
+    """The directory each of Lightning's ModelCheckpoint callbacks wrote to, by its state key, as
+    recorded in checkpoint `path` (a file or a sharded checkpoint directory)."""
+    if path.is_dir():
+        callbacks = ckpt.read_shared_value(path, "callbacks", tensors_as_none=True)
+    else:
+        callbacks = ckpt.read_file(path).get("callbacks")
+    return {
+        key: state["dirpath"]
+        for key, state in (callbacks or {}).items()
+        if isinstance(state, dict) and isinstance(state.get("dirpath"), str)
+    }
+
+
 def load_checkpoint(path: str | Path) -> tuple[RWSModule, dict]:
     """Load a Lightning checkpoint of `RWSModule` safely (weights_only: no pickled code runs).
 

@@ -25,7 +25,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from lightning_modules.callbacks import CPUTimeBudget, PrintValidation, SampleGrid
-from lightning_modules.checkpoints import read_hyperparameters, resolve_checkpoint
+from lightning_modules.checkpoints import read_hyperparameters, resolve_checkpoint, saved_checkpoint_dirs
 from lightning_modules.checkpoint_cli import checkpoint_main
 from lightning_modules.checkpointing import DistributedCheckpoint, refuse_foreign_checkpoints, resolve_resume
 from lightning_modules.data_cli import data_main
@@ -200,19 +200,40 @@ class RWSLightningCLI(LightningCLI):
         check_schedule(self.model.hparams.lr_schedule, self.trainer.max_epochs)
         config = self.config_init[self.subcommand]
         callback = next(cb for cb in self.trainer.callbacks if isinstance(cb, DistributedCheckpoint))
-        if config.get("resume") is None:
-            if config.get("ckpt_path") is None and callback.every_n_epochs:
-                refuse_foreign_checkpoints(callback.resolve_dirpath(self.trainer))
-            return
-        if config.get("ckpt_path") is not None:
-            raise ValueError("give either --resume or --ckpt_path, not both")
-        config["ckpt_path"] = resolve_resume(config["resume"], callback.resolve_dirpath(self.trainer))
+        if config.get("resume") is not None:
+            if config.get("ckpt_path") is not None:
+                raise ValueError("give either --resume or --ckpt_path, not both")
+            config["ckpt_path"] = resolve_resume(config["resume"], callback.resolve_dirpath(self.trainer))
+        elif config.get("ckpt_path") is None and callback.every_n_epochs:
+            refuse_foreign_checkpoints(callback.resolve_dirpath(self.trainer))
+        self.continue_checkpoint_dirs(config.get("ckpt_path"))
 
     def before_validate(self) -> None:
         self.check_data("validate")
+        self.continue_checkpoint_dirs(self.config_init[self.subcommand].get("ckpt_path"))
 
     def before_test(self) -> None:
         self.check_data("test")
+        self.continue_checkpoint_dirs(self.config_init[self.subcommand].get("ckpt_path"))
+
+    def continue_checkpoint_dirs(self, ckpt_path: str | None) -> None:
+        """Lightning's ModelCheckpoint callbacks of a run continued from a checkpoint write where they
+        wrote before, if that directory is still there and no --checkpoint.dirpath says otherwise.
+
+        Why: by default they write into the new run's logger version (`lightning_logs/version_N`),
+        and a callback whose directory changed restores neither its best score nor its top k, so the
+        first validation after a resume was saved as the best whatever its value (and Lightning
+        warned of the changed directory on every resume, validate and test).
+        """
+        if ckpt_path is None or str(ckpt_path).split(":")[0] in LIGHTNING_CKPT_NAMES or not Path(ckpt_path).exists():
+            return
+        saved = saved_checkpoint_dirs(Path(ckpt_path))
+        for callback in self.trainer.checkpoint_callbacks:
+            dirpath = saved.get(callback.state_key) if isinstance(callback, ModelCheckpoint) else None
+            if dirpath is not None and callback.dirpath is None and Path(dirpath).is_dir():
+                callback.dirpath = dirpath
+                # Lightning's warning about a non-empty directory is meant for new runs; this one continues there.
+                warnings.filterwarnings("ignore", message=f"Checkpoint directory {re.escape(dirpath)} exists and is not empty")
 
     def check_data(self, stage: str) -> None:
         """Set up the data now and check that the model's first layer fits its width.

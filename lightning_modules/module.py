@@ -52,6 +52,31 @@ def check_precision(precision) -> None:
         )
 
 
+def rescale_learning_rates(checkpoint: dict, configured: dict[str, float]) -> None:
+    """Scale a checkpoint's optimizer and LR-scheduler states to the configured base learning rates:
+    P's optimizer (the first) by p_lr / the saved p_lr, Q's (the second) by q_lr / the saved q_lr.
+
+    Why: Lightning restores each optimizer's param_groups, lr included, over the optimizer the
+    module built, so a resumed fit silently kept the old rates whatever --model.p_lr said. Scaling
+    rather than setting keeps a schedule's progress: it continues as new base x its factor so far.
+    """
+    saved = checkpoint.get("hyper_parameters", {})
+    optimizer_states = checkpoint.get("optimizer_states") or []
+    scheduler_states = checkpoint.get("lr_schedulers") or []
+    for index, name in enumerate(("p_lr", "q_lr")):
+        if not saved.get(name) or saved[name] == configured[name] or index >= len(optimizer_states):
+            continue
+        ratio = configured[name] / saved[name]
+        for group in optimizer_states[index].get("param_groups", []):
+            for key in ("lr", "initial_lr"):  # initial_lr: where a scheduler starts from
+                if key in group:
+                    group[key] = group[key] * ratio
+        if index < len(scheduler_states):
+            for key in ("base_lrs", "_last_lr"):
+                if key in scheduler_states[index]:
+                    scheduler_states[index][key] = [lr * ratio for lr in scheduler_states[index][key]]
+
+
 class RWSModule(pl.LightningModule):
     """Reweighted Wake-Sleep on a Helmholtz machine with separate optimizers for P and Q.
 
@@ -205,6 +230,8 @@ class RWSModule(pl.LightningModule):
                 f"model.optimizer={self.hparams.optimizer!r}, but the checkpoint was trained with {saved!r}, whose "
                 f"state cannot continue another optimizer: resume with --model.optimizer {saved}, or start a new run"
             )
+        if fitting:
+            rescale_learning_rates(checkpoint, {"p_lr": self.hparams.p_lr, "q_lr": self.hparams.q_lr})
 
     def _data(self, batch) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch

@@ -160,10 +160,12 @@ def allocate(structure: Any, where: str = "") -> dict[str, torch.Tensor]:
     return tensors
 
 
-def unflatten(structure: Any, tensors: dict[str, torch.Tensor], where: str = "") -> Any:
-    """Inverse of `flatten`."""
+def unflatten(structure: Any, tensors: dict[str, torch.Tensor] | None, where: str = "") -> Any:
+    """Inverse of `flatten`; with `tensors` None, every tensor leaf reads as None (the plain values alone)."""
     if isinstance(structure, dict):
         if "@t" in structure:
+            if tensors is None:
+                return None
             if structure["@t"] not in tensors:
                 raise CheckpointError(f"{where}: tensor {structure['@t']!r} is missing")
             return tensors[structure["@t"]]
@@ -715,14 +717,15 @@ def _read_tree(file: Path) -> Any:
     return stored["tree"]
 
 
-def read_shared_value(path: str | os.PathLike, key: str) -> Any:
+def read_shared_value(path: str | os.PathLike, key: str, tensors_as_none: bool = False) -> Any:
     """`shared[key]` of complete checkpoint directory `path` (None if absent), for a value without
     tensors, such as the hyperparameters: read from tree.json alone, without verifying or reading
-    the tensor data, which `load` does."""
+    the tensor data, which `load` does. `tensors_as_none`: a value with tensors reads with None in
+    their place (a tensor is otherwise a CheckpointError)."""
     path = Path(path)
     read_marker(path)
     entries = dict(_read_tree(path / SHARED_TREE).get("@d", []))
-    return unflatten(entries[key], {}, str(path / SHARED_TREE)) if key in entries else None
+    return unflatten(entries[key], None if tensors_as_none else {}, str(path / SHARED_TREE)) if key in entries else None
 
 
 def load(

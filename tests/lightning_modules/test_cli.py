@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -318,6 +319,53 @@ def test_resume_past_max_epochs_is_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     checkpoint = tmp_path / "checkpoints" / "epoch0002-step000000012"
     assert f"rws fit: error: checkpoint {checkpoint} is at epoch 2, past trainer.max_epochs=1" in result.stderr
+
+
+def test_a_resumed_fit_keeps_its_best_checkpoint_where_it_was(tmp_path):
+    """Lightning's best/last checkpoints continue in the resumed run's directory, with its best score:
+    by default a resume wrote them into a new lightning_logs/version_N, restored no best score, and
+    saved its first validation as the best whatever its value (with a warning on every resume)."""
+    runs = tmp_path / "runs"
+    args = ("fit", "--config", str(CONFIGS / "debug.yaml"), "--trainer.limit_train_batches", "2",
+            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(runs))  # fmt: skip
+    first = rws(*args, "--trainer.max_epochs", "1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # Learning rates that wreck the model: its next validation is far worse than the first.
+    resumed = rws(*args, "--trainer.max_epochs", "2", "--resume", "auto", "--model.p_lr", "10", "--model.q_lr", "10", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (before,), (after,) = (
+        [float(line.split()[5]) for line in (run.stdout + run.stderr).splitlines() if "val/log_likelihood" in line]
+        for run in (first, resumed)
+    )
+    assert after < before - 10, (before, after)  # setup: the resumed epoch is not the best
+    assert "dirpath has changed" not in resumed.stderr and "not empty" not in resumed.stderr, resumed.stderr[-3000:]
+    saved = sorted(path.relative_to(runs).as_posix() for path in runs.rglob("*.ckpt"))
+    assert saved == ["lightning_logs/version_0/checkpoints/best-epoch=0-step=4.ckpt", "lightning_logs/version_0/checkpoints/last.ckpt"]
+    validated = rws("validate", *args[1:], "--ckpt_path", str(runs), cwd=tmp_path)
+    assert validated.returncode == 0 and "dirpath has changed" not in validated.stderr, validated.stderr[-3000:]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "exponential"])
+def test_a_resumed_fit_trains_at_the_learning_rates_it_is_given(tmp_path, schedule):
+    """Lightning restores the optimizers' saved learning rates over the configured ones: a resumed
+    fit with other --model.p_lr/q_lr ran at the old rates. The same run resumed twice, with its own
+    rates and with others, must save rates in their ratio (a schedule's progress is kept)."""
+    args = ("fit", "--config", str(CONFIGS / "debug.yaml"), "--trainer.limit_train_batches", "2",
+            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--model.lr_schedule", schedule, "--model.lr_decay", "0.5", "--trainer.default_root_dir", "run")  # fmt: skip
+    (tmp_path / "same").mkdir()
+    first = rws(*args, "--trainer.max_epochs", "1", "--model.p_lr", "0.003", "--model.q_lr", "0.003", cwd=tmp_path / "same")
+    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.copytree(tmp_path / "same", tmp_path / "other")
+    rates = {}
+    for name, p_lr, q_lr in [("same", "0.003", "0.003"), ("other", "0.001", "0.002")]:
+        resumed = rws(*args, "--trainer.max_epochs", "2", "--resume", "auto", "--model.p_lr", p_lr, "--model.q_lr", q_lr,
+                      cwd=tmp_path / name)  # fmt: skip
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        state = torch.load(next((tmp_path / name).rglob("last.ckpt")), weights_only=True)
+        rates[name] = [group["lr"] for optimizer in state["optimizer_states"] for group in optimizer["param_groups"]]
+    assert rates["other"] == pytest.approx([rates["same"][0] / 3, rates["same"][1] * 2 / 3], rel=1e-9), rates
 
 
 def test_validation_line_only_in_epochs_that_validated(tmp_path):
