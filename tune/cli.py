@@ -71,18 +71,19 @@ def search(argv: list[str]) -> int:
     spec = load_spec(args.config, overrides)
 
     # Imported here: Ray takes seconds to import, and --help and the checks of the YAML need none of it.
-    from tune.experiment import experiment_dir, run
+    from tune.experiment import prepare, run
     from tune.results import COLUMNS, markdown_table, trial_rows, write_results
     from tune.trial import check_fit_configs
 
     check_fit_configs(spec)
-    print(f"rws tune: experiment {experiment_dir(spec)}, {spec.num_trials} trials", flush=True)
-    results, interrupted = run(spec, args.address, args.resume)
+    directory = prepare(spec, args.resume)  # refuses a new search into an existing experiment, and so on
+    print(f"rws tune: experiment {directory}, {spec.num_trials} trials", flush=True)
+    results, interrupted = run(spec, directory, args.address, args.resume)
     rows = trial_rows(results, spec)
     if not rows:
         print("rws tune: no trial started; continue with --resume", flush=True)
         return 130
-    paths = write_results(rows, spec, experiment_dir(spec))
+    paths = write_results(rows, spec, directory)
     print("\n" + markdown_table(rows[:5], [*COLUMNS, *spec.space]), end="")
     for name, path in paths.items():
         print(f"{name}: {path}")
@@ -94,7 +95,7 @@ def search(argv: list[str]) -> int:
             flush=True,
         )
         return 130
-    return report_failures(results.num_terminated, results.num_errors, experiment_dir(spec))
+    return report_failures(results.num_terminated, results.num_errors, directory)
 
 
 def report_failures(finished: int, failed: int, directory: Path) -> int:

@@ -264,10 +264,9 @@ class RayLines(logging.Filter):
         return not message.startswith(self.DROPPED)
 
 
-def run(spec: SearchSpec, address: str | None, resume: bool) -> tuple[tune.ResultGrid, bool]:
-    """Run (or resume) the search to its end; Ctrl-C stops it with its state saved. Returns the
-    results and whether it was interrupted."""
-    directory = prepare(spec, resume)
+def run(spec: SearchSpec, directory: Path, address: str | None, resume: bool) -> tuple[tune.ResultGrid, bool]:
+    """Run (or resume) the search in `directory` (from `prepare`) to its end; Ctrl-C stops it with
+    its state saved. Returns the results and whether it was interrupted."""
     ray_lines = RayLines()
     for name in RayLines.LOGGERS:
         logging.getLogger(name).addFilter(ray_lines)

@@ -161,8 +161,10 @@ def test_resume_without_an_experiment(tmp_path, capsys):
 def test_existing_experiment_needs_resume_or_a_new_name(tmp_path, capsys):
     (tmp_path / "runs" / "search").mkdir(parents=True)
     (tmp_path / "runs" / "search" / "tuner.pkl").write_bytes(b"")  # what Ray writes when a search starts
-    err = tune_error(capsys, "--config", str(write_search(tmp_path)), "--storage-path", str(tmp_path / "runs"))
+    assert main(["tune", "--config", str(write_search(tmp_path)), "--storage-path", str(tmp_path / "runs")]) == 2
+    out, err = capsys.readouterr()
     assert "--resume" in err and "--name" in err
+    assert out == "", "an experiment that cannot start was announced first"
 
 
 @pytest.mark.parametrize(
