@@ -178,9 +178,9 @@ def check_trial_settings(config, spec: SearchSpec) -> None:
 
 
 def blame(spec: SearchSpec, first: dict[str, Any], error_of: Callable) -> str:
-    """The setting that makes the first sample's fit config fail, for the error line: the base
-    config alone, else the first `fixed` key that fails on its own, else the fixed keys together,
-    else the first space key.
+    """The setting that makes the first sample's fit config fail, for the error line: the
+    sample_parallel setting if the sample works without it, else the base config alone, else the
+    first `fixed` key that fails on its own, else the fixed keys together, else the first space key.
 
     Derived keys (depth, width, top_width) stay in every try: they only make sense together.
     """
@@ -190,6 +190,9 @@ def blame(spec: SearchSpec, first: dict[str, Any], error_of: Callable) -> str:
     def with_fixed(fixed: dict[str, Any]) -> SearchSpec:
         return SearchSpec({**spec.settings, "fixed": fixed}, spec.base)
 
+    # The setting is in every try below (it sets model.sample_parallel): blamed first if it alone breaks the sample.
+    if spec.sample_parallel > 1 and error_of(first, SearchSpec({**spec.settings, "sample_parallel": 1}, spec.base)) is None:
+        return f"sample_parallel = {spec.sample_parallel}"
     if error_of(derived, with_fixed(fixed_derived)) is not None:
         return f"base_config {spec.base_config}"
     for key, value in spec.fixed.items():

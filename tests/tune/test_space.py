@@ -191,6 +191,14 @@ def test_existing_experiment_needs_resume_or_a_new_name(tmp_path, capsys):
         (["--fixed.trainer.devices", "2"], "fixed.trainer.devices = 2: trainer.devices=2: Ray starts a trial's processes"),
         (["--fixed.trainer.precision", "16-mixed"], "fixed.trainer.precision = '16-mixed': trainer.precision='16-mixed'"),
         (["--fixed.trainer.accelerator", "gpu"], "trainer.accelerator='gpu' needs use_gpu: true"),
+        (  # K does not split over 2 ranks: the setting is named (the base config alone is fine)
+            ["--workers-per-trial", "2", "--sample-parallel", "2"],
+            "sample_parallel = 2: model.num_samples (5) must be divisible by model.sample_parallel (2)",
+        ),
+        (
+            ["--workers-per-trial", "2", "--sample-parallel", "2", "--fixed.model.num_samples", "3"],
+            "sample_parallel = 2: model.num_samples (3) must be divisible by model.sample_parallel (2)",
+        ),
     ],
 )
 def test_bad_settings_are_one_line_naming_the_key(tmp_path, capsys, args, message):
