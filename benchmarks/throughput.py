@@ -1,7 +1,7 @@
 """Training throughput of RWS against Pyro's ReweightedWakeSleep, and against this machine's roofline.
 
     python benchmarks/throughput.py [--threads N] [--steps N] [--models sbn,darn,nade] [--weights RUN] [--device cuda]
-        [--no-append]
+        [--batch N] [--compile-mode MODE] [--nade-chunk-floats N] [--no-append]
 
 Times the full training step as `lightning_modules/module.py` runs it (sample Q, log-probs, both
 surrogates, backward of p_loss + q_loss, the module's two fused Adam steps) on batch 100 of real
@@ -60,8 +60,10 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import append_section, command_line, cpu_name  # noqa: E402
 from lightning_modules.module import RWSModule  # noqa: E402
+from pipeline import layers  # noqa: E402
 from pipeline.allocator import retain_freed_memory  # noqa: E402
 from pipeline.data import load_binarized_mnist  # noqa: E402
+from pipeline.estimators import rws_surrogates  # noqa: E402
 from pipeline.models import HelmholtzMachine  # noqa: E402
 from pipeline.sample_linear import MAX_DIFFERING, differing_fraction  # noqa: E402
 
@@ -84,15 +86,15 @@ LABELS = {
 }
 
 
-def load_batch(path: Path) -> tuple[torch.Tensor, str]:
-    """The first BATCH rows of the binarized MNIST training split (uint8 [B, 784])."""
+def load_batch(path: Path, batch: int) -> tuple[torch.Tensor, str]:
+    """The first `batch` rows of the binarized MNIST training split (uint8 [B, 784])."""
     try:
         train = load_binarized_mnist(path, splits=("train",))["train"]
         source = str(path)
     except FileNotFoundError:
         train = load_binarized_mnist(None, splits=("train",))["train"]
         source = "embedded default subset"
-    return train[:BATCH], source
+    return train[:batch], source
 
 
 def sbn_step_flops(sizes: list[int], batch: int, k: int) -> int:
@@ -174,10 +176,13 @@ def time_steps(steps_fns, steps: int, warmup: int, budget_s: float) -> list[tupl
     return [(statistics.median(ts), len(ts)) for ts in times]
 
 
-def rws_step_fn(model: HelmholtzMachine, x: torch.Tensor, k: int, compile: bool):
-    """The module's training step on `model`'s weights: surrogates, one backward, two Adam steps."""
+def rws_step_fn(model: HelmholtzMachine, x: torch.Tensor, k: int, compile: bool, compile_mode: str | None = None):
+    """The module's training step on `model`'s weights: surrogates, one backward, two Adam steps.
+    `compile_mode`: torch.compile's mode for the compiled step (an experiment: the module uses the default)."""
     module = RWSModule(model.layer_sizes, num_samples=k, q_update="wake-sleep", p_lr=LR, q_lr=LR, compile=compile)
     module.model = model
+    if compile and compile_mode is not None:
+        module.rws_surrogates = torch.compile(rws_surrogates, dynamic=False, mode=compile_mode)
     p_opt, q_opt = module.configure_optimizers()
 
     def step():
@@ -260,6 +265,11 @@ def main(argv=None):
                         "(run directory or checkpoint) instead of a fresh initialization")
     parser.add_argument("--data", default=str(DATA), help="binarized_mnist.npz (missing: the embedded default subset)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (rws and Pyro alike)")
+    parser.add_argument("--batch", type=int, default=BATCH, help=f"data points per step (default {BATCH})")
+    parser.add_argument("--compile-mode", default=None,
+                        help="experiment: torch.compile mode of the compiled column, e.g. reduce-overhead (CUDA graphs)")
+    parser.add_argument("--nade-chunk-floats", type=int, default=None,
+                        help=f"experiment: NADE's activation floats per chunk of rows (default {layers._NADE_CHUNK_FLOATS})")
     parser.add_argument("--no-pyro", action="store_true")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--retain-freed-memory", action="store_true",
@@ -274,7 +284,10 @@ def main(argv=None):
     ks = [int(k) for k in args.ks.split(",")]
     models = [m for m in args.models.split(",") if m]
     load_before = load_average()
-    x, source = load_batch(Path(args.data))
+    batch = args.batch
+    if args.nade_chunk_floats is not None:
+        layers._NADE_CHUNK_FLOATS = args.nade_chunk_floats
+    x, source = load_batch(Path(args.data), batch)
     x = x.to(device)
     pyro_version = "not run"
     if not args.no_pyro:
@@ -304,7 +317,7 @@ def main(argv=None):
                 agreement.append(f"K={k}: {100 * differing_fraction(h1):.1f}%")
             fns = {"eager": rws_step_fn(copy.deepcopy(base), x, k, compile=False)}
             if not args.no_compile:
-                fns["compiled"] = rws_step_fn(copy.deepcopy(base), x, k, compile=True)
+                fns["compiled"] = rws_step_fn(copy.deepcopy(base), x, k, compile=True, compile_mode=args.compile_mode)
             if name == "sbn" and not args.no_pyro and k > 1:  # Pyro's RWS asserts K > 1
                 fns["pyro"] = pyro_step_fn(copy.deepcopy(base), x, k)
             fns = {variant: synchronized(fn, device) for variant, fn in fns.items()}
@@ -313,13 +326,13 @@ def main(argv=None):
             for variant in ("eager", "compiled", "pyro"):
                 if variant in timings:
                     seconds, count = timings[variant]
-                    cells += [f"{1e3 * seconds:.2f} (n={count})", f"{BATCH * k / seconds:,.0f}"]
+                    cells += [f"{1e3 * seconds:.2f} (n={count})", f"{batch * k / seconds:,.0f}"]
                 else:
                     cells += ["-", "-"]
             for variant in ("eager", "compiled"):
                 pyro = timings.get("pyro")
                 cells.append(f"{pyro[0] / timings[variant][0]:.2f}x" if pyro and variant in timings else "-")
-            flops = sbn_step_flops(SBN_SIZES, BATCH, k) if name == "sbn" else None
+            flops = sbn_step_flops(SBN_SIZES, batch, k) if name == "sbn" else None
             rows.append((cells, flops, [timings[v][0] for v in ("eager", "compiled") if v in timings]))
             print("| " + " | ".join(cells) + " |", flush=True)
 
@@ -349,7 +362,8 @@ def main(argv=None):
         f"- float32 matmul peak (torch.mm {2048 if device.type == 'cpu' else 8192}^2, median of 15 runs): {peak_before / 1e9:.1f} GFLOP/s before the "
         f"steps, {peak_after / 1e9:.1f} after; the roofline column uses the higher\n"
         f"- load average (1/5/15 min) before: {load_before}; after: {load_after}\n"
-        f"- data: batch of {BATCH} rows from {source}; q_update wake-sleep; Adam lr {LR} for P and Q\n"
+        f"- data: batch of {batch} rows from {source}; q_update wake-sleep; Adam lr {LR} for P and Q\n"
+        f"- experiments: compile mode {args.compile_mode or 'default'}; NADE chunk {layers._NADE_CHUNK_FLOATS} floats\n"
         f"- weights: {f'`{args.weights}` (trained) for the SBN rows' if args.weights else 'fresh initialization'}\n"
         f"- SBN rows: entries of Q's samples of h_1 that differ from their per-point majority (sparse products "
         f"below {100 * MAX_DIFFERING:g}%): {', '.join(agreement) or '-'}\n"
