@@ -45,7 +45,7 @@ VERSIONS = (
     "import sys, torch, pytorch_lightning as pl; print(sys.version); "
     "print('torch', torch.__version__, 'cuda', torch.version.cuda, "
     "torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'); print('pytorch-lightning', pl.__version__)"
-)  # None: rws eval's default, sized for a CPU's caches
+)
 
 
 class Deadline:
