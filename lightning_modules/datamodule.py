@@ -10,10 +10,12 @@ import hashlib
 import inspect
 import logging
 import os
+import warnings
 from typing import Literal
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from pipeline.data import load_binarized_mnist
@@ -227,6 +229,11 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
             self._train_sampler = sampler
         else:
             dataset, sampler = TensorDataset(self._rank_share(split, rank, size)), None
+        # Lightning advises worker processes for a loader with fewer than 2 on a machine with more cores
+        # (on every fit on a GPU machine). Rows sliced from a tensor in memory come faster without: on
+        # the 2-core VM, beside 11 ms of work per batch, 0.4 ms per batch of 100 in-process, 1.2-1.4 ms
+        # through 1 or 2 workers.
+        warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers", category=PossibleUserWarning)
         return DataLoader(
             dataset,
             batch_size=batch_size,

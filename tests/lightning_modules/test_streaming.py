@@ -383,3 +383,17 @@ def test_two_process_ddp_fit_streams_by_data_parallel_rank(tmp_path, embedded, s
     seen = [Counter(h for batch in r for h in batch) for r in ranks]
     assert not (seen[0] + seen[1]) - source, "no sample used more often than it exists: disjoint ranks"
     assert sum((seen[0] + seen[1]).values()) == 5200
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_in_memory_loaders_are_not_told_to_use_worker_processes(monkeypatch, recwarn, split):
+    """Lightning advises workers for a loader with fewer than 2 on a machine with more cores (twice
+    on every fit of the 16-core GPU machine); for rows sliced from memory they only cost time."""
+    from pytorch_lightning.trainer.connectors import data_connector
+
+    datamodule = BinarizedMNISTDataModule(batch_size=50)
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader() if split == "train" else datamodule.val_dataloader()
+    monkeypatch.setattr(data_connector, "suggested_max_num_workers", lambda num_devices: 15)  # a 16-core machine
+    data_connector._worker_check(SimpleNamespace(num_devices=1), loader, f"{split}_dataloader")
+    assert not [w for w in recwarn if "does not have many workers" in str(w.message)]
