@@ -32,7 +32,7 @@ from lightning_modules.data_cli import data_main
 from lightning_modules.datamodule import BinarizedMNISTDataModule
 from lightning_modules.evaluate import eval_main, sample_main
 from lightning_modules.launch import cluster_environment, resolve_devices
-from lightning_modules.module import RWSModule, check_precision, check_schedule
+from lightning_modules.module import RWSModule, check_precision, check_schedule, ignore_inductor_tf32_hint
 
 TOOLS = {"eval": eval_main, "sample": sample_main, "data": data_main, "checkpoint": checkpoint_main}
 SUBCOMMANDS = ("fit", "validate", "test")  # LightningCLI's, less `predict`: the module has no predict_step
@@ -89,8 +89,10 @@ def quiet_lightning() -> None:
     """Drop two lines that every fit/validate/test printed and that ask nothing of the user:
     Lightning's advertisement for its hosted logger, and the FutureWarning that torch 2.13 raises
     when Lightning 2.6's own pytree helper builds a `LeafSpec`; and on a GPU, word Lightning's
-    Tensor Core hint as this CLI's option. Calling it again adds nothing."""
+    Tensor Core hint as this CLI's option (and drop Inductor's, which says the same for a compiled
+    step). Calling it again adds nothing."""
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    ignore_inductor_tf32_hint()
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_in_our_words)
 

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from lightning_modules.checkpoints import load_checkpoint, resolve_checkpoint
 from lightning_modules.datamodule import read_splits
+from lightning_modules.module import ignore_inductor_tf32_hint
 from pipeline.allocator import retain_freed_memory
 from pipeline.data import SPLITS
 from pipeline.distributed import rank_seed
@@ -115,6 +116,7 @@ def eval_main(argv: list[str]) -> int:
         parser.error(f"--per-point {args.per_point}: not a file in an existing directory")
 
     device = _device(args.device)
+    ignore_inductor_tf32_hint()  # the estimates keep exact float32 products on purpose
     checkpoint = resolve_checkpoint(args.checkpoint)  # reported as read, not as the run directory given
     module, data_hparams = load_checkpoint(checkpoint)
     points, data_source = _points(args.split, args.data_path, data_hparams)

@@ -7,6 +7,7 @@ optimizers and learning rates, and metrics are logged as `split/metric`.
 import inspect
 import math
 import os
+import warnings
 from collections.abc import Iterable
 from typing import Literal
 
@@ -50,6 +51,17 @@ def check_precision(precision) -> None:
             f"trainer.precision={precision!r}: RWS needs float32 (or 64) log-probabilities; for faster GPU "
             "matmuls use --model.matmul_precision high (TF32) instead"
         )
+
+
+# Inductor's own hint that float32 matmuls could use TF32, printed when a compiled step or `rws eval
+# --compile` chunk runs on a GPU at the 'highest' precision. In rws that precision is a choice:
+# --model.matmul_precision in training (Lightning's hint, reworded by the CLI, names it), and exact
+# float32 for rws eval's estimates.
+INDUCTOR_TF32_HINT = "TensorFloat32 tensor cores for float32 matrix multiplication available but not enabled"
+
+
+def ignore_inductor_tf32_hint() -> None:
+    warnings.filterwarnings("ignore", message=INDUCTOR_TF32_HINT)
 
 
 def rescale_learning_rates(checkpoint: dict, configured: dict[str, float]) -> None:

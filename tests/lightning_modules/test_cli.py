@@ -5,6 +5,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -425,6 +426,21 @@ def test_lightnings_tensor_core_hint_names_this_clis_option(monkeypatch, caplog)
     messages = {record.getMessage() for record in caplog.records}
     assert messages == {TENSOR_CORES}, messages
     assert "--model.matmul_precision high" in TENSOR_CORES
+
+
+def test_inductors_tf32_hint_is_dropped_in_rws_commands(recwarn):
+    """Inductor's own TF32 hint (a compiled step on a GPU at 'highest') says what Lightning's reworded
+    hint says in training, and contradicts rws eval's exact float32 on purpose."""
+    from lightning_modules.cli import quiet_lightning
+
+    quiet_lightning()
+    warnings.warn(
+        "TensorFloat32 tensor cores for float32 matrix multiplication available but not enabled. Consider setting "
+        "`torch.set_float32_matmul_precision('high')` for better performance.",
+        UserWarning,
+    )
+    warnings.warn("a warning of another kind", UserWarning)
+    assert [str(w.message) for w in recwarn] == ["a warning of another kind"]
 
 
 def test_version_names_the_package_and_its_stack(capsys):
