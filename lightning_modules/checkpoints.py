@@ -35,20 +35,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def _saved_value(path: Path, key: str, tensors_as_none: bool = False):
+    """`key` of a checkpoint file or sharded checkpoint directory (None if absent); for a directory,
+    read without its tensor data (`ckpt.read_shared_value`)."""
+    if path.is_dir():
+        return ckpt.read_shared_value(path, key, tensors_as_none)
+    return ckpt.read_file(path).get(key)
+
+
 def read_hyperparameters(path: Path) -> dict:
     """The model hyperparameters saved in a checkpoint file or sharded checkpoint directory ({} if
     none); for a directory, without reading its tensors."""
-    saved = ckpt.read_shared_value(path, "hyper_parameters") if path.is_dir() else ckpt.read_file(path).get("hyper_parameters")
-    return saved or {}
+    return _saved_value(path, "hyper_parameters") or {}
 
 
 def saved_checkpoint_dirs(path: Path) -> dict[str, str]:
     """The directory each of Lightning's ModelCheckpoint callbacks wrote to, by its state key, as
     recorded in checkpoint `path` (a file or a sharded checkpoint directory)."""
-    if path.is_dir():
-        callbacks = ckpt.read_shared_value(path, "callbacks", tensors_as_none=True)
-    else:
-        callbacks = ckpt.read_file(path).get("callbacks")
+    callbacks = _saved_value(path, "callbacks", tensors_as_none=True)
     return {
         key: state["dirpath"]
         for key, state in (callbacks or {}).items()

@@ -70,6 +70,11 @@ class ConciseParser(LightningArgumentParser):
         pass  # argparse calls this only on errors; --help prints the whole help, usage included
 
 
+def lightning_resolves(ckpt_path: str) -> bool:
+    """Whether `--ckpt_path` is one of Lightning's own names (last, best, hpc, registry:...), not a path."""
+    return str(ckpt_path).split(":")[0] in LIGHTNING_CKPT_NAMES
+
+
 TENSOR_CORES = (
     "This GPU has Tensor Cores, which float32 matmuls use only with --model.matmul_precision high (TF32) "
     "or medium (bf16 products); the default, highest, keeps exact float32 products"
@@ -157,7 +162,7 @@ class RWSLightningCLI(LightningCLI):
         """
         subcommand = self.config.get("subcommand")
         path = subcommand and self.config[subcommand].get("ckpt_path")
-        if not path or path.split(":")[0] in LIGHTNING_CKPT_NAMES:
+        if not path or lightning_resolves(path):
             return
         if not Path(path).exists():  # Lightning would say so too, but after making the run's log directory
             raise FileNotFoundError(f"--ckpt_path {path}: no such file or directory")
@@ -227,7 +232,7 @@ class RWSLightningCLI(LightningCLI):
         first validation after a resume was saved as the best whatever its value (and Lightning
         warned of the changed directory on every resume, validate and test).
         """
-        if ckpt_path is None or str(ckpt_path).split(":")[0] in LIGHTNING_CKPT_NAMES or not Path(ckpt_path).exists():
+        if ckpt_path is None or lightning_resolves(ckpt_path) or not Path(ckpt_path).exists():
             return
         saved = saved_checkpoint_dirs(Path(ckpt_path))
         for callback in self.trainer.checkpoint_callbacks:
