@@ -14,9 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from tune.space import SearchConfigError, load_spec
+from tune.space import SearchConfigError, load_spec, parse_yaml
 
 EPILOG = """Any setting of the search YAML can be overridden as --KEY VALUE (VALUE is YAML), with dotted
 keys inside sections: --space.depth '{choice: [1, 2]}', --space.model.q_lr null (drop from the
@@ -35,11 +33,7 @@ def parse_overrides(rest: list[str]) -> list[tuple[str, Any]]:
             value = next(items, None)
             if value is None:
                 raise SearchConfigError(f"--{key} needs a value")
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError as error:
-            raise SearchConfigError(f"--{key} {value!r}: not valid YAML ({' '.join(str(error).split())})") from error
-        overrides.append((key.replace("-", "_"), parsed))  # --storage-path = --storage_path
+        overrides.append((key.replace("-", "_"), parse_yaml(value, f"--{key} {value!r}")))  # --storage-path = --storage_path
     return overrides
 
 

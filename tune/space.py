@@ -279,12 +279,17 @@ def load_spec(path: str | Path, overrides: list[tuple[str, Any]] = ()) -> Search
     return spec
 
 
-def read_yaml(path: Path) -> Any:
-    """The YAML file at `path`; a syntax error is a SearchConfigError naming the file and the place."""
+def parse_yaml(text: str, where: str) -> Any:
+    """`text` as YAML; a syntax error is a SearchConfigError naming `where` (a file, an option) and the place."""
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise SearchConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from error
+        raise SearchConfigError(f"{where}: not valid YAML ({' '.join(str(error).split())})") from error
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML file at `path` (`parse_yaml`)."""
+    return parse_yaml(path.read_text(), str(path))
 
 
 def absolute_shards(shards: str) -> str:
