@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import append_section, command_line, cpu_name  # noqa: E402
+from benchmarks.report import append_section, command_line, cpu_name, device_name  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "binarized_mnist.npz"
 CHILD = (
@@ -41,13 +41,6 @@ CHILD = (
     "print('GPU_PEAK_BYTES', torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else 0, file=sys.stderr)\n"
     "sys.exit(code)\n"
 )
-
-
-def gpu_name(device: str) -> str:
-    """"NVIDIA H200, " for a CUDA device, "" for the CPU (the machine line names the CPU anyway)."""
-    if device == "cpu" or not torch.cuda.is_available():
-        return ""
-    return f"{torch.cuda.get_device_name(torch.device(device) if ':' in device else None)}, "
 
 
 def main(argv=None) -> int:
@@ -88,9 +81,10 @@ def main(argv=None) -> int:
         f"| {estimate['stderr']:.2f} | {estimate['seconds']:.1f} | {rate:,.0f} | {peak_kb / 2**20:.2f} GiB "
         f"| {f'{gpu_peak / 2**30:.2f} GiB' if gpu_peak else '-'} | {full_hours:.2f} h |",
     ]
+    gpu = "" if args.device == "cpu" else f"{device_name(torch.device(args.device))}, "  # the machine line names the CPU
     meta = (
         f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}; machine: {os.cpu_count()} CPUs, "
-        f"{cpu_name()}, {gpu_name(args.device)}python {platform.python_version()}; load average {os.getloadavg()[0]:.2f}\n"
+        f"{cpu_name()}, {gpu}python {platform.python_version()}; load average {os.getloadavg()[0]:.2f}\n"
         f"- checkpoint: `{args.checkpoint}`\n"
         f"- command: `{command_line(__file__, argv)}` "
         f"(runs `rws {shlex.join(command)}` with {args.threads} torch threads)\n"

@@ -25,6 +25,11 @@ def cpu_name() -> str:
     return f"{model}, {torch.backends.cpu.get_cpu_capability()}"
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name for a CUDA device ("NVIDIA H200"), "CPU" for the CPU."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
 def command_line(script: str, argv: list[str] | None) -> str:
     """`python benchmarks/<script> <args>` as the user typed it (argv None: this process's arguments)."""
     return "python " + shlex.join([f"benchmarks/{Path(script).name}", *(argv if argv is not None else sys.argv[1:])])

@@ -58,7 +58,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import append_section, command_line, cpu_name  # noqa: E402
+from benchmarks.report import append_section, command_line, cpu_name, device_name  # noqa: E402
 from lightning_modules.module import RWSModule  # noqa: E402
 from pipeline import layers  # noqa: E402
 from pipeline.allocator import retain_freed_memory  # noqa: E402
@@ -153,10 +153,6 @@ def synchronized(fn, device: torch.device):
         torch.cuda.synchronize(device)
 
     return call
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
 
 def time_steps(steps_fns, steps: int, warmup: int, budget_s: float) -> list[tuple[float, int]]:
