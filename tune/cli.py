@@ -10,6 +10,7 @@ ValueError/FileNotFoundError/KeyError into one line `rws tune: error: ...` and e
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,33 @@ def parse_overrides(rest: list[str]) -> list[tuple[str, Any]]:
                 raise SearchConfigError(f"--{key} needs a value")
         overrides.append((key.replace("-", "_"), parse_yaml(value, f"--{key} {value!r}")))  # --storage-path = --storage_path
     return overrides
+
+
+# How long `check_address` waits for a TCP connection to the cluster's head.
+ADDRESS_TIMEOUT_S = 10.0
+
+
+def check_address(address: str | None, timeout_s: float = ADDRESS_TIMEOUT_S) -> None:
+    """Refuse an `--address` where nothing answers, before Ray is asked to join it.
+
+    Why: Ray 2.60's `ray.init` retries an unreachable GCS without end (five-second attempts, one
+    warning line each; still waiting after two minutes), so a typo in the host or port looked like
+    a hung search. HOST:PORT and ray://HOST:PORT are tried with one TCP connection; 'auto' (the
+    cluster that `ray start` left on this machine) and 'local' are left to Ray.
+    """
+    if address is None or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise SearchConfigError(f"--address {address!r}: expected HOST:PORT (the head's GCS port, e.g. 6379) or 'auto'")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        reason = "timed out" if isinstance(error, TimeoutError) else (error.strerror or str(error))
+        raise SearchConfigError(
+            f"--address {address}: nothing answers at {host}:{port} ({reason}); is the cluster's head "
+            f"running (`ray start --head --port {port}` there)? Without --address, rws tune starts Ray on this machine"
+        ) from None
 
 
 def main(argv: list[str]) -> int:
@@ -63,6 +91,7 @@ def search(argv: list[str]) -> int:
     if args.num_trials is not None:
         overrides.append(("num_trials", args.num_trials))
     spec = load_spec(args.config, overrides)
+    check_address(args.address)
 
     # Imported here: Ray takes seconds to import, and --help and the checks of the YAML need none of it.
     from tune.experiment import prepare, run

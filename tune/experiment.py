@@ -42,7 +42,10 @@ def init_ray(address: str | None) -> None:
     # The dashboard (on 127.0.0.1) stays on: Ray Train V2 frees a stopped trial's workers only after
     # its state API confirms that the trial's TorchTrainer is gone. "local": a new instance, never
     # one that `ray start` left running (or dead) on this machine.
-    ray.init(address=address or "local", log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        ray.init(address=address or "local", log_to_driver=False, logging_level=logging.WARNING)
+    except ConnectionError as error:  # --address auto with no cluster on this machine, for one
+        raise SearchConfigError(f"--address {address}: {error}") from None
 
 
 def trainable(spec: SearchSpec):

@@ -1,12 +1,15 @@
 """The search YAML of `rws tune`: parsing, command-line overrides, a trial's fit config, and the
 checks that reject a bad search before Ray starts (one line naming the key or file, exit code 2)."""
 
+import socket
 from pathlib import Path
 
 import pytest
+import ray
 import yaml
 
 from lightning_modules.cli import main
+from tune.cli import check_address
 from tune.experiment import param_space
 from tune.space import apply_override, load_spec, parse_distribution
 from tune.trial import check_fit_configs
@@ -233,3 +236,44 @@ def test_bad_base_config_is_blamed(tmp_path, capsys):
     base.write_text(yaml.safe_dump({"model": {"dropout": 0.5}}))
     err = tune_error(capsys, "--config", str(write_search(tmp_path, base_config=str(base))))
     assert f"base_config {base}: " in err
+
+
+def unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("scheme", ["", "ray://"])
+def test_address_where_nothing_answers_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch, scheme):
+    def join(**settings):
+        raise AssertionError(f"ray.init({settings}) was called: for an unreachable GCS it retries without end")
+
+    monkeypatch.setattr(ray, "init", join)
+    port = unused_port()
+    err = tune_error(capsys, "--config", str(write_search(tmp_path)), "--address", f"{scheme}127.0.0.1:{port}")
+    assert f"127.0.0.1:{port}" in err and "nothing answers" in err and "connection refused" in err.lower()
+
+
+@pytest.mark.parametrize("address", ["headnode", "headnode:port", ":6379"])
+def test_address_without_a_port_is_refused(tmp_path, capsys, address):
+    err = tune_error(capsys, "--config", str(write_search(tmp_path)), "--address", address)
+    assert repr(address) in err and "HOST:PORT" in err
+
+
+def test_address_that_answers_passes_the_check():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        check_address(f"127.0.0.1:{listener.getsockname()[1]}")  # raises if refused
+    check_address("auto")
+    check_address(None)
+
+
+def test_address_auto_without_a_cluster_is_one_line(tmp_path, capsys, monkeypatch):
+    def join(**settings):  # what Ray 2.60 raises when no `ray start` cluster runs on this machine
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(ray, "init", join)
+    err = tune_error(capsys, "--config", str(write_search(tmp_path)), "--address", "auto")
+    assert "--address auto: Could not find any running Ray instance." in err
