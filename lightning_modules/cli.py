@@ -320,11 +320,31 @@ def plugin_command(name: str):
     return next(iter(found)).load() if found else None
 
 
+# What gloo raises in a process whose peer exited mid-collective (a rank that stopped on bad input,
+# say): the peer's own output holds the cause, so this one reports it in one line, not a traceback.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+
+
+def peer_failure(error: RuntimeError) -> str | None:
+    """One line for a process whose collective failed because another process of the run exited,
+    or None for any other RuntimeError (a bug, which keeps its traceback)."""
+    message = str(error)
+    if not any(marker in message for marker in _PEER_GONE):
+        return None
+    if torch.distributed.is_initialized():
+        rank = torch.distributed.get_rank()
+    else:  # Lightning tore the group down on its way out
+        rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "?"))
+    detail = message.split("] ", 1)[-1].split(". ", 1)[0]  # gloo's "[file:line] Connection closed by peer [addr]:port"
+    return f"rank {rank} stopped: another process of this run exited (the cause is in its output); gloo: {detail}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `rws` console script; `argv` defaults to the command line.
 
     Bad input (a wrong config value, a missing or corrupt file) ends with one line naming the key
-    or file and exit code 2; set RWS_TRACEBACK=1 to see the traceback instead.
+    or file and exit code 2; set RWS_TRACEBACK=1 to see the traceback instead. In a multi-process
+    run, the other processes then end with one line each (`peer_failure`) and exit code 1.
     """
     args = argv
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -354,6 +374,12 @@ def main(argv: list[str] | None = None) -> int:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"rws {argv[0]}: error: {message}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        line = peer_failure(error)
+        if line is None or os.environ.get("RWS_TRACEBACK"):
+            raise
+        print(f"rws {argv[0]}: {line}", file=sys.stderr)
+        return 1
     return 0
 
 

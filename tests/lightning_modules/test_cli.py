@@ -599,3 +599,36 @@ def test_a_random_seed_is_refused_in_processes_a_launcher_started(launcher, tmp_
     args = ["fit", "--config", str(CONFIGS / "debug.yaml"), "--trainer.default_root_dir", str(tmp_path)]
     assert main([*args, "--seed_everything", "true"]) == 2
     assert "seed_everything=true draws a random seed in every process" in capsys.readouterr().err
+
+
+# What gloo 2.13 raised on the surviving rank of a 2-process fit whose other rank stopped on a corrupt shard.
+GLOO_PEER_GONE = (
+    "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+    "[127.0.0.1]:9427. This is typically caused by a remote worker crashing. Check the logs of the remote "
+    "worker before reporting an error. GLHF!"
+)
+
+
+@pytest.mark.parametrize("message", [GLOO_PEER_GONE, "shape '[5, 7]' is invalid for input of size 3"])
+def test_a_peer_that_exited_is_one_line_and_other_runtime_errors_keep_their_traceback(monkeypatch, capsys, message):
+    from lightning_modules import cli
+
+    def fail(self):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(cli.RWSLightningCLI, "before_fit", fail)
+    args = ["fit", "--config", str(CONFIGS / "debug.yaml")]
+    if message != GLOO_PEER_GONE:
+        with pytest.raises(RuntimeError, match="is invalid for input"):
+            cli.main(args)
+        return
+    monkeypatch.setenv("RANK", "3")
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "rws fit: rank 3 stopped: another process of this run exited (the cause is in its output); "
+        "gloo: Connection closed by peer [127.0.0.1]:9427"
+    )
+    monkeypatch.setenv("RWS_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        cli.main(args)

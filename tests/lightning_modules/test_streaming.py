@@ -385,6 +385,28 @@ def test_two_process_ddp_fit_streams_by_data_parallel_rank(tmp_path, embedded, s
     assert sum((seen[0] + seen[1]).values()) == 5200
 
 
+@pytest.mark.slow
+def test_two_process_ddp_fit_with_a_corrupt_shard_ends_in_one_line_per_process(tmp_path, embedded):
+    """The rank that reads the shard names it; the other rank, whose collective lost its peer, says so
+    in one line instead of gloo's traceback, which used to print last and bury the cause."""
+    directory = tmp_path / "shards"
+    prepare_split(directory, "train", np.packbits(embedded["train"][:2000].numpy(), axis=1), 500)
+    prepare_split(directory, "valid", np.packbits(embedded["valid"][:200].numpy(), axis=1), 100)
+    corrupt = directory / "train-000002.tar"
+    data = bytearray(corrupt.read_bytes())
+    data[3000] ^= 1  # a bit flip inside a sample: the sha256 check finds it when the shard is read
+    corrupt.write_bytes(bytes(data))
+    result = rws(
+        *fit_args(str(directory), tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                  "--trainer.accelerator", "cpu"),
+        cwd=ROOT, env={"MASTER_PORT": str(free_port())},
+    )  # fmt: skip
+    assert result.returncode in (1, 2), result.stderr[-3000:]
+    assert f"rws fit: error: {corrupt}: corrupt: sha256" in result.stderr
+    assert "stopped: another process of this run exited" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_in_memory_loaders_are_not_told_to_use_worker_processes(monkeypatch, recwarn, split):
     """Lightning advises workers for a loader with fewer than 2 on a machine with more cores (twice
