@@ -48,6 +48,7 @@ import torch.distributed as dist
 from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_modules.callbacks import ValidationEpoch
@@ -157,6 +158,12 @@ class DCPCheckpointIO(CheckpointIO):
         return to_lightning(checkpoint, ranks.get(f"rank{source}"), info, source, str(path))
 
 
+def _inside_epoch(checkpoint: dict) -> bool:
+    """Whether Lightning's checkpoint dict was saved after some but not all batches of an epoch."""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    return progress.get("current", {}).get("completed", 0) > 0 and not progress.get("is_last_batch", True)
+
+
 def _env_fault(name: str) -> list[str] | None:
     value = os.environ.get(name)
     return value.split(":") if value else None
@@ -176,6 +183,9 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         monitor: the metric recorded with each checkpoint of an epoch that validated (the best
             one is kept).
         mode: 'max' or 'min': which value of `monitor` is best.
+        save_on_sigterm: when a SIGTERM (a scheduler's preemption, `kill PID`) stops a
+            single-process fit, save where it stopped, so that `--resume auto` loses no steps
+            (`on_exception`). Needs every_n_epochs > 0.
     """
 
     def __init__(
@@ -186,6 +196,7 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         async_save: bool = False,
         monitor: str = "val/log_likelihood",
         mode: str = "max",
+        save_on_sigterm: bool = True,
     ):
         super().__init__()
         if every_n_epochs < 0 or (keep_last is not None and keep_last < 1):
@@ -198,10 +209,13 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         self.async_save = async_save
         self.monitor = monitor
         self.mode = mode
+        self.save_on_sigterm = save_on_sigterm
         self._group = None  # a gloo group of all ranks, for saving (background thread when async)
         self._pending: ckpt.PendingSave | None = None
         self._warned_layout = False
         self._failed = False
+        self._saved_step: int | None = None
+        self._rng_at_first_batch: dict | None = None  # a checkpoint from inside an epoch: see on_load_checkpoint
         self.last_saved: Path | None = None
 
     # -- where and with whom
@@ -247,9 +261,15 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         if saved == now and resume.get("rng") is not None:
             # Why here: Lightning restores callbacks after the module's setup() (which reseeds every
             # rank) and before the sanity check (run under isolate_rng, so it consumes nothing) and
-            # before the fit loop creates the resumed epoch's DataLoader iterator (which draws from
-            # torch's RNG, ahead of on_train_start).
-            ckpt.set_rng_state(resume["rng"])
+            # before the fit loop creates the resumed epoch's DataLoader iterator (which draws a seed
+            # from torch's RNG, ahead of on_train_start). That is where an uninterrupted run stood
+            # after an epoch's last batch. Inside an epoch (where a SIGTERM saved), it had drawn
+            # that seed before the save: the states are set where the first resumed batch starts
+            # instead, after the iterator's draw.
+            if _inside_epoch(checkpoint):
+                self._rng_at_first_batch = resume["rng"]
+            else:
+                ckpt.set_rng_state(resume["rng"])
             return
         if not self._warned_layout:
             self._warned_layout = True
@@ -261,6 +281,11 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
             )
 
     # -- saving
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._rng_at_first_batch is not None:
+            ckpt.set_rng_state(self._rng_at_first_batch)
+            self._rng_at_first_batch = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         fault = _env_fault("RWS_FAULT_KILL_AT_STEP")
@@ -287,6 +312,7 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         per_rank = split_per_rank(checkpoint, type(datamodule).__qualname__ if datamodule is not None else None)
         score = self._epoch_score(trainer)
         step, epoch = trainer.global_step, trainer.current_epoch
+        self._saved_step = step
         self._pending = ckpt.save(
             self.resolve_dirpath(trainer),
             checkpoint_name(epoch, step),
@@ -339,8 +365,38 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
             return  # other ranks may be gone: waiting could hang; the save stays a .partial directory
         try:
             self.wait()
+            if isinstance(exception, SIGTERMException):
+                self._save_on_sigterm(trainer, pl_module)
         except Exception as error:  # noqa: BLE001 - the original exception matters more
-            log.warning("pending checkpoint save failed: %s", error)
+            log.warning("checkpoint save failed: %s", error)
+
+    def _save_on_sigterm(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Save where a SIGTERM stopped a single-process fit.
+
+        Lightning stops on SIGTERM at the end of a training batch (or within a validation), so the
+        training state is whole there. Only with one process: the ranks of a multi-process run may
+        stop at different batches (Lightning syncs the flag at some of its checks, not all), and a
+        collective save would then wait forever. Within a validation, the epoch's checkpoint is
+        not written yet and the loops are mid-evaluation: nothing is saved there.
+        """
+        if not (self.save_on_sigterm and self.every_n_epochs and trainer.state.fn == "fit"):
+            return
+        reason = (
+            f"{trainer.world_size} processes" if trainer.world_size > 1
+            else "inside a validation" if trainer.sanity_checking or trainer.validating
+            else "no step trained yet" if trainer.global_step == 0
+            else "saved at this step already" if trainer.global_step == self._saved_step
+            else None
+        )  # fmt: skip
+        if reason is not None:
+            if trainer.is_global_zero:
+                newest = f"the newest is {self.last_saved}" if self.last_saved else "none was saved in this run"
+                log.warning("SIGTERM at step %d: no checkpoint saved there (%s); %s", trainer.global_step, reason, newest)
+            return
+        self.save(trainer, pl_module)
+        self.wait()
+        log.warning("SIGTERM at step %d: saved checkpoint %s; `--resume auto` continues from it", trainer.global_step,
+                    self.last_saved)
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import sys
 import warnings
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ import torch
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lightning_modules.callbacks import CPUTimeBudget, PrintValidation, SampleGrid
 from lightning_modules.checkpoints import read_hyperparameters, resolve_checkpoint, saved_checkpoint_dirs
@@ -91,12 +93,16 @@ def _in_our_words(record: logging.LogRecord) -> bool:
 
 
 def quiet_lightning() -> None:
-    """Drop two lines that every fit/validate/test printed and that ask nothing of the user:
-    Lightning's advertisement for its hosted logger, and the FutureWarning that torch 2.13 raises
-    when Lightning 2.6's own pytree helper builds a `LeafSpec`; and on a GPU, word Lightning's
+    """Drop lines that every fit/validate/test printed and that ask nothing of the user:
+    Lightning's advertisement for its hosted logger, the FutureWarning that torch 2.13 raises
+    when Lightning 2.6's own pytree helper builds a `LeafSpec`, and Lightning's false alarm that a
+    mid-epoch checkpoint cannot resume its data loader; and on a GPU, word Lightning's
     Tensor Core hint as this CLI's option (and drop Inductor's, which says the same for a compiled
     step). Calling it again adds nothing."""
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    # Lightning looks for state_dict() on the DataLoader itself; the DataModule keeps the training
+    # position (ResumableSampler, StreamingLoader), so a mid-epoch resume does continue the epoch.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     ignore_inductor_tf32_hint()
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_in_our_words)
@@ -345,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     Bad input (a wrong config value, a missing or corrupt file) ends with one line naming the key
     or file and exit code 2; set RWS_TRACEBACK=1 to see the traceback instead. In a multi-process
     run, the other processes then end with one line each (`peer_failure`) and exit code 1.
+    A SIGTERM ends with one line and exit code 143 (128 + SIGTERM), as a shell reports a process
+    that the signal killed: Lightning stops gracefully, and would otherwise exit 0.
     """
     args = argv
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -374,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"rws {argv[0]}: error: {message}", file=sys.stderr)
         return 2
+    except SIGTERMException:  # Lightning's stop on SIGTERM, a SystemExit without a code: it would exit 0
+        resume = " (`--resume auto` continues from the newest checkpoint)" if argv[0] == "fit" else ""
+        print(f"rws {argv[0]}: stopped by SIGTERM{resume}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except RuntimeError as error:
         line = peer_failure(error)
         if line is None or os.environ.get("RWS_TRACEBACK"):

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from lightning_modules.checkpointing import (
@@ -143,6 +144,35 @@ def test_resume_from_a_mid_epoch_ckpt_trains_the_rest_of_that_epoch(tmp_path, nu
     resumed = run("resumed", "--trainer.val_check_interval", "3", "--resume", str(last))
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert _recorded_batches(tmp_path / "resumed") == _recorded_batches(tmp_path / "straight")[3:]
+
+
+class SigtermAt(pl.Callback):
+    """Sends this process a SIGTERM at the end of the training batch that reaches global step `step`, as a
+    scheduler's preemption or `kill PID` would (Lightning's handler then stops at the batch's end)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_mid_epoch_saves_there_exits_143_and_resume_auto_is_bitwise_identical(straight, tmp_path):
+    run = tmp_path / "run"
+    callback = json.dumps([{"class_path": "tests.lightning_modules.test_resume.SigtermAt", "init_args": {"step": N + 4}}])
+    stopped = fit(run, "--trainer.max_epochs", "2", "--trainer.callbacks", callback, env={"PYTHONPATH": str(ROOT)})
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout[-3000:]
+    assert f"SIGTERM at step {N + 4}: saved checkpoint" in stopped.stdout
+    assert "rws fit: stopped by SIGTERM" in stopped.stdout and "Traceback" not in stopped.stdout
+    assert steps(run) == [N, N + 4]  # the epoch's checkpoint, and one where the SIGTERM stopped, mid-epoch
+
+    resumed = fit(run, "--trainer.max_epochs", "2", "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"resuming from {run / 'checkpoints' / f'epoch0001-step{N + 4:09d}'}" in resumed.stdout
+    assert "dataloader is not resumable" not in resumed.stdout  # Lightning's warning; the DataModule resumes it
+    assert steps(run) == [N, N + 4, 2 * N]
+    assert_same_state(training_state(checkpoints(straight)[-1].path, 1), training_state(checkpoints(run)[-1].path, 1))
 
 
 @pytest.mark.slow  # the crash itself is tested without Lightning in tests/pipeline/test_checkpoint.py
