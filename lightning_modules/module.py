@@ -263,17 +263,17 @@ class RWSModule(pl.LightningModule):
         if self.sample_group is not None:  # each rank holds S x its share: the group's sum / S is the loss
             dist.all_reduce(losses, group=self.sample_group)
             losses = losses / self.hparams.sample_parallel
-        self.log_dict(
-            {
-                "train/log_likelihood": surrogates.log_likelihood.mean(),
-                "train/ess": surrogates.ess.mean(),
-                "train/p_loss": losses[0],
-                "train/q_loss": losses[1],
-            },
-            on_step=True,
-            on_epoch=True,
-            prog_bar=False,
-        )
+        metrics = {
+            "train/log_likelihood": surrogates.log_likelihood.mean(),
+            "train/ess": surrogates.ess.mean(),
+            "train/p_loss": losses[0],
+            "train/q_loss": losses[1],
+        }
+        # Each step logs this rank's values as they are (a collective per step would cost a sync);
+        # the epoch's means are over all ranks, reduced once at the epoch's end. Sample-group ranks
+        # hold the same values, so every data group counts once per rank of its group, alike.
+        self.log_dict({f"{name}_step": value for name, value in metrics.items()}, on_step=True, on_epoch=False)
+        self.log_dict({f"{name}_epoch": value for name, value in metrics.items()}, on_step=False, on_epoch=True, sync_dist=True)
 
     def on_train_epoch_start(self):
         self._first_nonfinite_batch = torch.tensor(-1, device=self.device)

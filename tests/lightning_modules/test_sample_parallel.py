@@ -74,8 +74,9 @@ class BatchRecorder(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         layout = {"data": list(pl_module.data_parallel_layout()), "sample_group": pl_module.sample_group is not None}
+        epoch = {name: trainer.callback_metrics[f"{name}_epoch"].item() for name in self.METRICS}
         path = Path(self.out_dir) / f"rank{trainer.global_rank}.json"
-        path.write_text(json.dumps({"digests": self.digests, "metrics": self.metrics, "layout": layout}))
+        path.write_text(json.dumps({"digests": self.digests, "metrics": self.metrics, "epoch": epoch, "layout": layout}))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -207,6 +208,11 @@ def test_ddp_fit_trains_in_both_layouts(ddp_runs, sample_parallel):
     records = [json.loads((run_dir / f"rank{rank}.json").read_text()) for rank in range(2)]
     for record in records:
         assert len(record["digests"]) == 10
+    # The epoch's training metrics (the printed line's) are means over both ranks' batches, on every rank.
+    assert "sync_dist" not in output
+    for name in BatchRecorder.METRICS:
+        mean = sum(step[name] for record in records for step in record["metrics"]) / 20
+        assert [record["epoch"][name] for record in records] == [pytest.approx(mean, rel=1e-5)] * 2, name
     if sample_parallel == 2:  # 1 data group x 2 sample ranks: both are data rank 0 of 1, in a sample group
         assert [r["layout"] for r in records] == [{"data": [0, 1], "sample_group": True}] * 2
         assert records[0]["digests"] == records[1]["digests"], "ranks of one sample group trained on different batches"
