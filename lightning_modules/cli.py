@@ -335,7 +335,7 @@ def peer_failure(error: RuntimeError) -> str | None:
     """One line for a process whose collective failed because another process of the run exited,
     or None for any other RuntimeError (a bug, which keeps its traceback)."""
     message = str(error)
-    if not any(marker in message for marker in _PEER_GONE):
+    if "gloo" not in message or not any(marker in message for marker in _PEER_GONE):
         return None
     if torch.distributed.is_initialized():
         rank = torch.distributed.get_rank()

@@ -270,8 +270,8 @@ class RWSModule(pl.LightningModule):
             "train/q_loss": losses[1],
         }
         # Each step logs this rank's values as they are (a collective per step would cost a sync);
-        # the epoch's means are over all ranks, reduced once at the epoch's end. Sample-group ranks
-        # hold the same values, so every data group counts once per rank of its group, alike.
+        # the epoch's means are over all ranks, reduced once at the epoch's end. The ranks of a
+        # sample group log the same values (their group's), so every data group weighs the same.
         self.log_dict({f"{name}_step": value for name, value in metrics.items()}, on_step=True, on_epoch=False)
         self.log_dict({f"{name}_epoch": value for name, value in metrics.items()}, on_step=False, on_epoch=True, sync_dist=True)
 

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -609,7 +610,9 @@ GLOO_PEER_GONE = (
 )
 
 
-@pytest.mark.parametrize("message", [GLOO_PEER_GONE, "shape '[5, 7]' is invalid for input of size 3"])
+@pytest.mark.parametrize(
+    "message", [GLOO_PEER_GONE, "shape '[5, 7]' is invalid for input of size 3", "HTTP read: Connection reset by peer"]
+)
 def test_a_peer_that_exited_is_one_line_and_other_runtime_errors_keep_their_traceback(monkeypatch, capsys, message):
     from lightning_modules import cli
 
@@ -618,8 +621,8 @@ def test_a_peer_that_exited_is_one_line_and_other_runtime_errors_keep_their_trac
 
     monkeypatch.setattr(cli.RWSLightningCLI, "before_fit", fail)
     args = ["fit", "--config", str(CONFIGS / "debug.yaml")]
-    if message != GLOO_PEER_GONE:
-        with pytest.raises(RuntimeError, match="is invalid for input"):
+    if message != GLOO_PEER_GONE:  # not a collective's: the traceback stays
+        with pytest.raises(RuntimeError, match=re.escape(message)):
             cli.main(args)
         return
     monkeypatch.setenv("RANK", "3")
