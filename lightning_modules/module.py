@@ -16,13 +16,17 @@ import torch
 import torch.distributed as dist
 
 from pipeline.allocator import retain_freed_memory
-from pipeline.distributed import init_sample_parallel_mesh, rank_seed
+from pipeline.distributed import agrees_across, fingerprint, init_sample_parallel_mesh, rank_seed
 from pipeline.estimators import log_likelihood, rws_surrogates
 from pipeline.models import HelmholtzMachine
 
 
 class NonFiniteError(ValueError):
     """Training produced NaN or infinite losses or parameters."""
+
+
+class SampleGroupSplitError(ValueError):
+    """The ranks of a sample group trained on different minibatches."""
 
 
 def nonfinite_names(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
@@ -251,6 +255,8 @@ class RWSModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x = self._data(batch)
+        if self.sample_group is not None:  # compared across the group with the notes, not every step
+            self._batches_seen = self._batches_seen + fingerprint(x)
         surrogates = self.rws_surrogates(self.model, x, self.hparams.num_samples, self.hparams.q_update, self.sample_group)
         p_optimizer, q_optimizer = self.optimizers()
         p_optimizer.zero_grad()
@@ -258,7 +264,8 @@ class RWSModule(pl.LightningModule):
         self.manual_backward(surrogates.p_loss + surrogates.q_loss)
         p_optimizer.step()
         q_optimizer.step()
-        self._record_nonfinite(surrogates, batch_idx)
+        finite = torch.isfinite(surrogates.p_loss.detach()) & torch.isfinite(surrogates.q_loss.detach())
+        self._note_first(~finite, "nonfinite", batch_idx)
         losses = torch.stack([surrogates.p_loss.detach(), surrogates.q_loss.detach()])
         if self.sample_group is not None:  # each rank holds S x its share: the group's sum / S is the loss
             dist.all_reduce(losses, group=self.sample_group)
@@ -275,38 +282,54 @@ class RWSModule(pl.LightningModule):
         self.log_dict({f"{name}_step": value for name, value in metrics.items()}, on_step=True, on_epoch=False)
         self.log_dict({f"{name}_epoch": value for name, value in metrics.items()}, on_step=False, on_epoch=True, sync_dist=True)
 
+    # What `_note_first` records: the epoch's first batch whose losses were NaN or infinite, and the
+    # first by which the ranks of a sample group had not shared every batch (their log-weights were
+    # then pooled across different images: with --data.on_error skip, a shard that one rank failed
+    # to read). The latter compares the sum of the epoch's batch fingerprints when the notes are read.
+    _NOTES = ("nonfinite", "split")
+
     def on_train_epoch_start(self):
-        self._first_nonfinite_batch = torch.tensor(-1, device=self.device)
+        self._first_bad_batch = torch.full((len(self._NOTES),), -1, device=self.device)
+        self._batches_seen = torch.zeros((), dtype=torch.float64, device=self.device)
 
     on_train_start = on_train_epoch_start  # a run resumed mid-epoch continues it without on_train_epoch_start
 
-    def _record_nonfinite(self, surrogates, batch_idx: int) -> None:
-        """Note the epoch's first batch whose losses are NaN or infinite, on the device: the step
-        never waits for the host, and `on_train_batch_end` looks at the note now and then."""
-        finite = torch.isfinite(surrogates.p_loss.detach()) & torch.isfinite(surrogates.q_loss.detach())
-        first = self._first_nonfinite_batch
-        self._first_nonfinite_batch = torch.where(~finite & (first < 0), batch_idx, first)
+    def _note_first(self, bad: torch.Tensor, note: str, batch_idx: int) -> None:
+        """Note batch `batch_idx` under `note` if `bad` (a 0-dim bool tensor) and none is noted yet this
+        epoch, on the device: the step never waits for the host; `on_train_batch_end` looks now and then."""
+        first = self._first_bad_batch[self._NOTES.index(note)]
+        self._first_bad_batch[self._NOTES.index(note)] = torch.where(bad & (first < 0), batch_idx, first)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         # When Lightning logs anyway, and on the epoch's last batch: before the epoch-end checkpoints.
         every = max(1, self.trainer.log_every_n_steps)
         if (batch_idx + 1) % every == 0 or batch_idx + 1 == self.trainer.num_training_batches:
-            self._raise_if_nonfinite()
+            if self.sample_group is not None:
+                self._note_first(~agrees_across(self._batches_seen, self.sample_group), "split", batch_idx)
+            self._raise_if_noted()
 
-    def _raise_if_nonfinite(self) -> None:
-        first = self._first_nonfinite_batch
+    def _raise_if_noted(self) -> None:
+        first = self._first_bad_batch
         if dist.is_available() and dist.is_initialized():  # every rank stops together, or DDP would hang
             first = first.clone()
             dist.all_reduce(first, op=dist.ReduceOp.MAX)
-        if first.item() < 0:
-            return
-        parameters = nonfinite_names(self.model.named_parameters())
-        raise NonFiniteError(
-            f"epoch {self.current_epoch}, batch {first.item()}: the training losses are NaN or infinite"
-            + (f" and so are parameters {', '.join(parameters)}" if parameters else "")
-            + "; training stopped before writing a checkpoint of this state. Lower --model.p_lr and "
-            "--model.q_lr, or resume from an earlier checkpoint"
-        )
+        nonfinite, split = first.tolist()
+        where = f"epoch {self.current_epoch}, batch"
+        if split >= 0:
+            raise SampleGroupSplitError(
+                f"{where} {split} or before: the ranks of a sample group trained on different minibatches, so their "
+                "log-weights were normalized across different images (with --data.on_error skip: a shard that one "
+                "rank could not read); training stopped before writing a checkpoint of this state. Resume with "
+                "--data.on_error raise"
+            )
+        if nonfinite >= 0:
+            parameters = nonfinite_names(self.model.named_parameters())
+            raise NonFiniteError(
+                f"{where} {nonfinite}: the training losses are NaN or infinite"
+                + (f" and so are parameters {', '.join(parameters)}" if parameters else "")
+                + "; training stopped before writing a checkpoint of this state. Lower --model.p_lr and "
+                "--model.q_lr, or resume from an earlier checkpoint"
+            )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         parameters = nonfinite_names(self.model.named_parameters())

@@ -5,6 +5,8 @@ Everything the estimators need across samples is a logsumexp over the K dimensio
 reduction serves normalized weights, ESS and the log-likelihood estimate.
 """
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -64,6 +66,33 @@ def sharded_softmax(log_weights: torch.Tensor, group: dist.ProcessGroup | None =
     """
     _, scaled, total = _shifted_exp(log_weights.detach(), group)
     return scaled / torch.where(total > 0, total, torch.ones_like(total))
+
+
+@functools.lru_cache(maxsize=4)
+def _position_weights(numel: int, device: torch.device) -> torch.Tensor:
+    """sin(1), sin(2), ..., sin(numel) in float64: nonzero weights with no linear relation between
+    positions (with weights affine in the position, two rows swapped could keep the sum)."""
+    return torch.sin(torch.arange(1, numel + 1, dtype=torch.float64, device=device))
+
+
+def fingerprint(values: torch.Tensor) -> torch.Tensor:
+    """A position-weighted float64 sum of `values`: 0-dim. Tensors that differ in any entry, order
+    or size give different sums, but for coincidences of rounding; sums of fingerprints stay so."""
+    flat = values.detach().flatten().double()
+    return flat @ _position_weights(flat.numel(), flat.device)
+
+
+def agrees_across(values: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Whether `values` holds the same entries in the same places on every rank of `group`: a 0-dim
+    bool tensor, without waiting on the host (True without a group). One all-reduce of 2 numbers:
+    the group's largest and smallest `fingerprint`.
+    """
+    if group_size(group) == 1:
+        return torch.ones((), dtype=torch.bool, device=values.device)
+    own = fingerprint(values)
+    extremes = torch.stack([own, -own])  # MAX of both: the group's largest and smallest
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
+    return extremes[0] == -extremes[1]
 
 
 def init_sample_parallel_mesh(sample_parallel: int, device_type: str = "cpu") -> DeviceMesh | None:

@@ -184,6 +184,27 @@ def test_compiled_step_trains_under_ddp_with_sample_parallelism(tmp_path):
     assert records[0]["digests"] == records[1]["digests"] and len(records[0]["digests"]) == 10
 
 
+class SplitBatch(pl.Callback):
+    """Test-only callback: rank 1 flips one pixel of its third batch, as if it had read other data than
+    its sample group's rank 0 (a shard that only one rank failed to read, under --data.on_error skip)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == 1 and batch_idx == 2:
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            x[0, 0] = 1 - x[0, 0]
+
+
+@pytest.mark.slow
+def test_sample_group_that_trained_on_different_batches_stops_before_its_checkpoint(tmp_path):
+    result = _fit_ddp(tmp_path, 2, f"--trainer.callbacks+={__name__}.SplitBatch", "--trainer.log_every_n_steps", "4")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    # Checked with the NaN note: every log_every_n_steps batches (here 4: 3, 7) and at the epoch's last.
+    assert "rws fit: error: epoch 0, batch 3 or before: the ranks of a sample group trained on different" in output
+    assert "Traceback" not in output, output[-3000:]
+    assert not list((tmp_path / "runs").rglob("*.ckpt")) and not list((tmp_path / "runs").rglob("COMPLETE"))
+
+
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory) -> dict[int, tuple[Path, subprocess.CompletedProcess]]:
     runs = {}

@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from pipeline.distributed import init_sample_parallel_mesh, sharded_logsumexp, split_evenly
+from pipeline.distributed import agrees_across, init_sample_parallel_mesh, sharded_logsumexp, split_evenly
 from pipeline.estimators import Q_UPDATES, log_likelihood, rws_surrogates
 from pipeline.models import HelmholtzMachine
 
@@ -221,6 +221,17 @@ def _worker(rank: int, port: int, out_dir: str):
             start = sum(sizes[:rank])
             results["logsumexp"][name] = sharded_logsumexp(full[start : start + sizes[rank]], group)
 
+        # (a') agrees_across: rank 1 holds the same batch, then one pixel flipped (the first, the last, one
+        # inside), two rows swapped, a row fewer
+        batch = (torch.arange(6 * 5).reshape(6, 5) % 3 == 0).float()
+        variants = {"same": batch, "two rows swapped": batch[[1, 0, *range(2, 6)]], "a row fewer": batch[:5]}
+        for row, column in ((0, 0), (5, 4), (4, 2)):
+            variants[f"pixel {row},{column}"] = batch.clone()
+            variants[f"pixel {row},{column}"][row, column] = 1 - batch[row, column]
+        results["agrees"] = {
+            name: agrees_across(batch if rank == 0 else variant, group).item() for name, variant in variants.items()
+        }
+
         # (b) same samples
         results["same_samples"] = {}
         for key, inputs in torch.load(Path(out_dir) / "inputs.pt", weights_only=False).items():
@@ -291,6 +302,13 @@ def ranks():
         mp.spawn(_worker, args=(free_port(), out_dir), nprocs=WORLD, join=True)
         results = [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     return results, inputs
+
+
+def test_agrees_across_tells_a_shared_batch_from_any_other(ranks):
+    results, _ = ranks
+    expected = {"same": True, "two rows swapped": False, "a row fewer": False, "pixel 0,0": False, "pixel 5,4": False}
+    expected["pixel 4,2"] = False
+    assert [r["agrees"] for r in results] == [expected, expected], "both ranks of the group get the same answer"
 
 
 # ---------------------------------------------------------------------------------------------------------
