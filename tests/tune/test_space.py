@@ -275,5 +275,6 @@ def test_address_auto_without_a_cluster_is_one_line(tmp_path, capsys, monkeypatc
         raise ConnectionError("Could not find any running Ray instance.")
 
     monkeypatch.setattr(ray, "init", join)
-    err = tune_error(capsys, "--config", str(write_search(tmp_path)), "--address", "auto")
+    search = str(write_search(tmp_path))
+    err = tune_error(capsys, "--config", search, "--storage-path", str(tmp_path / "runs"), "--address", "auto")
     assert "--address auto: Could not find any running Ray instance." in err
