@@ -20,7 +20,7 @@ from lightning_modules.module import ignore_inductor_tf32_hint
 from pipeline.allocator import retain_freed_memory
 from pipeline.data import SPLITS
 from pipeline.distributed import rank_seed
-from pipeline.estimators import log_likelihood
+from pipeline.estimators import default_chunk_size, log_likelihood
 from pipeline.fileio import atomic_write
 from pipeline.images import image_extensions, image_grid, save_image, square_shape
 from pipeline.shards import locate_shards
@@ -122,6 +122,9 @@ def eval_main(argv: list[str]) -> int:
     points, data_source = _points(args.split, args.data_path, data_hparams)
     points = points[: args.max_points]
     model = module.model.to(device)
+    # Once, not per batch: on a GPU the default follows the free memory, and a chunk size that moved
+    # between batches would make `--compile` compile again.
+    chunk_size = args.chunk_size or default_chunk_size(model, max(1, min(args.batch_size, len(points))), device)
     with _launched_ranks(device) as (sample_group, rank):
         torch.manual_seed(rank_seed(args.seed, rank))  # every rank draws its own share of the K samples
         retain_freed_memory()  # the chunks' temporaries stay mapped between batches (pipeline/allocator.py)
@@ -131,7 +134,7 @@ def eval_main(argv: list[str]) -> int:
         with tqdm(total=len(points), desc=desc, unit="pt", file=sys.stderr, disable=rank != 0) as progress:
             for batch in points.split(args.batch_size):
                 x = batch.to(device=device, dtype=torch.float32)
-                log_px = log_likelihood(model, x, args.num_samples, args.chunk_size, sample_group, args.compile)
+                log_px = log_likelihood(model, x, args.num_samples, chunk_size, sample_group, args.compile)
                 estimates.append(log_px.cpu())
                 progress.update(len(batch))
     if rank != 0:

@@ -635,3 +635,23 @@ def test_a_peer_that_exited_is_one_line_and_other_runtime_errors_keep_their_trac
     monkeypatch.setenv("RWS_TRACEBACK", "1")
     with pytest.raises(RuntimeError, match="Connection closed by peer"):
         cli.main(args)
+
+
+def test_eval_picks_its_default_chunk_once_for_all_batches(trained_run, monkeypatch, capsys):
+    """On a GPU the default chunk follows the free memory; one that moved between batches would make
+    `--compile` compile again. Faked here: each call of the default gives another size."""
+    from lightning_modules import evaluate
+
+    sizes, used = iter(range(7, 100)), []
+    monkeypatch.setattr(evaluate, "default_chunk_size", lambda model, batch, device: next(sizes))
+    real = evaluate.log_likelihood
+
+    def spy(model, x, num_samples, chunk_size, *rest):
+        used.append(chunk_size)
+        return real(model, x, num_samples, chunk_size, *rest)
+
+    monkeypatch.setattr(evaluate, "log_likelihood", spy)
+    args = ["--checkpoint", str(trained_run / "runs"), "--num-samples", "20", "--max-points", "30", "--batch-size", "10"]
+    assert evaluate.eval_main([*args, "--json"]) == 0
+    assert used == [7, 7, 7]
+    assert json.loads(capsys.readouterr().out)["num_points"] == 30
