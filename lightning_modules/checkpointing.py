@@ -159,9 +159,12 @@ class DCPCheckpointIO(CheckpointIO):
 
 
 def _inside_epoch(checkpoint: dict) -> bool:
-    """Whether Lightning's checkpoint dict was saved after some but not all batches of an epoch."""
+    """Whether Lightning's checkpoint dict was saved after some but not all batches of an epoch.
+
+    Counted by the batches processed: a save from `on_train_batch_end` comes before Lightning
+    counts its batch as completed."""
     progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
-    return progress.get("current", {}).get("completed", 0) > 0 and not progress.get("is_last_batch", True)
+    return progress.get("current", {}).get("processed", 0) > 0 and not progress.get("is_last_batch", True)
 
 
 def _env_fault(name: str) -> list[str] | None:
@@ -176,6 +179,10 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         dirpath: directory of the checkpoints (None: `<trainer.default_root_dir>/checkpoints`);
             `rws fit --resume auto` looks there.
         every_n_epochs: save at the end of every N-th training epoch (0: never).
+        every_n_train_steps: also save inside epochs, whenever `trainer.global_step` passes a
+            multiple of N (0: never). A batch takes two steps, P's and Q's, so N = 1000 saves every
+            500 batches; for epochs too long to lose one. Not at an epoch's last batch, where the
+            epoch's own checkpoint follows.
         keep_last: keep the newest written N complete checkpoints, plus the best by `monitor`
             among those saved after a validation (None: keep all).
         async_save: copy the state to CPU memory and write it in a background thread while
@@ -185,13 +192,14 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         mode: 'max' or 'min': which value of `monitor` is best.
         save_on_sigterm: when a SIGTERM (a scheduler's preemption, `kill PID`) stops a
             single-process fit, save where it stopped, so that `--resume auto` loses no steps
-            (`on_exception`). Needs every_n_epochs > 0.
+            (`on_exception`). Needs every_n_epochs or every_n_train_steps > 0.
     """
 
     def __init__(
         self,
         dirpath: str | None = None,
         every_n_epochs: int = 1,
+        every_n_train_steps: int = 0,
         keep_last: int | None = 3,
         async_save: bool = False,
         monitor: str = "val/log_likelihood",
@@ -199,12 +207,17 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         save_on_sigterm: bool = True,
     ):
         super().__init__()
-        if every_n_epochs < 0 or (keep_last is not None and keep_last < 1):
-            raise ValueError(f"dcp.every_n_epochs must be >= 0 and dcp.keep_last >= 1, got {every_n_epochs}, {keep_last}")
+        if every_n_epochs < 0 or every_n_train_steps < 0 or (keep_last is not None and keep_last < 1):
+            raise ValueError(
+                "dcp.every_n_epochs and dcp.every_n_train_steps must be >= 0 and dcp.keep_last >= 1, "
+                f"got {every_n_epochs}, {every_n_train_steps}, {keep_last}"
+            )
         if mode not in ("max", "min"):
             raise ValueError(f"dcp.mode must be 'max' or 'min', got {mode!r}")
         self.dirpath = dirpath
         self.every_n_epochs = every_n_epochs
+        self.every_n_train_steps = every_n_train_steps
+        self._period = 0  # global_step // every_n_train_steps after the last batch (or at the start)
         self.keep_last = keep_last
         self.async_save = async_save
         self.monitor = monitor
@@ -217,6 +230,11 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         self._saved_step: int | None = None
         self._rng_at_first_batch: dict | None = None  # a checkpoint from inside an epoch: see on_load_checkpoint
         self.last_saved: Path | None = None
+
+    @property
+    def saves(self) -> bool:
+        """Whether this callback writes checkpoints at all."""
+        return bool(self.every_n_epochs or self.every_n_train_steps)
 
     # -- where and with whom
 
@@ -247,7 +265,7 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         key = str(dirpath.resolve())
         resume_asked = key in _RESUME_ASKED
         _RESUME_ASKED.discard(key)  # asked for this fit only
-        if self.every_n_epochs and trainer.ckpt_path is None and not resume_asked:
+        if self.saves and trainer.ckpt_path is None and not resume_asked:
             refuse_foreign_checkpoints(dirpath)
 
     # -- resuming
@@ -282,6 +300,10 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
 
     # -- saving
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_train_steps:  # after a resume, the restored step
+            self._period = trainer.global_step // self.every_n_train_steps
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._rng_at_first_batch is not None:
             ckpt.set_rng_state(self._rng_at_first_batch)
@@ -291,6 +313,11 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         fault = _env_fault("RWS_FAULT_KILL_AT_STEP")
         if fault and trainer.global_step >= int(fault[0]) and (len(fault) < 2 or int(fault[1]) == trainer.global_rank):
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.every_n_train_steps:
+            period, previous = trainer.global_step // self.every_n_train_steps, self._period
+            self._period = period
+            if period > previous and batch_idx + 1 < trainer.num_training_batches:
+                self.save(trainer, pl_module)  # every rank is at the same step here: the save is collective
 
     def _epoch_score(self, trainer: pl.Trainer) -> float | None:
         """`monitor` of the current epoch's validation, None if it did not validate.
@@ -379,7 +406,7 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         collective save would then wait forever. Within a validation, the epoch's checkpoint is
         not written yet and the loops are mid-evaluation: nothing is saved there.
         """
-        if not (self.save_on_sigterm and self.every_n_epochs and trainer.state.fn == "fit"):
+        if not (self.save_on_sigterm and self.saves and trainer.state.fn == "fit"):
             return
         reason = (
             f"{trainer.world_size} processes" if trainer.world_size > 1

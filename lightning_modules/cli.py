@@ -217,7 +217,7 @@ class RWSLightningCLI(LightningCLI):
             if config.get("ckpt_path") is not None:
                 raise ValueError("give either --resume or --ckpt_path, not both")
             config["ckpt_path"] = resolve_resume(config["resume"], callback.resolve_dirpath(self.trainer))
-        elif config.get("ckpt_path") is None and callback.every_n_epochs:
+        elif config.get("ckpt_path") is None and callback.saves:
             refuse_foreign_checkpoints(callback.resolve_dirpath(self.trainer))
         self.continue_checkpoint_dirs(config.get("ckpt_path"))
 

@@ -304,11 +304,13 @@ class RWSModule(pl.LightningModule):
         # When Lightning logs anyway, and on the epoch's last batch: before the epoch-end checkpoints.
         every = max(1, self.trainer.log_every_n_steps)
         if (batch_idx + 1) % every == 0 or batch_idx + 1 == self.trainer.num_training_batches:
-            if self.sample_group is not None:
-                self._note_first(~agrees_across(self._batches_seen, self.sample_group), "split", batch_idx)
-            self._raise_if_noted()
+            self._raise_if_noted(batch_idx)
 
-    def _raise_if_noted(self) -> None:
+    def _raise_if_noted(self, batch_idx: int) -> None:
+        """Raise if this epoch's notes name a batch, on every rank alike (collective: all call it at
+        batch `batch_idx`, the last one trained)."""
+        if self.sample_group is not None:
+            self._note_first(~agrees_across(self._batches_seen, self.sample_group), "split", batch_idx)
         first = self._first_bad_batch
         if dist.is_available() and dist.is_initialized():  # every rank stops together, or DDP would hang
             first = first.clone()
@@ -332,6 +334,11 @@ class RWSModule(pl.LightningModule):
             )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Checkpoints can come between the notes' looks (--dcp.every_n_train_steps, a SIGTERM, a
+        # validation inside the epoch): a state the notes condemn is never written. Every rank saves.
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == "fit" and getattr(self, "_first_bad_batch", None) is not None:
+            self._raise_if_noted(trainer.fit_loop.epoch_loop.batch_idx)
         parameters = nonfinite_names(self.model.named_parameters())
         if parameters:
             raise NonFiniteError(f"not writing a checkpoint: parameters {', '.join(parameters)} are NaN or infinite")

@@ -117,6 +117,27 @@ def test_kill_9_after_n_steps_then_resume_auto_is_bitwise_identical(straight, tm
     assert_same_state(training_state(checkpoints(straight)[-1].path, 1), training_state(checkpoints(run)[-1].path, 1))
 
 
+@pytest.mark.parametrize(
+    "kill_at, newest", [(N, "epoch0000-step000000008"), (N + 4, "epoch0001-step000000012")], ids=["epoch 0", "epoch 1"]
+)
+def test_checkpoints_every_n_train_steps_inside_epochs_resume_bitwise(straight, tmp_path, kill_at, newest):
+    """--dcp.every_n_train_steps 4: saves at steps 4 and 8 inside epoch 0 (an epoch is N = 10 steps), the
+    epoch's own at 10, then 12 (epoch 1's first batch) and 16. Killed in the batch of step 10 (before the
+    epoch's save) or 14, --resume auto continues from 8 or 12, inside the epoch, bitwise."""
+    run = tmp_path / "run"
+    periodic = ("--dcp.every_n_train_steps", "4")
+    killed = fit(run, "--trainer.max_epochs", "2", *periodic, env={"RWS_FAULT_KILL_AT_STEP": str(kill_at)})
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
+    assert steps(run) == [4, 8, N, 12][: 2 if kill_at == N else 4]
+    assert [info.score is None for info in checkpoints(run)] == [True, True, False, True][: len(steps(run))]
+
+    resumed = fit(run, "--trainer.max_epochs", "2", *periodic, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"resuming from {run / 'checkpoints' / newest}" in resumed.stdout
+    assert steps(run) == [4, 8, N, 12, 16, 2 * N]
+    assert_same_state(training_state(checkpoints(straight)[-1].path, 1), training_state(checkpoints(run)[-1].path, 1))
+
+
 def _recorded_batches(out_dir: Path) -> list[str]:
     return json.loads((out_dir / "rank0.json").read_text())["digests"]
 

@@ -28,6 +28,7 @@ import torch
 from lightning_modules.checkpoints import load_checkpoint
 from lightning_modules.datamodule import BinarizedMNISTDataModule
 from lightning_modules.module import RWSModule
+from pipeline import checkpoint as ckpt
 from pipeline.data import load_binarized_mnist
 from pipeline.estimators import log_likelihood
 
@@ -195,14 +196,24 @@ class SplitBatch(pl.Callback):
 
 
 @pytest.mark.slow
-def test_sample_group_that_trained_on_different_batches_stops_before_its_checkpoint(tmp_path):
-    result = _fit_ddp(tmp_path, 2, f"--trainer.callbacks+={__name__}.SplitBatch", "--trainer.log_every_n_steps", "4")
+@pytest.mark.parametrize(
+    "settings, found_at, saved_steps",
+    [
+        # Checked with the NaN note, every log_every_n_steps batches (here 4: batches 3, 7) and at the epoch's last ...
+        (["--trainer.log_every_n_steps", "4"], 3, []),
+        # ... and before every checkpoint: here one every batch (2 steps), so the one after batch 2 is refused.
+        (["--dcp.every_n_train_steps", "2"], 2, [2, 4]),
+    ],
+    ids=["with the notes", "before a checkpoint"],
+)
+def test_sample_group_that_trained_on_different_batches_stops_before_its_checkpoint(tmp_path, settings, found_at, saved_steps):
+    result = _fit_ddp(tmp_path, 2, f"--trainer.callbacks+={__name__}.SplitBatch", *settings)
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]
-    # Checked with the NaN note: every log_every_n_steps batches (here 4: 3, 7) and at the epoch's last.
-    assert "rws fit: error: epoch 0, batch 3 or before: the ranks of a sample group trained on different" in output
-    assert "Traceback" not in output, output[-3000:]
-    assert not list((tmp_path / "runs").rglob("*.ckpt")) and not list((tmp_path / "runs").rglob("COMPLETE"))
+    message = f"rws fit: error: epoch 0, batch {found_at} or before: the ranks of a sample group trained on different"
+    assert message in output and "Traceback" not in output, output[-3000:]
+    assert not list((tmp_path / "runs").rglob("*.ckpt"))
+    assert [info.step for info in ckpt.list_complete(tmp_path / "runs" / "checkpoints")] == saved_steps
 
 
 @pytest.fixture(scope="module")
