@@ -1,7 +1,8 @@
 """Lightning glue for the sharded DCP checkpoints of `pipeline.checkpoint`.
 
 - `DistributedCheckpoint` (a Checkpoint callback, `--dcp.*` on the command line): at the end of
-  every `every_n_epochs`-th training epoch, on ALL ranks, it builds Lightning's checkpoint dict
+  every `every_n_epochs`-th training epoch (and inside epochs every `every_n_train_steps` steps,
+  and where a SIGTERM stops a one-process fit), on ALL ranks, it builds Lightning's checkpoint dict
   (model, both optimizers, LR schedulers, loops, callbacks, hyperparameters), moves the per-rank
   parts (the DataModule's stream position) next to this rank's RNG states, and saves collectively
   to `<dirpath>/epochEEEE-stepSSSSSSSSS/` (dirpath defaults to `<default_root_dir>/checkpoints`),
@@ -281,9 +282,9 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
             # rank) and before the sanity check (run under isolate_rng, so it consumes nothing) and
             # before the fit loop creates the resumed epoch's DataLoader iterator (which draws a seed
             # from torch's RNG, ahead of on_train_start). That is where an uninterrupted run stood
-            # after an epoch's last batch. Inside an epoch (where a SIGTERM saved), it had drawn
-            # that seed before the save: the states are set where the first resumed batch starts
-            # instead, after the iterator's draw.
+            # after an epoch's last batch. Inside an epoch (a checkpoint of every_n_train_steps, or
+            # of a SIGTERM), it had drawn that seed before the save: the states are set where the
+            # first resumed batch starts instead, after the iterator's draw.
             if _inside_epoch(checkpoint):
                 self._rng_at_first_batch = resume["rng"]
             else:
