@@ -297,8 +297,9 @@ class RWSModule(pl.LightningModule):
     def _note_first(self, bad: torch.Tensor, note: str, batch_idx: int) -> None:
         """Note batch `batch_idx` under `note` if `bad` (a 0-dim bool tensor) and none is noted yet this
         epoch, on the device: the step never waits for the host; `on_train_batch_end` looks now and then."""
-        first = self._first_bad_batch[self._NOTES.index(note)]
-        self._first_bad_batch[self._NOTES.index(note)] = torch.where(bad & (first < 0), batch_idx, first)
+        index = self._NOTES.index(note)
+        first = self._first_bad_batch[index]
+        self._first_bad_batch[index] = torch.where(bad & (first < 0), batch_idx, first)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         # When Lightning logs anyway, and on the epoch's last batch: before the epoch-end checkpoints.
