@@ -2,7 +2,7 @@
 
 - `DistributedCheckpoint` (a Checkpoint callback, `--dcp.*` on the command line): at the end of
   every `every_n_epochs`-th training epoch (and inside epochs every `every_n_train_steps` steps,
-  and where a SIGTERM stops a one-process fit), on ALL ranks, it builds Lightning's checkpoint dict
+  and where a SIGTERM stops the fit), on ALL ranks, it builds Lightning's checkpoint dict
   (model, both optimizers, LR schedulers, loops, callbacks, hyperparameters), moves the per-rank
   parts (the DataModule's stream position) next to this rank's RNG states, and saves collectively
   to `<dirpath>/epochEEEE-stepSSSSSSSSS/` (dirpath defaults to `<default_root_dir>/checkpoints`),
@@ -28,6 +28,12 @@ model, optimizers and loops still load; each rank keeps its fresh seed and rank 
 the random streams differ (the data position is taken from the same rank if it existed, else
 from rank 0).
 
+A SIGTERM (a scheduler's preemption, `kill PID`) during training is noted by the callback's own
+handler in place of Lightning's, which would stop each rank at the end of whichever batch it is
+in. The ranks look at their notes together (every batch with one process; with several, every
+`trainer.log_every_n_steps` batches and at each epoch's end, one all-reduce), so they stop at the
+same batch, save a checkpoint there and raise Lightning's SIGTERMException.
+
 Fault hooks, read only here and only meant for tests (values are `STEP[:...]` strings):
 
 - `RWS_FAULT_KILL_AT_STEP=STEP[:RANK]`: SIGKILL this process (only rank RANK, if given) at the
@@ -41,10 +47,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 import torch.distributed as dist
 from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -191,9 +199,9 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         monitor: the metric recorded with each checkpoint of an epoch that validated (the best
             one is kept).
         mode: 'max' or 'min': which value of `monitor` is best.
-        save_on_sigterm: when a SIGTERM (a scheduler's preemption, `kill PID`) stops a
-            single-process fit, save where it stopped, so that `--resume auto` loses no steps
-            (`on_exception`). Needs every_n_epochs or every_n_train_steps > 0.
+        save_on_sigterm: when a SIGTERM (a scheduler's preemption, `kill PID`) stops the fit,
+            save where all ranks stopped, so that `--resume auto` loses no steps (module
+            docstring). Needs every_n_epochs or every_n_train_steps > 0.
     """
 
     def __init__(
@@ -230,6 +238,7 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         self._failed = False
         self._saved_step: int | None = None
         self._rng_at_first_batch: dict | None = None  # a checkpoint from inside an epoch: see on_load_checkpoint
+        self._sigterm_received = False  # set by the handler of `_note_sigterm`
         self.last_saved: Path | None = None
 
     @property
@@ -304,6 +313,7 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_train_steps:  # after a resume, the restored step
             self._period = trainer.global_step // self.every_n_train_steps
+        self._note_sigterm()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._rng_at_first_batch is not None:
@@ -314,11 +324,15 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         fault = _env_fault("RWS_FAULT_KILL_AT_STEP")
         if fault and trainer.global_step >= int(fault[0]) and (len(fault) < 2 or int(fault[1]) == trainer.global_rank):
             os.kill(os.getpid(), signal.SIGKILL)
+        inside = batch_idx + 1 < trainer.num_training_batches  # at the last, the epoch's end follows
         if self.every_n_train_steps:
             period, previous = trainer.global_step // self.every_n_train_steps, self._period
             self._period = period
-            if period > previous and batch_idx + 1 < trainer.num_training_batches:
+            if period > previous and inside:
                 self.save(trainer, pl_module)  # every rank is at the same step here: the save is collective
+        every = 1 if trainer.world_size == 1 else max(1, trainer.log_every_n_steps)
+        if inside and (batch_idx + 1) % every == 0 and self._sigterm_agreed(trainer, pl_module):
+            self._stop_on_sigterm(trainer, pl_module)
 
     def _epoch_score(self, trainer: pl.Trainer) -> float | None:
         """`monitor` of the current epoch's validation, None if it did not validate.
@@ -331,6 +345,8 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0 and not trainer.sanity_checking:
             self.save(trainer, pl_module)
+        if self._sigterm_agreed(trainer, pl_module):  # e.g. one that came during the epoch's validation
+            self._stop_on_sigterm(trainer, pl_module)
 
     def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ckpt.PendingSave:
         """Save now, collectively (every rank must call it)."""
@@ -393,38 +409,51 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
             return  # other ranks may be gone: waiting could hang; the save stays a .partial directory
         try:
             self.wait()
-            if isinstance(exception, SIGTERMException):
-                self._save_on_sigterm(trainer, pl_module)
         except Exception as error:  # noqa: BLE001 - the original exception matters more
             log.warning("checkpoint save failed: %s", error)
 
-    def _save_on_sigterm(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Save where a SIGTERM stopped a single-process fit.
+    # -- stopping on SIGTERM
 
-        Lightning stops on SIGTERM at the end of a training batch (or within a validation), so the
-        training state is whole there. Only with one process: the ranks of a multi-process run may
-        stop at different batches (Lightning syncs the flag at some of its checks, not all), and a
-        collective save would then wait forever. Within a validation, the epoch's checkpoint is
-        not written yet and the loops are mid-evaluation: nothing is saved there.
+    def _note_sigterm(self) -> None:
+        """Replace Lightning's SIGTERM handler, for the training loop, by one that notes the signal.
+
+        Why: Lightning's handler makes each rank stop at the end of the batch it is in (and runs a
+        broadcast inside the handler), so the ranks of a multi-process fit could stop at different
+        batches, where no collective save can be made. Here the ranks act on their notes together
+        (`_sigterm_agreed`), so a signal to any one of them stops all. Lightning's teardown
+        restores the handlers it found.
         """
-        if not (self.save_on_sigterm and self.saves and trainer.state.fn == "fit"):
-            return
-        reason = (
-            f"{trainer.world_size} processes" if trainer.world_size > 1
-            else "inside a validation" if trainer.sanity_checking or trainer.validating
-            else "no step trained yet" if trainer.global_step == 0
-            else "saved at this step already" if trainer.global_step == self._saved_step
-            else None
-        )  # fmt: skip
-        if reason is not None:
-            if trainer.is_global_zero:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread can set handlers (Lightning sets none there either)
+
+        def note(signum, frame) -> None:
+            self._sigterm_received = True
+
+        signal.signal(signal.SIGTERM, note)
+
+    def _sigterm_agreed(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Whether any rank has noted a SIGTERM. Collective with several ranks: all call it at the same batch."""
+        if trainer.world_size == 1:
+            return self._sigterm_received
+        received = torch.tensor([float(self._sigterm_received)], device=pl_module.device)
+        dist.all_reduce(received, op=dist.ReduceOp.MAX)
+        return bool(received.item())
+
+    def _stop_on_sigterm(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Save where the ranks agreed to stop (unless saved there already), then raise SIGTERMException,
+        which `rws` turns into exit code 143. The training state is whole here: between two batches."""
+        step = trainer.global_step
+        if self.save_on_sigterm and self.saves and self._saved_step != step:
+            self.save(trainer, pl_module)
+            self.wait()
+        if trainer.is_global_zero:
+            if self._saved_step == step:
+                log.warning("SIGTERM at step %d: saved checkpoint %s; `--resume auto` continues from it", step, self.last_saved)
+            else:
+                reason = "--dcp.save_on_sigterm false" if self.saves else "checkpoints are off"
                 newest = f"the newest is {self.last_saved}" if self.last_saved else "none was saved in this run"
-                log.warning("SIGTERM at step %d: no checkpoint saved there (%s); %s", trainer.global_step, reason, newest)
-            return
-        self.save(trainer, pl_module)
-        self.wait()
-        log.warning("SIGTERM at step %d: saved checkpoint %s; `--resume auto` continues from it", trainer.global_step,
-                    self.last_saved)
+                log.warning("SIGTERM at step %d: no checkpoint saved there (%s); %s", step, reason, newest)
+        raise SIGTERMException
 
     def state_dict(self) -> dict[str, Any]:
         return {}

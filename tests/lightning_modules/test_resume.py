@@ -168,21 +168,38 @@ def test_resume_from_a_mid_epoch_ckpt_trains_the_rest_of_that_epoch(tmp_path, nu
 
 
 class SigtermAt(pl.Callback):
-    """Sends this process a SIGTERM at the end of the training batch that reaches global step `step`, as a
-    scheduler's preemption or `kill PID` would (Lightning's handler then stops at the batch's end)."""
+    """Sends this process a SIGTERM at the end of the training batch that reaches global step `step` (on rank
+    `rank` only, if given), as a scheduler's preemption or `kill PID` would."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, rank: int | None = None):
         self.step = step
+        self.rank = rank
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class SigtermInValidation(pl.Callback):
+    """Sends this process a SIGTERM during the validation at the end of epoch `epoch`."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking and trainer.current_epoch == self.epoch and batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def sigterm_at(step: int, rank: int | None = None) -> tuple[str, str]:
+    """`rws fit` arguments that add a `SigtermAt` callback."""
+    init_args = {"step": step} if rank is None else {"step": step, "rank": rank}
+    return "--trainer.callbacks", json.dumps([{"class_path": f"{__name__}.SigtermAt", "init_args": init_args}])
 
 
 def test_sigterm_mid_epoch_saves_there_exits_143_and_resume_auto_is_bitwise_identical(straight, tmp_path):
     run = tmp_path / "run"
-    callback = json.dumps([{"class_path": "tests.lightning_modules.test_resume.SigtermAt", "init_args": {"step": N + 4}}])
-    stopped = fit(run, "--trainer.max_epochs", "2", "--trainer.callbacks", callback, env={"PYTHONPATH": str(ROOT)})
+    stopped = fit(run, "--trainer.max_epochs", "2", *sigterm_at(N + 4), env={"PYTHONPATH": str(ROOT)})
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout[-3000:]
     assert f"SIGTERM at step {N + 4}: saved checkpoint" in stopped.stdout
     assert "rws fit: stopped by SIGTERM" in stopped.stdout and "Traceback" not in stopped.stdout
@@ -193,6 +210,20 @@ def test_sigterm_mid_epoch_saves_there_exits_143_and_resume_auto_is_bitwise_iden
     assert f"resuming from {run / 'checkpoints' / f'epoch0001-step{N + 4:09d}'}" in resumed.stdout
     assert "dataloader is not resumable" not in resumed.stdout  # Lightning's warning; the DataModule resumes it
     assert steps(run) == [N, N + 4, 2 * N]
+    assert_same_state(training_state(checkpoints(straight)[-1].path, 1), training_state(checkpoints(run)[-1].path, 1))
+
+
+def test_sigterm_in_a_validation_finishes_it_saves_the_epoch_and_exits_143(straight, tmp_path):
+    run = tmp_path / "run"
+    callback = json.dumps([{"class_path": f"{__name__}.SigtermInValidation", "init_args": {"epoch": 0}}])
+    stopped = fit(run, "--trainer.max_epochs", "2", "--trainer.callbacks", callback, env={"PYTHONPATH": str(ROOT)})
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout[-3000:]
+    assert epoch_lines(stopped.stdout) == [f"epoch 0 step {N}"]  # the validation ran to its end
+    assert f"SIGTERM at step {N}: saved checkpoint" in stopped.stdout
+    assert steps(run) == [N] and checkpoints(run)[0].score is not None  # the epoch's own checkpoint, scored
+
+    resumed = fit(run, "--trainer.max_epochs", "2", "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert_same_state(training_state(checkpoints(straight)[-1].path, 1), training_state(checkpoints(run)[-1].path, 1))
 
 
@@ -425,3 +456,23 @@ def test_two_rank_checkpoint_resumes_on_one_rank(straight_ddp, tmp_path):
     # Resharded: the model and optimizers continued from the 2-rank state (Adam's step count went on).
     state = ckpt.load(final.path).shared
     assert state["optimizer_states"][0]["state"][0]["step"].item() == 2 * N / 2
+
+
+@pytest.mark.slow
+def test_ddp_sigterm_on_one_rank_stops_both_at_one_batch_saves_and_resumes_bitwise(straight_ddp, tmp_path):
+    """Rank 1 alone gets a SIGTERM in the batch of step N + 2. The ranks compare their notes every
+    log_every_n_steps = 2 batches, so both stop at step N + 4, save a checkpoint there together and exit 143."""
+    run = tmp_path / "run"
+    stopped = fit(
+        run, "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "2", *sigterm_at(N + 2, rank=1),
+        devices=2, env={"PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout[-3000:]
+    assert f"SIGTERM at step {N + 4}: saved checkpoint" in stopped.stdout
+    assert stopped.stdout.count("rws fit: stopped by SIGTERM") == 2 and "Traceback" not in stopped.stdout
+    assert steps(run) == [N, N + 4] and checkpoints(run)[-1].marker["world_size"] == 2
+
+    resumed = fit(run, "--trainer.max_epochs", "2", "--resume", "auto", devices=2)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"resuming from {run / 'checkpoints' / f'epoch0001-step{N + 4:09d}'}" in resumed.stdout
+    assert_same_state(training_state(checkpoints(straight_ddp)[-1].path, 2), training_state(checkpoints(run)[-1].path, 2))
