@@ -2,7 +2,7 @@
 
 - `DistributedCheckpoint` (a Checkpoint callback, `--dcp.*` on the command line): at the end of
   every `every_n_epochs`-th training epoch (and inside epochs every `every_n_train_steps` steps,
-  and where a SIGTERM stops the fit), on ALL ranks, it builds Lightning's checkpoint dict
+  and where a SIGTERM or Ctrl-C stops the fit), on ALL ranks, it builds Lightning's checkpoint dict
   (model, both optimizers, LR schedulers, loops, callbacks, hyperparameters), moves the per-rank
   parts (the DataModule's stream position) next to this rank's RNG states, and saves collectively
   to `<dirpath>/epochEEEE-stepSSSSSSSSS/` (dirpath defaults to `<default_root_dir>/checkpoints`),
@@ -28,11 +28,12 @@ model, optimizers and loops still load; each rank keeps its fresh seed and rank 
 the random streams differ (the data position is taken from the same rank if it existed, else
 from rank 0).
 
-A SIGTERM (a scheduler's preemption, `kill PID`) during training is noted by the callback's own
-handler in place of Lightning's, which would stop each rank at the end of whichever batch it is
-in. The ranks look at their notes together (every batch with one process; with several, every
-`trainer.log_every_n_steps` batches and at each epoch's end, one all-reduce), so they stop at the
-same batch, save a checkpoint there and raise Lightning's SIGTERMException.
+A SIGTERM (a scheduler's preemption, `kill PID`) or a first Ctrl-C (SIGINT) during training is
+noted by the callback's own handler, in place of Lightning's, which would stop each rank at the
+end of whichever batch it is in (SIGTERM) or wherever it is (Ctrl-C). The ranks look at their
+notes together (every batch with one process; with several, every `trainer.log_every_n_steps`
+batches and at each epoch's end, one all-reduce), so they stop at the same batch, save a
+checkpoint there and raise `StopSignal`. A second Ctrl-C stops at once, saving nothing.
 
 Fault hooks, read only here and only meant for tests (values are `STEP[:...]` strings):
 
@@ -64,6 +65,15 @@ from lightning_modules.callbacks import ValidationEpoch
 from pipeline import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
+
+
+class StopSignal(SIGTERMException):
+    """Lightning's SIGTERMException (a SystemExit without a code), naming the signal that stopped the fit."""
+
+    def __init__(self, signum: int):
+        super().__init__()
+        self.signum = signum
+
 
 _VERIFIED: set[str] = set()  # checkpoint directories sha256-checked in this process (by resolve_resume)
 _RESUME_ASKED: set[str] = set()  # checkpoint directories that `rws fit --resume` was given in this process
@@ -199,8 +209,8 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         monitor: the metric recorded with each checkpoint of an epoch that validated (the best
             one is kept).
         mode: 'max' or 'min': which value of `monitor` is best.
-        save_on_sigterm: when a SIGTERM (a scheduler's preemption, `kill PID`) stops the fit,
-            save where all ranks stopped, so that `--resume auto` loses no steps (module
+        save_on_sigterm: when a SIGTERM (a scheduler's preemption, `kill PID`) or a first Ctrl-C
+            stops the fit, save where all ranks stopped, so that `--resume auto` loses no steps (module
             docstring). Needs every_n_epochs or every_n_train_steps > 0.
     """
 
@@ -238,7 +248,8 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         self._failed = False
         self._saved_step: int | None = None
         self._rng_at_first_batch: dict | None = None  # a checkpoint from inside an epoch: see on_load_checkpoint
-        self._sigterm_received = False  # set by the handler of `_note_sigterm`
+        self._stop_signal = 0  # the signal noted by `_note_stop_signals`' handler, 0 for none
+        self._replaced_handlers: dict[int, Any] = {}
         self.last_saved: Path | None = None
 
     @property
@@ -313,7 +324,7 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_train_steps:  # after a resume, the restored step
             self._period = trainer.global_step // self.every_n_train_steps
-        self._note_sigterm()
+        self._note_stop_signals(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._rng_at_first_batch is not None:
@@ -331,8 +342,8 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
             if period > previous and inside:
                 self.save(trainer, pl_module)  # every rank is at the same step here: the save is collective
         every = 1 if trainer.world_size == 1 else max(1, trainer.log_every_n_steps)
-        if inside and (batch_idx + 1) % every == 0 and self._sigterm_agreed(trainer, pl_module):
-            self._stop_on_sigterm(trainer, pl_module)
+        if inside and (batch_idx + 1) % every == 0 and (signum := self._agreed_stop_signal(trainer, pl_module)):
+            self._stop(trainer, pl_module, signum)
 
     def _epoch_score(self, trainer: pl.Trainer) -> float | None:
         """`monitor` of the current epoch's validation, None if it did not validate.
@@ -345,8 +356,8 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0 and not trainer.sanity_checking:
             self.save(trainer, pl_module)
-        if self._sigterm_agreed(trainer, pl_module):  # e.g. one that came during the epoch's validation
-            self._stop_on_sigterm(trainer, pl_module)
+        if signum := self._agreed_stop_signal(trainer, pl_module):  # e.g. one that came during the validation
+            self._stop(trainer, pl_module, signum)
 
     def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ckpt.PendingSave:
         """Save now, collectively (every rank must call it)."""
@@ -397,6 +408,7 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
             self.last_saved = pending.wait()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_signal_handlers()
         self.wait()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -405,6 +417,7 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._failed = True
+        self._restore_signal_handlers()
         if self._pending is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             return  # other ranks may be gone: waiting could hang; the save stays a .partial directory
         try:
@@ -412,48 +425,70 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         except Exception as error:  # noqa: BLE001 - the original exception matters more
             log.warning("checkpoint save failed: %s", error)
 
-    # -- stopping on SIGTERM
+    # -- stopping on SIGTERM or Ctrl-C
 
-    def _note_sigterm(self) -> None:
-        """Replace Lightning's SIGTERM handler, for the training loop, by one that notes the signal.
+    def _note_stop_signals(self, trainer: pl.Trainer) -> None:
+        """Handle SIGTERM and SIGINT during training by noting the signal (`on_train_end` restores the
+        handlers found).
 
-        Why: Lightning's handler makes each rank stop at the end of the batch it is in (and runs a
-        broadcast inside the handler), so the ranks of a multi-process fit could stop at different
-        batches, where no collective save can be made. Here the ranks act on their notes together
-        (`_sigterm_agreed`), so a signal to any one of them stops all. Lightning's teardown
-        restores the handlers it found.
+        Why: Lightning's SIGTERM handler makes each rank stop at the end of the batch it is in (and
+        runs a broadcast inside the handler), and Ctrl-C raises KeyboardInterrupt wherever the rank
+        is, inside a step. The ranks of a multi-process fit could then stop at different batches,
+        where no collective save can be made. Here the ranks act on their notes together
+        (`_agreed_stop_signal`), so a signal to any one of them stops all. After a first Ctrl-C,
+        the next one raises KeyboardInterrupt as usual.
         """
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread can set handlers (Lightning sets none there either)
+        where = " within --trainer.log_every_n_steps batches" if trainer.world_size > 1 else ""
+        saving = ", after a checkpoint" if self._saves_on_stop() else ""
+        notice = f"\nrws fit: Ctrl-C: stopping between two batches{where}{saving}; Ctrl-C again stops at once, saving nothing\n"
 
         def note(signum, frame) -> None:
-            self._sigterm_received = True
+            self._stop_signal = self._stop_signal or signum
+            if signum == signal.SIGINT:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                if trainer.is_global_zero:
+                    os.write(2, notice.encode())  # not print(): the handler may have interrupted a write to stderr
 
-        signal.signal(signal.SIGTERM, note)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._replaced_handlers.setdefault(signum, signal.getsignal(signum))
+            signal.signal(signum, note)
 
-    def _sigterm_agreed(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-        """Whether any rank has noted a SIGTERM. Collective with several ranks: all call it at the same batch."""
+    def _restore_signal_handlers(self) -> None:
+        while self._replaced_handlers:
+            signum, handler = self._replaced_handlers.popitem()
+            signal.signal(signum, handler)
+
+    def _saves_on_stop(self) -> bool:
+        return self.save_on_sigterm and self.saves
+
+    def _agreed_stop_signal(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+        """The signal any rank has noted (SIGTERM before SIGINT), 0 for none. Collective with several
+        ranks: all call it at the same batch."""
         if trainer.world_size == 1:
-            return self._sigterm_received
-        received = torch.tensor([float(self._sigterm_received)], device=pl_module.device)
-        dist.all_reduce(received, op=dist.ReduceOp.MAX)
-        return bool(received.item())
+            return self._stop_signal
+        noted = torch.tensor([self._stop_signal], device=pl_module.device)
+        dist.all_reduce(noted, op=dist.ReduceOp.MAX)
+        return int(noted.item())
 
-    def _stop_on_sigterm(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Save where the ranks agreed to stop (unless saved there already), then raise SIGTERMException,
-        which `rws` turns into exit code 143. The training state is whole here: between two batches."""
+    def _stop(self, trainer: pl.Trainer, pl_module: pl.LightningModule, signum: int) -> None:
+        """Save where the ranks agreed to stop on signal `signum` (unless saved there already), then
+        raise StopSignal, which `rws` turns into exit code 128 + signum. The training state is whole
+        here: between two batches."""
         step = trainer.global_step
-        if self.save_on_sigterm and self.saves and self._saved_step != step:
+        if self._saves_on_stop() and self._saved_step != step:
             self.save(trainer, pl_module)
             self.wait()
         if trainer.is_global_zero:
+            name = signal.Signals(signum).name
             if self._saved_step == step:
-                log.warning("SIGTERM at step %d: saved checkpoint %s; `--resume auto` continues from it", step, self.last_saved)
+                log.warning("%s at step %d: saved checkpoint %s; `--resume auto` continues from it", name, step, self.last_saved)
             else:
                 reason = "--dcp.save_on_sigterm false" if self.saves else "checkpoints are off"
                 newest = f"the newest is {self.last_saved}" if self.last_saved else "none was saved in this run"
-                log.warning("SIGTERM at step %d: no checkpoint saved there (%s); %s", step, reason, newest)
-        raise SIGTERMException
+                log.warning("%s at step %d: no checkpoint saved there (%s); %s", name, step, reason, newest)
+        raise StopSignal(signum)
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -352,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     or file and exit code 2; set RWS_TRACEBACK=1 to see the traceback instead. In a multi-process
     run, the other processes then end with one line each (`peer_failure`) and exit code 1.
     A SIGTERM ends with one line and exit code 143 (128 + SIGTERM), as a shell reports a process
-    that the signal killed: Lightning stops gracefully, and would otherwise exit 0.
+    that the signal killed: Lightning stops gracefully, and would otherwise exit 0. A first Ctrl-C
+    during training likewise ends with exit code 130 (`DistributedCheckpoint`).
     """
     args = argv
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -382,10 +383,11 @@ def main(argv: list[str] | None = None) -> int:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"rws {argv[0]}: error: {message}", file=sys.stderr)
         return 2
-    except SIGTERMException:  # Lightning's stop on SIGTERM, a SystemExit without a code: it would exit 0
+    except SIGTERMException as stop:  # a SystemExit without a code: it would exit 0
+        signum = getattr(stop, "signum", signal.SIGTERM)  # Lightning's stop on SIGTERM, or our StopSignal
         resume = " (`--resume auto` continues from the newest checkpoint)" if argv[0] == "fit" else ""
-        print(f"rws {argv[0]}: stopped by SIGTERM{resume}", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        print(f"rws {argv[0]}: stopped by {signal.Signals(signum).name}{resume}", file=sys.stderr)
+        return 128 + signum
     except RuntimeError as error:
         line = peer_failure(error)
         if line is None or os.environ.get("RWS_TRACEBACK"):

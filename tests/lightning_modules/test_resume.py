@@ -167,17 +167,17 @@ def test_resume_from_a_mid_epoch_ckpt_trains_the_rest_of_that_epoch(tmp_path, nu
     assert _recorded_batches(tmp_path / "resumed") == _recorded_batches(tmp_path / "straight")[3:]
 
 
-class SigtermAt(pl.Callback):
-    """Sends this process a SIGTERM at the end of the training batch that reaches global step `step` (on rank
-    `rank` only, if given), as a scheduler's preemption or `kill PID` would."""
+class SignalAt(pl.Callback):
+    """Sends this process `times` signals `name` at the end of the training batch that reaches global step
+    `step` (on rank `rank` only, if given), as a scheduler's preemption, `kill PID` or Ctrl-C would."""
 
-    def __init__(self, step: int, rank: int | None = None):
-        self.step = step
-        self.rank = rank
+    def __init__(self, step: int, rank: int | None = None, name: str = "SIGTERM", times: int = 1):
+        self.step, self.rank, self.signum, self.times = step, rank, signal.Signals[name], times
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
-            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
 
 
 class SigtermInValidation(pl.Callback):
@@ -191,19 +191,21 @@ class SigtermInValidation(pl.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def sigterm_at(step: int, rank: int | None = None) -> tuple[str, str]:
-    """`rws fit` arguments that add a `SigtermAt` callback."""
-    init_args = {"step": step} if rank is None else {"step": step, "rank": rank}
-    return "--trainer.callbacks", json.dumps([{"class_path": f"{__name__}.SigtermAt", "init_args": init_args}])
+def signal_at(step: int, **init_args) -> tuple[str, str]:
+    """`rws fit` arguments that add a `SignalAt` callback."""
+    callback = {"class_path": f"{__name__}.SignalAt", "init_args": {"step": step, **init_args}}
+    return "--trainer.callbacks", json.dumps([callback])
 
 
-def test_sigterm_mid_epoch_saves_there_exits_143_and_resume_auto_is_bitwise_identical(straight, tmp_path):
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_sigterm_or_ctrl_c_mid_epoch_saves_there_and_resume_auto_is_bitwise_identical(straight, tmp_path, name):
     run = tmp_path / "run"
-    stopped = fit(run, "--trainer.max_epochs", "2", *sigterm_at(N + 4), env={"PYTHONPATH": str(ROOT)})
-    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout[-3000:]
-    assert f"SIGTERM at step {N + 4}: saved checkpoint" in stopped.stdout
-    assert "rws fit: stopped by SIGTERM" in stopped.stdout and "Traceback" not in stopped.stdout
-    assert steps(run) == [N, N + 4]  # the epoch's checkpoint, and one where the SIGTERM stopped, mid-epoch
+    stopped = fit(run, "--trainer.max_epochs", "2", *signal_at(N + 4, name=name), env={"PYTHONPATH": str(ROOT)})
+    assert stopped.returncode == 128 + signal.Signals[name], stopped.stdout[-3000:]
+    assert f"{name} at step {N + 4}: saved checkpoint" in stopped.stdout
+    assert f"rws fit: stopped by {name}" in stopped.stdout and "Traceback" not in stopped.stdout
+    assert ("Ctrl-C again stops at once" in stopped.stdout) == (name == "SIGINT")
+    assert steps(run) == [N, N + 4]  # the epoch's checkpoint, and one where the signal stopped, mid-epoch
 
     resumed = fit(run, "--trainer.max_epochs", "2", "--resume", "auto")
     assert resumed.returncode == 0, resumed.stdout[-3000:]
@@ -211,6 +213,14 @@ def test_sigterm_mid_epoch_saves_there_exits_143_and_resume_auto_is_bitwise_iden
     assert "dataloader is not resumable" not in resumed.stdout  # Lightning's warning; the DataModule resumes it
     assert steps(run) == [N, N + 4, 2 * N]
     assert_same_state(training_state(checkpoints(straight)[-1].path, 1), training_state(checkpoints(run)[-1].path, 1))
+
+
+def test_a_second_ctrl_c_stops_at_once_saving_nothing(tmp_path):
+    run = tmp_path / "run"
+    stopped = fit(run, "--trainer.max_epochs", "2", *signal_at(N + 4, name="SIGINT", times=2), env={"PYTHONPATH": str(ROOT)})
+    assert stopped.returncode == 1, stopped.stdout[-3000:]  # Lightning's exit on KeyboardInterrupt
+    assert "Detected KeyboardInterrupt" in stopped.stdout and "Traceback" not in stopped.stdout
+    assert steps(run) == [N]
 
 
 def test_sigterm_in_a_validation_finishes_it_saves_the_epoch_and_exits_143(straight, tmp_path):
@@ -464,7 +474,7 @@ def test_ddp_sigterm_on_one_rank_stops_both_at_one_batch_saves_and_resumes_bitwi
     log_every_n_steps = 2 batches, so both stop at step N + 4, save a checkpoint there together and exit 143."""
     run = tmp_path / "run"
     stopped = fit(
-        run, "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "2", *sigterm_at(N + 2, rank=1),
+        run, "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "2", *signal_at(N + 2, rank=1),
         devices=2, env={"PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout[-3000:]
