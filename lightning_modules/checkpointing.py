@@ -67,6 +67,10 @@ from pipeline import checkpoint as ckpt
 log = logging.getLogger(__name__)
 
 
+def _no_broadcast() -> None:
+    """Stands in for Lightning's per-batch SIGTERM broadcast during training (`_note_stop_signals`)."""
+
+
 class StopSignal(SIGTERMException):
     """Lightning's SIGTERMException (a SystemExit without a code), naming the signal that stopped the fit."""
 
@@ -250,6 +254,7 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         self._rng_at_first_batch: dict | None = None  # a checkpoint from inside an epoch: see on_load_checkpoint
         self._stop_signal = 0  # the signal noted by `_note_stop_signals`' handler, 0 for none
         self._replaced_handlers: dict[int, Any] = {}
+        self._quieted_loop = None  # Lightning's epoch loop, while its SIGTERM broadcast is skipped
         self.last_saved: Path | None = None
 
     @property
@@ -454,11 +459,22 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._replaced_handlers.setdefault(signum, signal.getsignal(signum))
             signal.signal(signum, note)
+        # Lightning broadcasts rank 0's SIGTERM flag before every batch of a multi-process fit: a
+        # collective and a host sync per step (a 2-rank CPU fit of configs/debug.yaml stepped 1.22x
+        # as fast without it: benchmarks/RESULTS.md, "Lightning's per-batch SIGTERM broadcast").
+        # Its handler no longer runs during training, so the flag stays unset: nothing to broadcast.
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if trainer.world_size > 1 and hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
+            epoch_loop._broadcast_sigterm_tensor = _no_broadcast
+            self._quieted_loop = epoch_loop
 
     def _restore_signal_handlers(self) -> None:
         while self._replaced_handlers:
             signum, handler = self._replaced_handlers.popitem()
             signal.signal(signum, handler)
+        if self._quieted_loop is not None:
+            del self._quieted_loop._broadcast_sigterm_tensor  # back to the class's method
+            self._quieted_loop = None
 
     def _saves_on_stop(self) -> bool:
         return self.save_on_sigterm and self.saves

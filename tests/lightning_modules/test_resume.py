@@ -9,6 +9,7 @@ hooks are environment variables read by lightning_modules/checkpointing.py.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -189,6 +190,23 @@ class SigtermInValidation(pl.Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if not trainer.sanity_checking and trainer.current_epoch == self.epoch and batch_idx == 0:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class CountBroadcasts(pl.Callback):
+    """Counts this rank's calls of torch.distributed.broadcast between the start and the end of training."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.count, broadcast = 0, torch.distributed.broadcast
+
+        def counted(*args, **kwargs):
+            self.count += 1
+            return broadcast(*args, **kwargs)
+
+        torch.distributed.broadcast = counted
+
+    def on_train_end(self, trainer, pl_module):
+        batches = trainer.fit_loop.epoch_loop.total_batch_idx + 1
+        print(f"rank {trainer.global_rank}: {self.count} broadcasts in {batches} batches", flush=True)
 
 
 def signal_at(step: int, **init_args) -> tuple[str, str]:
@@ -486,3 +504,17 @@ def test_ddp_sigterm_on_one_rank_stops_both_at_one_batch_saves_and_resumes_bitwi
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert f"resuming from {run / 'checkpoints' / f'epoch0001-step{N + 4:09d}'}" in resumed.stdout
     assert_same_state(training_state(checkpoints(straight_ddp)[-1].path, 2), training_state(checkpoints(run)[-1].path, 2))
+
+
+@pytest.mark.slow
+def test_ddp_training_makes_no_broadcast_per_batch(tmp_path):
+    """Lightning broadcasts its SIGTERM flag before every batch of a multi-process fit (a collective and a
+    host sync per step); DistributedCheckpoint, which handles SIGTERM itself, skips it. What is left: the
+    epoch's checkpoint, whose path Lightning's ModelCheckpoint broadcasts from rank 0."""
+    callback = json.dumps([{"class_path": f"{__name__}.CountBroadcasts"}])
+    result = fit(tmp_path / "run", "--trainer.max_epochs", "2", "--trainer.callbacks", callback, devices=2,
+                 env={"PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert sorted(re.findall(r"rank \d: \d+ broadcasts in \d+ batches", result.stdout)) == [
+        "rank 0: 2 broadcasts in 10 batches", "rank 1: 2 broadcasts in 10 batches"
+    ]
