@@ -433,8 +433,8 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
     # -- stopping on SIGTERM or Ctrl-C
 
     def _note_stop_signals(self, trainer: pl.Trainer) -> None:
-        """Handle SIGTERM and SIGINT during training by noting the signal (`on_train_end` restores the
-        handlers found).
+        """Handle SIGTERM and SIGINT during training by noting the signal (`on_train_end` or
+        `on_exception` restores the handlers found).
 
         Why: Lightning's SIGTERM handler makes each rank stop at the end of the batch it is in (and
         runs a broadcast inside the handler), and Ctrl-C raises KeyboardInterrupt wherever the rank
@@ -443,6 +443,7 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         (`_agreed_stop_signal`), so a signal to any one of them stops all. After a first Ctrl-C,
         the next one raises KeyboardInterrupt as usual.
         """
+        self._stop_signal = 0
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread can set handlers (Lightning sets none there either)
         where = " within --trainer.log_every_n_steps batches" if trainer.world_size > 1 else ""
