@@ -29,7 +29,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from lightning_modules.callbacks import CPUTimeBudget, PrintValidation, SampleGrid
 from lightning_modules.checkpoints import read_hyperparameters, resolve_checkpoint, saved_checkpoint_dirs
 from lightning_modules.checkpoint_cli import checkpoint_main
-from lightning_modules.checkpointing import DistributedCheckpoint, refuse_foreign_checkpoints, resolve_resume
+from lightning_modules.checkpointing import DistributedCheckpoint, StopSignal, refuse_foreign_checkpoints, resolve_resume
 from lightning_modules.data_cli import data_main
 from lightning_modules.datamodule import BinarizedMNISTDataModule
 from lightning_modules.evaluate import eval_main, sample_main
@@ -331,6 +331,17 @@ def plugin_command(name: str):
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
 
 
+def leave_process_group() -> None:
+    """Destroy the process group of a multi-process run whose ranks all finished (or stopped together).
+
+    Why: Lightning leaves it alive until the interpreter exits, where a gloo thread can release a
+    finished collective after it can no longer take the GIL and abort the process ("terminate
+    called without an active exception", pytorch#190489, as `rws eval` did: lightning_modules/
+    evaluate.py). A 2-process torchrun fit of the docs' command aborted so in 1 of about 15 runs."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def peer_failure(error: RuntimeError) -> str | None:
     """One line for a process whose collective failed because another process of the run exited,
     or None for any other RuntimeError (a bug, which keeps its traceback)."""
@@ -377,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return dry_run(argv)
         RWSLightningCLI(args=args, **cli_kwargs())  # args None: LightningCLI reads sys.argv itself
+        leave_process_group()
     except (FileNotFoundError, ValueError, KeyError) as error:
         if os.environ.get("RWS_TRACEBACK"):
             raise
@@ -384,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rws {argv[0]}: error: {message}", file=sys.stderr)
         return 2
     except SIGTERMException as stop:  # a SystemExit without a code: it would exit 0
+        if isinstance(stop, StopSignal):  # all ranks stopped at the same batch
+            leave_process_group()
         signum = getattr(stop, "signum", signal.SIGTERM)  # Lightning's stop on SIGTERM, or our StopSignal
         resume = " (`--resume auto` continues from the newest checkpoint)" if argv[0] == "fit" else ""
         print(f"rws {argv[0]}: stopped by {signal.Signals(signum).name}{resume}", file=sys.stderr)

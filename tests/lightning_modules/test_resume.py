@@ -1,5 +1,5 @@
-"""Sharded checkpoints end to end through `rws fit`: kill -9 and resume bitwise, crashes mid-save,
-corrupt shards, resharding 2 ranks -> 1, and `rws eval`/`rws checkpoint` on the results.
+"""Sharded checkpoints end to end through `rws fit`: kill -9 and resume bitwise, SIGTERM and Ctrl-C,
+crashes mid-save, corrupt shards, resharding 2 ranks -> 1, and `rws eval`/`rws checkpoint` on the results.
 
 Every training is a subprocess (`python -m lightning_modules.cli`): Lightning's "ddp" re-executes
 sys.argv, and a SIGKILL must not take pytest with it. An epoch is 5 batches = 10 optimizer steps
@@ -170,26 +170,25 @@ def test_resume_from_a_mid_epoch_ckpt_trains_the_rest_of_that_epoch(tmp_path, nu
 
 class SignalAt(pl.Callback):
     """Sends this process `times` signals `name` at the end of the training batch that reaches global step
-    `step` (on rank `rank` only, if given), as a scheduler's preemption, `kill PID` or Ctrl-C would."""
+    `step` (on rank `rank` only, if given), as a scheduler's preemption, `kill PID` or Ctrl-C would; with
+    `in_validation`, after the first batch of the validation that follows that step instead."""
 
-    def __init__(self, step: int, rank: int | None = None, name: str = "SIGTERM", times: int = 1):
-        self.step, self.rank, self.signum, self.times = step, rank, signal.Signals[name], times
+    def __init__(self, step: int, rank: int | None = None, name: str = "SIGTERM", times: int = 1, in_validation: bool = False):
+        self.step, self.rank, self.times, self.in_validation = step, rank, times, in_validation
+        self.signum = signal.Signals[name]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not self.in_validation:
+            self._send(trainer)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if self.in_validation and not trainer.sanity_checking and batch_idx == 0:
+            self._send(trainer)
+
+    def _send(self, trainer):
         if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             for _ in range(self.times):
                 os.kill(os.getpid(), self.signum)
-
-
-class SigtermInValidation(pl.Callback):
-    """Sends this process a SIGTERM during the validation at the end of epoch `epoch`."""
-
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        if not trainer.sanity_checking and trainer.current_epoch == self.epoch and batch_idx == 0:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 class CountBroadcasts(pl.Callback):
@@ -243,8 +242,7 @@ def test_a_second_ctrl_c_stops_at_once_saving_nothing(tmp_path):
 
 def test_sigterm_in_a_validation_finishes_it_saves_the_epoch_and_exits_143(straight, tmp_path):
     run = tmp_path / "run"
-    callback = json.dumps([{"class_path": f"{__name__}.SigtermInValidation", "init_args": {"epoch": 0}}])
-    stopped = fit(run, "--trainer.max_epochs", "2", "--trainer.callbacks", callback, env={"PYTHONPATH": str(ROOT)})
+    stopped = fit(run, "--trainer.max_epochs", "2", *signal_at(N, in_validation=True), env={"PYTHONPATH": str(ROOT)})
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout[-3000:]
     assert epoch_lines(stopped.stdout) == [f"epoch 0 step {N}"]  # the validation ran to its end
     assert f"SIGTERM at step {N}: saved checkpoint" in stopped.stdout
