@@ -254,7 +254,6 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         self._rng_at_first_batch: dict | None = None  # a checkpoint from inside an epoch: see on_load_checkpoint
         self._stop_signal = 0  # the signal noted by `_note_stop_signals`' handler, 0 for none
         self._replaced_handlers: dict[int, Any] = {}
-        self._quieted_loop = None  # Lightning's epoch loop, while its SIGTERM broadcast is skipped
         self.last_saved: Path | None = None
 
     @property
@@ -413,7 +412,7 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
             self.last_saved = pending.wait()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore_signal_handlers()
+        self._restore_signal_handlers(trainer)
         self.wait()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -422,7 +421,7 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._failed = True
-        self._restore_signal_handlers()
+        self._restore_signal_handlers(trainer)
         if self._pending is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             return  # other ranks may be gone: waiting could hang; the save stays a .partial directory
         try:
@@ -467,15 +466,12 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         epoch_loop = trainer.fit_loop.epoch_loop
         if trainer.world_size > 1 and hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
             epoch_loop._broadcast_sigterm_tensor = _no_broadcast
-            self._quieted_loop = epoch_loop
 
-    def _restore_signal_handlers(self) -> None:
+    def _restore_signal_handlers(self, trainer: pl.Trainer) -> None:
         while self._replaced_handlers:
             signum, handler = self._replaced_handlers.popitem()
             signal.signal(signum, handler)
-        if self._quieted_loop is not None:
-            del self._quieted_loop._broadcast_sigterm_tensor  # back to the class's method
-            self._quieted_loop = None
+        vars(trainer.fit_loop.epoch_loop).pop("_broadcast_sigterm_tensor", None)  # back to the class's method
 
     def _saves_on_stop(self) -> bool:
         return self.save_on_sigterm and self.saves
