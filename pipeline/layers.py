@@ -88,7 +88,7 @@ class BernoulliLayer(nn.Module):
             return self.bias
         if cond is None:
             raise ValueError(f"{type(self).__name__} needs a conditioning input of size {self.cond_size}")
-        return sample_linear(cond, self.cond_weight.weight, self.bias)  # F.linear, faster for confident samples
+        return sample_linear(cond, self.cond_weight.weight, self.bias)  # F.linear, by table lookup for samples
 
     def log_prob(
         self, h: torch.Tensor, cond: torch.Tensor | None = None, base: torch.Tensor | None = None

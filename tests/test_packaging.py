@@ -102,7 +102,8 @@ def test_dockerignore_keeps_runs_and_caches_out(path):
 
 
 @pytest.mark.parametrize("path", ["pyproject.toml", "README.md", "pipeline/models.py", "lightning_modules/cli.py",
-                                  "configs/debug.yaml", "pipeline/default_data/binarized_mnist_small.npz"])  # fmt: skip
+                                  "configs/debug.yaml", "pipeline/default_data/binarized_mnist_small.npz",
+                                  "pipeline/lookup_linear.c"])  # fmt: skip
 def test_dockerignore_keeps_what_the_build_needs(path):
     assert not ignored(path, dockerignore_patterns())
     assert (ROOT / path).exists()
@@ -122,6 +123,13 @@ def srun_line() -> str:
     block = lines[lines.index("# >>> srun") + 1 : lines.index("# <<< srun")]
     assert len(block) == 1 and block[0].startswith("srun "), block
     return block[0]
+
+
+def test_the_c_kernels_ship_in_the_package():
+    """pipeline/native.py builds pipeline/*.c at run time, so a non-editable install (the Docker image's) needs them."""
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["pipeline"]
+    sources = sorted(path.name for path in (ROOT / "pipeline").glob("*.c"))
+    assert sources and [name for name in sources if not any(fnmatch.fnmatch(name, p) for p in patterns)] == []
 
 
 def test_sbatch_directives():

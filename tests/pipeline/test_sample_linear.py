@@ -1,7 +1,9 @@
-"""`sample_linear`: F.linear over K binary samples, computed from where they differ from their majority.
+"""`sample_linear`: F.linear over K binary samples, by table lookup on a CPU (pipeline/lookup_linear.c).
 
-The sparse path must give the dense product's values and gradients (to float64 rounding here), whatever
-the shape, and must be the path taken when the samples are confident: the tests check both.
+The lookup kernels must give the dense product's values and gradients to float32 rounding, in every
+shape (units and outputs that are not multiples of the kernels' groups and tiles, rows that are not
+multiples of their blocks), must be the path taken for float32 samples, and must hand anything that
+is not 0/1 to the dense product. The references are float64 products.
 """
 
 import copy
@@ -14,27 +16,22 @@ import torch.nn.functional as F
 import pipeline.sample_linear as sample_linear_module
 from pipeline.estimators import rws_surrogates
 from pipeline.models import HelmholtzMachine
-from pipeline.sample_linear import sample_linear, sample_linear_op
+from pipeline.sample_linear import sample_linear
+
+pytestmark = pytest.mark.skipif(not sample_linear_module._have_kernels(), reason="no C compiler for the lookup kernels")
 
 
-def confident_samples(shape, flip: float, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
-    """0/1 samples [K, ..., H] that differ from a shared per-point pattern in about `flip` of their entries."""
+def coin_samples(shape, ones: float = 0.5, seed: int = 0) -> torch.Tensor:
+    """float32 0/1 samples with about `ones` of their entries 1."""
     generator = torch.Generator().manual_seed(seed)
-    pattern = torch.rand(shape[1:], generator=generator) < 0.5
-    flips = torch.rand(shape, generator=generator) < flip
-    return (pattern ^ flips).to(dtype)
+    return (torch.rand(shape, generator=generator) < ones).float()
 
 
-def weights(outputs: int, units: int, dtype=torch.float64, seed: int = 1):
+def weights(outputs: int, units: int, dtype=torch.float32, seed: int = 1):
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(outputs, units, generator=generator, dtype=dtype).requires_grad_()
     bias = torch.randn(outputs, generator=generator, dtype=dtype).requires_grad_()
     return weight, bias
-
-
-def dense(samples, weight, bias):
-    """The reference: the dense product, written without F.linear (which a fixture replaces)."""
-    return samples @ weight.T + bias
 
 
 def value_and_grads(fn, samples, weight, bias, grad_out):
@@ -44,168 +41,170 @@ def value_and_grads(fn, samples, weight, bias, grad_out):
     return out.detach(), weight.grad.clone(), bias.grad.clone()
 
 
-def assert_dense_values_and_grads(fn, samples, weight, bias, grad_out):
-    """fn's values and gradients equal the dense product's, to float64 rounding."""
-    got = value_and_grads(fn, samples, weight, bias, grad_out)
-    expected = value_and_grads(dense, samples, weight, bias, grad_out)
-    for name, g, e in zip(("logits", "weight grad", "bias grad"), got, expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=name)
+def float64_reference(samples, weight, bias, grad_out):
+    """The dense product and its gradients in float64, written without F.linear (which a fixture replaces)."""
+    weight64, bias64 = weight.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    out = samples.double() @ weight64.T + bias64
+    out.backward(grad_out.double())
+    return out.detach(), weight64.grad, bias64.grad
 
 
-def spy(monkeypatch, owner, name: str) -> list:
-    """Record every call of owner.name (which still runs); returns the list of calls."""
-    calls, original = [], getattr(owner, name)
-    monkeypatch.setattr(owner, name, lambda *args: calls.append(args) or original(*args))
-    return calls
+def assert_float32_close(got, expected, sums_of: int, name: str):
+    """float32 results of sums of `sums_of` terms of size ~1 against float64: a few float32 ulps of the sum's scale."""
+    tolerance = 8 * sums_of**0.5 * torch.finfo(torch.float32).eps * max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=tolerance, msg=name)
 
 
 @pytest.fixture
-def no_dense_inside_op(monkeypatch):
-    """Make the op's dense fallback fail, so that a test proves the sparse path ran."""
+def no_dense_product(monkeypatch):
+    """Make torch's dense products fail inside the module, so that a test proves the kernels ran."""
 
     def fail(*args, **kwargs):
-        raise AssertionError("the dense fallback ran")
+        raise AssertionError("the dense product ran")
 
     monkeypatch.setattr(sample_linear_module.F, "linear", fail)
 
 
 @pytest.mark.parametrize(
-    "shape", [(16, 8, 40), (7, 3, 5, 40), (1, 12, 40), (6, 5, 300)], ids=["K-B-H", "K-B1-B2-H", "K=1", "H=300"]
+    ("shape", "outputs"),
+    [((16, 20, 40), 24), ((7, 3, 50, 37), 785), ((1, 1100, 40), 16), ((6, 201, 300), 200), ((50, 100, 200), 784)],
+    ids=["K-B-H", "odd-units-and-outputs", "K=1", "H=300", "SBN-bottom"],
 )
-@pytest.mark.parametrize("flip", [0.0, 0.05])
-def test_sparse_path_matches_dense_product_and_gradients(shape, flip, no_dense_inside_op):
-    samples = confident_samples(shape, flip)
-    weight, bias = weights(24, shape[-1])
-    assert_dense_values_and_grads(sample_linear_op, samples, weight, bias, torch.randn(*shape[:-1], 24, dtype=torch.float64))
+@pytest.mark.parametrize("ones", [0.5, 0.03])
+def test_lookup_matches_the_dense_product_and_gradients(shape, outputs, ones, no_dense_product):
+    samples = coin_samples(shape, ones)
+    weight, bias = weights(outputs, shape[-1])
+    grad_out = torch.randn(*shape[:-1], outputs)
+    got = value_and_grads(sample_linear, samples, weight, bias, grad_out)
+    expected = float64_reference(samples, weight, bias, grad_out)
+    rows = shape[:-1].numel() if isinstance(shape, torch.Size) else torch.Size(shape[:-1]).numel()
+    for name, g, e, sums_of in zip(("logits", "weight grad", "bias grad"), got, expected, (shape[-1], rows, rows), strict=True):
+        assert g.dtype == torch.float32 and g.shape == e.shape
+        assert_float32_close(g, e, sums_of, name)
 
 
-@pytest.mark.parametrize("value", [0.25, 0.5, 0.999])
-def test_samples_not_all_zero_or_one_fall_back_to_the_dense_product(value, monkeypatch):
-    """The sparse path weights each difference by 1 - 2 r, right for 0/1 entries only. Entries
-    in [0, 1] that are not 0/1 must be caught (the op compares its count of differing entries with
-    the count the sums predict) and get the dense product."""
-    samples = confident_samples((16, 8, 40), 0.03)
+def test_lookup_tolerance_catches_a_wrong_table_entry():
+    """The comparison above must fail for a product that is off in one weight, so that it can catch a bad table."""
+    samples = coin_samples((16, 20, 40))
+    weight, bias = weights(24, 40)
+    grad_out = torch.randn(16, 20, 24)
+    expected = float64_reference(samples, weight, bias, grad_out)
+    with torch.no_grad():
+        weight[3, 17] += 1e-3
+    got = value_and_grads(sample_linear, samples, weight, bias, grad_out)
+    with pytest.raises(AssertionError):
+        assert_float32_close(got[0], expected[0], 40, "logits")
+
+
+@pytest.mark.parametrize("value", [0.25, 0.999, 2.0, -1.0, float("nan")])
+def test_samples_not_all_zero_or_one_get_the_dense_product(value, monkeypatch):
+    """The kernels read a nonzero entry as 1. Anything but 0/1 must be caught and get the dense product."""
+    samples = coin_samples((16, 20, 40))
     samples[3, 2, 5] = value
     weight, bias = weights(24, 40)
-    dense_calls = spy(monkeypatch, sample_linear_module.F, "linear")
-    assert_dense_values_and_grads(sample_linear_op, samples, weight, bias, torch.randn(16, 8, 24, dtype=torch.float64))
-    assert dense_calls, "the sparse path ran on samples that are not all 0/1"
+    grad_out = torch.randn(16, 20, 24)
+    dense_calls = []
+    original = F.linear
+    monkeypatch.setattr(sample_linear_module.F, "linear", lambda *args: dense_calls.append(1) or original(*args))
+    got = value_and_grads(sample_linear, samples, weight, bias, grad_out)
+    assert dense_calls, "the lookup ran on samples that are not all 0/1"
+    expected = value_and_grads(original, samples, weight, bias, grad_out)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, equal_nan=True)
 
 
-def test_fair_coins_take_the_dense_product(monkeypatch):
-    """An untrained Q's samples differ from their majority in ~40% of entries: the op must not pay
-    for index lists there (the embedding_bag sums would be slower than the dense product)."""
-    samples = confident_samples((16, 8, 40), 0.5)
+def test_negative_zero_counts_as_zero(no_dense_product):
+    samples = coin_samples((16, 20, 40))
+    samples[samples == 0] = -0.0
     weight, bias = weights(24, 40)
-
-    def fail(*args, **kwargs):
-        raise AssertionError("the sparse path ran")
-
-    monkeypatch.setattr(sample_linear_module.F, "embedding_bag", fail)
-    torch.testing.assert_close(sample_linear_op(samples, weight, bias), dense(samples, weight, bias))
+    grad_out = torch.randn(16, 20, 24)
+    expected = float64_reference(samples, weight, bias, grad_out)
+    assert_float32_close(value_and_grads(sample_linear, samples, weight, bias, grad_out)[0], expected[0], 40, "logits")
 
 
-def test_dispatch_uses_the_op_only_for_wide_products_of_detached_cpu_samples(monkeypatch):
+def test_dispatch_uses_the_kernels_only_for_float32_products_of_many_detached_cpu_samples(monkeypatch):
     calls = []
-    monkeypatch.setattr(sample_linear_module, "sample_linear_op", lambda *args: calls.append(args) or F.linear(*args))
-    wide, rows = sample_linear_module._MIN_OUTPUTS, sample_linear_module._MIN_ROWS
-    units = sample_linear_module._MAX_NARROW_UNITS + 1
-    weight, bias = weights(wide, units, torch.float32)
+    original = sample_linear_module._lookup_linear
+    monkeypatch.setattr(sample_linear_module, "_lookup_linear", lambda *args: calls.append(args) or original(*args))
+    rows, units = sample_linear_module._MIN_ROWS, sample_linear_module._MAX_NARROW_UNITS + 1
+    weight, bias = weights(24, units)
     sample_linear(torch.zeros(2, rows // 2, units), weight, bias)
     assert len(calls) == 1
-    narrow_weight, narrow_bias = weights(wide - 1, units, torch.float32)
-    sample_linear(torch.zeros(2, rows // 2, units), narrow_weight, narrow_bias)  # too narrow
     sample_linear(torch.zeros(2, rows // 4, units), weight, bias)  # too few rows
     sample_linear(torch.zeros(rows, units), weight, bias)  # no sample dimension
+    sample_linear(torch.zeros(2, rows // 2, units, dtype=torch.float64), *weights(24, units, torch.float64))  # float64
+    sample_linear(torch.zeros(2, rows // 2, units - 1), *weights(24, units - 1))  # few units: _NarrowInputLinear
     samples = torch.zeros(2, rows // 2, units, requires_grad=True)
     sample_linear(samples, weight, bias).sum().backward()  # gradient wanted for the samples themselves
     assert len(calls) == 1
     torch.testing.assert_close(samples.grad, weight.detach().sum(0).expand_as(samples))
 
 
+def test_without_the_kernels_products_are_dense(monkeypatch, no_dense_product):
+    monkeypatch.setattr(sample_linear_module, "_have_kernels", lambda: False)
+    with pytest.raises(AssertionError, match="the dense product ran"):
+        sample_linear(coin_samples((16, 20, 40)), *weights(24, 40))
+
+
 def test_samples_with_few_units_get_the_dense_gradients(monkeypatch):
     """Few units: the weight gradient is taken as (h^T g)^T, which must equal autograd's g^T h."""
     units = sample_linear_module._MAX_NARROW_UNITS
-    samples = confident_samples((8, sample_linear_module._MIN_ROWS // 8, units), 0.3)
-    weight, bias = weights(48, units)
-    used = spy(monkeypatch, sample_linear_module._NarrowInputLinear, "apply")
-    assert_dense_values_and_grads(sample_linear, samples, weight, bias, torch.randn(*samples.shape[:-1], 48, dtype=torch.float64))
+    samples = coin_samples((8, sample_linear_module._MIN_ROWS // 8, units), 0.3).double()
+    weight, bias = weights(48, units, torch.float64)
+    grad_out = torch.randn(*samples.shape[:-1], 48, dtype=torch.float64)
+    used = []
+    original = sample_linear_module._NarrowInputLinear.apply
+    monkeypatch.setattr(sample_linear_module._NarrowInputLinear, "apply", lambda *args: used.append(1) or original(*args))
+    got = value_and_grads(sample_linear, samples, weight, bias, grad_out)
+    expected = float64_reference(samples, weight, bias, grad_out)
     assert used, "the narrow-input path did not run"
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
-def test_compiled_op_matches_eager():
-    samples = confident_samples((16, 8, 40), 0.05, dtype=torch.float32)
-    weight, bias = weights(300, 40, torch.float32)
-    grad_out = torch.randn(16, 8, 300)
-    eager = value_and_grads(sample_linear_op, samples, weight, bias, grad_out)
-    compiled = value_and_grads(torch.compile(sample_linear_op, dynamic=False), samples, weight, bias, grad_out)
-    for g, e in zip(compiled, eager, strict=True):
-        torch.testing.assert_close(g, e)
+def test_compiled_lookup_matches_the_dense_product_in_one_graph(monkeypatch):
+    samples = coin_samples((16, 20, 40))
+    weight, bias = weights(300, 40)
+    grad_out = torch.randn(16, 20, 300)
+    calls = []
+    original = sample_linear_module._kernels
+    monkeypatch.setattr(sample_linear_module, "_kernels", lambda: calls.append(1) or original())
+    compiled = torch.compile(sample_linear, dynamic=False, fullgraph=True)  # no graph break at the kernels
+    value_and_grads(compiled, samples, weight, bias, grad_out)  # compiles
+    calls.clear()
+    got = value_and_grads(compiled, samples, weight, bias, grad_out)
+    assert len(calls) == 2, "the compiled forward and backward did not both call the kernels"
+    expected = float64_reference(samples, weight, bias, grad_out)
+    for name, g, e, sums_of in zip(("logits", "weight grad", "bias grad"), got, expected, (40, 320, 320), strict=True):
+        assert_float32_close(g, e, sums_of, name)
 
 
 @pytest.mark.parametrize(("p_layer", "compiled"), [("sbn", False), ("darn", False), ("sbn", True)])
 def test_rws_step_gradients_match_the_dense_products(p_layer, compiled, monkeypatch):
-    """A whole RWS step on a model whose Q is confident, through the sparse path and through dense
-    products only: the same losses and gradients to float32 rounding (compiled: with the shared bags)."""
+    """A whole RWS step through the lookup kernels and through dense products only: the same
+    losses and gradients to float32 rounding."""
     torch.manual_seed(0)
-    model = HelmholtzMachine([784, 64, 32], p_layer=p_layer)
-    with torch.no_grad():
-        for layer in model.q_conditionals:  # large logits: confident Q, samples mostly agree
-            layer.cond_weight.weight.mul_(40)
-            layer.bias.copy_(torch.randn_like(layer.bias) * 8)
+    model = HelmholtzMachine([784, 64, 48], p_layer=p_layer)
     x = (torch.rand(64, 784) < 0.3).float()
-    monkeypatch.setattr(sample_linear_module, "_MIN_ROWS", 64)
-    monkeypatch.setattr(sample_linear_module, "_MIN_OUTPUTS", 64)
 
-    def step(m, sparse: bool):
-        monkeypatch.setattr(sample_linear_module, "MAX_DIFFERING", 0.125 if sparse else -1.0)
-        taken = []
-        majority = sample_linear_module._majority
-        monkeypatch.setattr(sample_linear_module, "_majority", lambda s: taken.append(majority(s) is not None) or majority(s))
+    def step(m, lookup: bool):
+        monkeypatch.setattr(sample_linear_module, "_have_kernels", lambda: lookup)
+        calls = []
+        original = sample_linear_module._lookup_linear
+        monkeypatch.setattr(sample_linear_module, "_lookup_linear", lambda *args: calls.append(1) or original(*args))
+        torch._dynamo.reset()
         torch.manual_seed(1)
         s = (torch.compile(rws_surrogates, dynamic=False) if compiled else rws_surrogates)(m, x, 16, "wake-sleep")
         (s.p_loss + s.q_loss).backward()
-        monkeypatch.setattr(sample_linear_module, "_majority", majority)
-        return s, taken
+        return s, calls
 
-    sparse_model, dense_model = model, copy.deepcopy(model)
-    sparse, sparse_taken = step(sparse_model, True)
-    dense, dense_taken = step(dense_model, False)
-    assert sparse_taken and all(sparse_taken), "the sparse path did not run in the step"
-    assert not any(dense_taken)
-    torch.testing.assert_close(sparse.log_likelihood, dense.log_likelihood)
-    for (name, p), q in zip(sparse_model.named_parameters(), dense_model.parameters(), strict=True):
+    lookup_model, dense_model = model, copy.deepcopy(model)
+    lookup, lookup_calls = step(lookup_model, True)
+    dense, dense_calls = step(dense_model, False)
+    assert lookup_calls and not dense_calls
+    torch.testing.assert_close(lookup.log_likelihood, dense.log_likelihood)
+    for (name, p), q in zip(lookup_model.named_parameters(), dense_model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
-
-
-def test_compiled_products_of_the_same_samples_share_their_bags(monkeypatch):
-    """Two layers that read the same samples (as Q's q(h_2 | h_1) and P's p(x | h_1) read h_1) must
-    build the bags once in a compiled graph, and still give the dense products' values and gradients."""
-    samples = confident_samples((16, 80, 40), 0.05, dtype=torch.float32)
-    width = 24  # narrower than the eager floor: compiled, every product of samples takes the op
-    (weight_a, bias_a), (weight_b, bias_b) = weights(width, 40, torch.float32, 1), weights(width, 40, torch.float32, 2)
-    monkeypatch.setattr(sample_linear_module, "_MIN_ROWS", 64)
-    built = []
-    majority = sample_linear_module._majority
-    monkeypatch.setattr(sample_linear_module, "_majority", lambda s: built.append(1) or majority(s))
-
-    def two_products(product, samples, weight_a, bias_a, weight_b, bias_b):
-        return (product(samples, weight_a, bias_a).sin().sum() + product(samples, weight_b, bias_b).cos().sum())
-
-    compiled = torch.compile(two_products, dynamic=False, fullgraph=True)
-    got = compiled(sample_linear, samples, weight_a, bias_a, weight_b, bias_b)
-    built.clear()
-    got = compiled(sample_linear, samples, weight_a, bias_a, weight_b, bias_b)
-    assert len(built) == 1, f"the bags were built {len(built)} times for one samples tensor"
-    got.backward()
-    got_grads = [t.grad.clone() for t in (weight_a, bias_a, weight_b, bias_b)]
-    for t in (weight_a, bias_a, weight_b, bias_b):
-        t.grad = None
-    expected = two_products(dense, samples, weight_a, bias_a, weight_b, bias_b)
-    expected.backward()
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
-    for g, t in zip(got_grads, (weight_a, bias_a, weight_b, bias_b), strict=True):
-        torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_editing_the_ops_file_renames_the_ops(tmp_path):
@@ -216,9 +215,11 @@ def test_editing_the_ops_file_renames_the_ops(tmp_path):
 
     source = Path(sample_linear_module.__file__).read_text()
     edited = tmp_path / "sample_linear_edited.py"
-    edited.write_text(source.replace("def _backward(ctx, grad):", "def _backward(ctx, grad):  # edited", 1))
+    marker = "def _lookup_linear_backward(ctx, grad):"
+    assert source.count(marker) == 1
+    edited.write_text(source.replace(marker, marker + "  # edited"))
     spec = importlib.util.spec_from_file_location("sample_linear_edited", edited)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module._OPS != sample_linear_module._OPS
-    assert hasattr(getattr(torch.ops, module._OPS), "sample_linear")
+    assert hasattr(getattr(torch.ops, module._OPS), "lookup_linear")
