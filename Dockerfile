@@ -31,6 +31,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 
+# A C compiler: torch.compile generates C++ on CPUs, and rws builds its table-lookup kernels
+# (pipeline/lookup_linear.c) for the node's CPU at first use. The slim CPU base has none; newer
+# CUDA runtime bases carry gcc. Any g++ will do, so the distribution's is not pinned.
+# hadolint ignore=DL3008
+RUN if ! command -v g++ >/dev/null; then \
+        apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*; \
+    fi
+
 # The unprivileged user the container runs as; runs/ (checkpoints, logs) goes under /workspace.
 # A fixed UID above the distributions' range (Ubuntu images may already have uid 1000).
 ARG RWS_UID=10001
