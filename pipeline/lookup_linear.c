@@ -103,20 +103,27 @@ static void my_tiles(int tiles, int *first, int *last) {
 }
 
 /* Y [M, N] = h [M, K] weight_t [K, N] + bias [N] for 0/1 h (weight_t: the layer's weight transposed).
- * Returns how many entries of h are neither 0 nor 1; if any are, Y is not written. */
+ * Returns how many entries of h are neither 0 nor 1, or -1 if memory ran out; Y is written only on 0. */
 int64_t lookup_linear(const float *h, const float *weight_t, const float *bias, float *Y, int64_t M, int K, int N,
                       int threads) {
+    int G = (K + 3) / 4, tiles = (N + LANES - 1) / LANES, failed = 0;
+    int64_t blocks = (M + ROWS - 1) / ROWS;
+    threads = threads < tiles ? threads : tiles;
     int64_t bad = non_binary(h, M * K, threads);
     if (bad) return bad;
-    int G = (K + 3) / 4, tiles = (N + LANES - 1) / LANES;
-    int64_t blocks = (M + ROWS - 1) / ROWS;
     uint8_t *codes = calloc(blocks * ROWS, G); /* rows past M: zero codes, never stored */
+    if (!codes) return -1;
     row_codes(h, M, K, codes, threads);
     #pragma omp parallel num_threads(threads)
     {
         float *tables = aligned_alloc(64, (size_t)G * 16 * LANES * sizeof(float)); /* [g][c][LANES]: one tile's */
-        int first, last;
-        my_tiles(tiles, &first, &last);
+        if (!tables) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp barrier
+        int first = 0, last = 0;
+        if (!failed) my_tiles(tiles, &first, &last);
         for (int t = first; t < last; t++) {
             int n0 = t * LANES, width = N - n0 < LANES ? N - n0 : LANES;
             for (int g = 0; g < G; g++) {
@@ -136,25 +143,32 @@ int64_t lookup_linear(const float *h, const float *weight_t, const float *bias, 
         free(tables);
     }
     free(codes);
-    return 0;
+    return failed ? -1 : 0;
 }
 
 /* dW [N, K] = grad [M, N]^T h [M, K] for 0/1 h: the weight gradient of lookup_linear.
- * Returns how many entries of h are neither 0 nor 1; if any are, dW is not written. */
+ * Returns how many entries of h are neither 0 nor 1, or -1 if memory ran out; dW is written only on 0. */
 int64_t lookup_linear_weight_grad(const float *h, const float *grad, float *dW, int64_t M, int K, int N,
                                   int threads) {
+    int64_t Q = (M + 3) / 4;
+    int tiles = (N + LANES - 1) / LANES, units = (K + ROWS - 1) / ROWS * ROWS, failed = 0;
+    threads = threads < tiles ? threads : tiles;
     int64_t bad = non_binary(h, M * K, threads);
     if (bad) return bad;
-    int64_t Q = (M + 3) / 4;
-    int tiles = (N + LANES - 1) / LANES, units = (K + ROWS - 1) / ROWS * ROWS;
     uint8_t *codes = calloc(Q * K + ROWS, 1); /* units past K read past a row of codes: their sums are dropped */
+    if (!codes) return -1;
     column_codes(h, M, K, codes, threads);
     #pragma omp parallel num_threads(threads)
     {
         float *tables = aligned_alloc(64, (size_t)BLOCK * 16 * LANES * sizeof(float)); /* [q][c][LANES] */
         float *sums = aligned_alloc(64, (size_t)units * LANES * sizeof(float));         /* [k][LANES]: a tile of dW^T */
-        int first, last;
-        my_tiles(tiles, &first, &last);
+        if (!tables || !sums) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp barrier
+        int first = 0, last = 0;
+        if (!failed) my_tiles(tiles, &first, &last);
         for (int t = first; t < last; t++) {
             int n0 = t * LANES, width = N - n0 < LANES ? N - n0 : LANES;
             memset(sums, 0, (size_t)units * LANES * sizeof(float));
@@ -182,5 +196,5 @@ int64_t lookup_linear_weight_grad(const float *h, const float *grad, float *dW, 
         free(sums);
     }
     free(codes);
-    return 0;
+    return failed ? -1 : 0;
 }

@@ -10,14 +10,16 @@ adds up H/4 table rows instead of taking H products per output ("Four Russians")
 gradient sum_n g_n h_n^T [O, H] splits the same way over groups of 4 sample rows: their rows of
 g give 16 subset sums, and each unit's 4 bits select one. Both are exact identities; the results
 agree with the dense product to float32 rounding (only the order of summation differs). They cost
-about a quarter of the dense products' vector operations whatever the samples are: the
-[5000, 200] x [200, 784] product and its weight gradient ran 2.1x and 2.4x as fast as MKL's on the
-2-core CPU of benchmarks/RESULTS.md ("Products of samples by table lookup").
+about a quarter of the dense products' vector operations whatever the samples are: P's bottom
+product at K = 50, B = 100 ([5000, 200] x [200, 784]) ran 1.8-2.3x as fast as MKL's, and 2.0-2.2x
+with its backward, on the 2-core CPU of benchmarks/RESULTS.md ("Products of samples by table
+lookup", `python benchmarks/sample_linear.py`).
 
 The kernels are C (pipeline/lookup_linear.c), built for the machine on first use
 (pipeline/native.py). They run on a CPU for float32 samples [K, ..., H] that need no gradient, with
 at least `_MIN_ROWS` rows and more than `_MAX_NARROW_UNITS` units. Entries that are not 0 or 1 are
-counted by the kernel, which then writes nothing, and the op takes the dense product instead.
+counted by the kernel, which then writes nothing, and the op takes the dense product instead (as
+it does if the kernel cannot allocate its tables).
 Everything else (a GPU, float64, no C compiler, RWS_NATIVE=0) takes torch's dense product.
 """
 
@@ -117,7 +119,7 @@ def _lookup_linear(samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     (rows, units), outputs = flat.shape, weight.shape[0]
     out = flat.new_empty(rows, outputs)  # [K B, O]
     pointers = (flat.data_ptr(), weight_t.data_ptr(), bias.data_ptr(), out.data_ptr())
-    if _kernels().lookup_linear(*pointers, rows, units, outputs, torch.get_num_threads()):  # not all 0/1
+    if _kernels().lookup_linear(*pointers, rows, units, outputs, torch.get_num_threads()):  # not all 0/1, or no memory
         return F.linear(samples, weight, bias)
     return out.view(*samples.shape[:-1], outputs)
 
@@ -135,7 +137,7 @@ def _lookup_linear_weight_grad(samples: torch.Tensor, grad: torch.Tensor) -> tor
     (rows, units), outputs = flat_samples.shape, flat_grad.shape[1]
     out = grad.new_empty(outputs, units)  # [O, H]
     pointers = (flat_samples.data_ptr(), flat_grad.data_ptr(), out.data_ptr())
-    if _kernels().lookup_linear_weight_grad(*pointers, rows, units, outputs, torch.get_num_threads()):  # not all 0/1
+    if _kernels().lookup_linear_weight_grad(*pointers, rows, units, outputs, torch.get_num_threads()):  # as above
         return flat_grad.t() @ flat_samples
     return out
 
