@@ -12,17 +12,26 @@
  * for [5000, 200] x [200, 784] (benchmarks/RESULTS.md, "Products of samples by table lookup").
  *
  * Built by pipeline/native.py with the machine's C compiler (-O3 -march=native -fopenmp); the
- * vector type lowers to AVX-512, AVX2 or NEON instructions alike. The results agree with the dense
- * products to float32 rounding (tests/pipeline/test_sample_linear.py).
+ * vector type is as wide as the machine's vectors (AVX-512, AVX, else 128 bits: SSE or NEON). The
+ * results agree with the dense products to float32 rounding (tests/pipeline/test_sample_linear.py).
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 
-#define LANES 16 /* floats per vector: one tile of output columns */
+/* LANES: floats per vector, one tile of output columns. A vector wider than the registers would
+ * take two registers per sum, and GCC spills them: with 16 lanes on AVX2 the kernels ran 2-3x
+ * slower than MKL, with 8 lanes 1.7-1.9x faster (benchmarks/RESULTS.md). */
+#if defined(__AVX512F__)
+#define LANES 16
+#elif defined(__AVX__)
+#define LANES 8
+#else
+#define LANES 4 /* SSE, NEON */
+#endif
 #define ROWS 8   /* output rows (forward) or units (weight gradient) summed at once: 8 independent sums */
-#define BLOCK 24 /* groups of 4 sample rows per table block of the weight gradient: 24 KiB, within L1 */
+#define BLOCK 24 /* groups of 4 sample rows per table block of the weight gradient: 24 x 1 KiB at 16 lanes, in L1 */
 
 typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
 

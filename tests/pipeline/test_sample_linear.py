@@ -7,6 +7,10 @@ is not 0/1 to the dense product. The references are float64 products.
 """
 
 import copy
+import ctypes
+import os
+import platform
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import pipeline.sample_linear as sample_linear_module
+from pipeline import native
 from pipeline.estimators import rws_surrogates
 from pipeline.models import HelmholtzMachine
 from pipeline.sample_linear import sample_linear
@@ -111,6 +116,44 @@ def test_samples_not_all_zero_or_one_get_the_dense_product(value, monkeypatch):
     expected = value_and_grads(original, samples, weight, bias, grad_out)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, equal_nan=True)
+
+
+def cpu_has(flag: str) -> bool:
+    try:
+        return flag in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("march", "flag"),
+    [("x86-64", "sse2"), ("x86-64-v3", "avx2"), ("x86-64-v4", "avx512f")],
+    ids=["4-lanes", "8-lanes", "16-lanes"],
+)
+def test_every_vector_width_of_the_kernels_matches_the_float64_product(march, flag, tmp_path):
+    """The kernel's width follows the compiler's target (lookup_linear.c, LANES). A CI machine builds
+    only its own (-march=native), so build each width this CPU can run and check its values."""
+    if platform.machine() != "x86_64" or not cpu_has(flag):
+        pytest.skip(f"this CPU cannot run -march={march}")
+    library = tmp_path / f"lookup_linear_{march}.so"
+    source = Path(sample_linear_module.__file__).with_name("lookup_linear.c")
+    flags = [f"-march={march}" if option == "-march=native" else option for option in native.FLAGS]
+    subprocess.run([os.environ.get("CC", "cc"), *flags, str(source), "-o", str(library)], check=True)
+    kernels = ctypes.CDLL(str(library))
+    kernels.lookup_linear.restype = kernels.lookup_linear_weight_grad.restype = ctypes.c_int64
+    rows, units, outputs = 1001, 37, 45  # no multiple of any group, tile or block
+    samples, grad = coin_samples((rows, units)), torch.randn(rows, outputs)
+    weight, bias = weights(outputs, units)
+    weight_t = weight.detach().t().contiguous()
+    out, weight_grad = torch.empty(rows, outputs), torch.empty(outputs, units)
+    size = ctypes.c_int64
+    pointers = [ctypes.c_void_p(t.data_ptr()) for t in (samples, weight_t, bias, out)]
+    assert kernels.lookup_linear(*pointers, size(rows), units, outputs, 2) == 0
+    pointers = [ctypes.c_void_p(t.data_ptr()) for t in (samples, grad, weight_grad)]
+    assert kernels.lookup_linear_weight_grad(*pointers, size(rows), units, outputs, 2) == 0
+    expected = float64_reference(samples, weight, bias, grad)
+    assert_float32_close(out, expected[0], units, "logits")
+    assert_float32_close(weight_grad, expected[1], rows, "weight grad")
 
 
 def test_negative_zero_counts_as_zero(no_dense_product):
