@@ -104,11 +104,20 @@ static inline void add_lookups(const float *table, const uint8_t *codes, int64_t
         for (int r = 0; r < ROWS; r++) acc[r] += load(table + codes[r * row_stride] * LANES);
 }
 
-/* This thread's share [first, last) of `tiles` tiles. */
-static void my_tiles(int tiles, int *first, int *last) {
-    int threads = omp_get_num_threads(), me = omp_get_thread_num();
+/* This thread's share [first, last) of `tiles` tiles, called by every thread of a parallel region
+ * once its scratch memory is allocated (`have_memory`). If any thread's allocation failed, every
+ * share is empty and *failed is 1. */
+static void my_tiles(int tiles, int have_memory, int *failed, int *first, int *last) {
+    if (!have_memory) {
+        #pragma omp atomic write
+        *failed = 1;
+    }
+    #pragma omp barrier
+    int threads = omp_get_num_threads(), me = omp_get_thread_num(), any_failed;
+    #pragma omp atomic read
+    any_failed = *failed;
     *first = (int)((int64_t)tiles * me / threads);
-    *last = (int)((int64_t)tiles * (me + 1) / threads);
+    *last = any_failed ? *first : (int)((int64_t)tiles * (me + 1) / threads);
 }
 
 /* Y [M, N] = h [M, K] weight_t [K, N] + bias [N] for 0/1 h (weight_t: the layer's weight transposed).
@@ -126,13 +135,8 @@ int64_t lookup_linear(const float *h, const float *weight_t, const float *bias, 
     #pragma omp parallel num_threads(threads)
     {
         float *tables = aligned_alloc(64, (size_t)G * 16 * LANES * sizeof(float)); /* [g][c][LANES]: one tile's */
-        if (!tables) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp barrier
-        int first = 0, last = 0;
-        if (!failed) my_tiles(tiles, &first, &last);
+        int first, last;
+        my_tiles(tiles, tables != NULL, &failed, &first, &last);
         for (int t = first; t < last; t++) {
             int n0 = t * LANES, width = N - n0 < LANES ? N - n0 : LANES;
             for (int g = 0; g < G; g++) {
@@ -171,13 +175,8 @@ int64_t lookup_linear_weight_grad(const float *h, const float *grad, float *dW, 
     {
         float *tables = aligned_alloc(64, (size_t)BLOCK * 16 * LANES * sizeof(float)); /* [q][c][LANES] */
         float *sums = aligned_alloc(64, (size_t)units * LANES * sizeof(float));         /* [k][LANES]: a tile of dW^T */
-        if (!tables || !sums) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp barrier
-        int first = 0, last = 0;
-        if (!failed) my_tiles(tiles, &first, &last);
+        int first, last;
+        my_tiles(tiles, tables && sums, &failed, &first, &last);
         for (int t = first; t < last; t++) {
             int n0 = t * LANES, width = N - n0 < LANES ? N - n0 : LANES;
             memset(sums, 0, (size_t)units * LANES * sizeof(float));
