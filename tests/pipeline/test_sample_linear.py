@@ -60,6 +60,13 @@ def assert_float32_close(got, expected, sums_of: int, name: str):
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=tolerance, msg=name)
 
 
+def spy(monkeypatch, owner, name: str) -> list:
+    """Record every call of owner.name (which still runs); returns the list of calls' arguments."""
+    calls, original = [], getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *args: calls.append(args) or original(*args))
+    return calls
+
+
 @pytest.fixture
 def no_dense_product(monkeypatch):
     """Make torch's dense products fail inside the module, so that a test proves the kernels ran."""
@@ -82,7 +89,7 @@ def test_lookup_matches_the_dense_product_and_gradients(shape, outputs, ones, no
     grad_out = torch.randn(*shape[:-1], outputs)
     got = value_and_grads(sample_linear, samples, weight, bias, grad_out)
     expected = float64_reference(samples, weight, bias, grad_out)
-    rows = shape[:-1].numel() if isinstance(shape, torch.Size) else torch.Size(shape[:-1]).numel()
+    rows = samples.shape[:-1].numel()
     for name, g, e, sums_of in zip(("logits", "weight grad", "bias grad"), got, expected, (shape[-1], rows, rows), strict=True):
         assert g.dtype == torch.float32 and g.shape == e.shape
         assert_float32_close(g, e, sums_of, name)
@@ -108,12 +115,10 @@ def test_samples_not_all_zero_or_one_get_the_dense_product(value, monkeypatch):
     samples[3, 2, 5] = value
     weight, bias = weights(24, 40)
     grad_out = torch.randn(16, 20, 24)
-    dense_calls = []
-    original = F.linear
-    monkeypatch.setattr(sample_linear_module.F, "linear", lambda *args: dense_calls.append(1) or original(*args))
+    expected = value_and_grads(F.linear, samples, weight, bias, grad_out)
+    dense_calls = spy(monkeypatch, sample_linear_module.F, "linear")
     got = value_and_grads(sample_linear, samples, weight, bias, grad_out)
     assert dense_calls, "the lookup ran on samples that are not all 0/1"
-    expected = value_and_grads(original, samples, weight, bias, grad_out)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, equal_nan=True)
 
@@ -166,9 +171,7 @@ def test_negative_zero_counts_as_zero(no_dense_product):
 
 
 def test_dispatch_uses_the_kernels_only_for_float32_products_of_many_detached_cpu_samples(monkeypatch):
-    calls = []
-    original = sample_linear_module._lookup_linear
-    monkeypatch.setattr(sample_linear_module, "_lookup_linear", lambda *args: calls.append(args) or original(*args))
+    calls = spy(monkeypatch, sample_linear_module, "_lookup_linear")
     rows, units = sample_linear_module._MIN_ROWS, sample_linear_module._MAX_NARROW_UNITS + 1
     weight, bias = weights(24, units)
     sample_linear(torch.zeros(2, rows // 2, units), weight, bias)
@@ -195,9 +198,7 @@ def test_samples_with_few_units_get_the_dense_gradients(monkeypatch):
     samples = coin_samples((8, sample_linear_module._MIN_ROWS // 8, units), 0.3).double()
     weight, bias = weights(48, units, torch.float64)
     grad_out = torch.randn(*samples.shape[:-1], 48, dtype=torch.float64)
-    used = []
-    original = sample_linear_module._NarrowInputLinear.apply
-    monkeypatch.setattr(sample_linear_module._NarrowInputLinear, "apply", lambda *args: used.append(1) or original(*args))
+    used = spy(monkeypatch, sample_linear_module._NarrowInputLinear, "apply")
     got = value_and_grads(sample_linear, samples, weight, bias, grad_out)
     expected = float64_reference(samples, weight, bias, grad_out)
     assert used, "the narrow-input path did not run"
@@ -209,9 +210,7 @@ def test_compiled_lookup_matches_the_dense_product_in_one_graph(monkeypatch):
     samples = coin_samples((16, 20, 40))
     weight, bias = weights(300, 40)
     grad_out = torch.randn(16, 20, 300)
-    calls = []
-    original = sample_linear_module._kernels
-    monkeypatch.setattr(sample_linear_module, "_kernels", lambda: calls.append(1) or original())
+    calls = spy(monkeypatch, sample_linear_module, "_kernels")
     compiled = torch.compile(sample_linear, dynamic=False, fullgraph=True)  # no graph break at the kernels
     value_and_grads(compiled, samples, weight, bias, grad_out)  # compiles
     calls.clear()
@@ -232,9 +231,7 @@ def test_rws_step_gradients_match_the_dense_products(p_layer, compiled, monkeypa
 
     def step(m, lookup: bool):
         monkeypatch.setattr(sample_linear_module, "_have_kernels", lambda: lookup)
-        calls = []
-        original = sample_linear_module._lookup_linear
-        monkeypatch.setattr(sample_linear_module, "_lookup_linear", lambda *args: calls.append(1) or original(*args))
+        calls = spy(monkeypatch, sample_linear_module, "_lookup_linear")
         torch._dynamo.reset()
         torch.manual_seed(1)
         s = (torch.compile(rws_surrogates, dynamic=False) if compiled else rws_surrogates)(m, x, 16, "wake-sleep")
