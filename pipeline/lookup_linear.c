@@ -15,42 +15,13 @@
  * vector type is as wide as the machine's vectors (AVX-512, AVX, else 128 bits: SSE or NEON). The
  * results agree with the dense products to float32 rounding (tests/pipeline/test_sample_linear.py).
  */
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 #include <omp.h>
 
-/* LANES: floats per vector, one tile of output columns. A vector wider than the registers would
- * take two registers per sum, and GCC spills them: with 16 lanes on AVX2 the kernels ran 2-3x
- * slower than MKL, with 8 lanes 1.7-1.9x faster (benchmarks/RESULTS.md). */
-#if defined(__AVX512F__)
-#define LANES 16
-#elif defined(__AVX__)
-#define LANES 8
-#else
-#define LANES 4 /* SSE, NEON */
-#endif
+#include "vectors.h"
+
 #define ROWS 8   /* output rows (forward) or units (weight gradient) summed at once: 8 independent sums */
 #define BLOCK 24 /* groups of 4 sample rows per table block of the weight gradient: 24 x 1 KiB at 16 lanes, in L1 */
-
-typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
-
-static inline vec load(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
-static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
-
-/* Loads (stores) the first `count` <= LANES floats of a vector through a zero-padded buffer. */
-static inline vec load_part(const float *p, int count) {
-    if (count == LANES) return load(p);
-    float buf[LANES] = {0};
-    memcpy(buf, p, count * sizeof(float));
-    return load(buf);
-}
-static inline void store_part(float *p, int count, vec v) {
-    if (count == LANES) return store(p, v);
-    float buf[LANES];
-    store(buf, v);
-    memcpy(p, buf, count * sizeof(float));
-}
 
 /* How many of h's `count` entries are neither 0 nor 1 (NaN included). */
 static int64_t non_binary(const float *h, int64_t count, int threads) {

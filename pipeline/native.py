@@ -1,7 +1,8 @@
 """The C kernels beside this file (`pipeline/*.c`), built with the machine's C compiler and loaded with ctypes.
 
 A kernel is compiled on first use, for the CPU it runs on (-march=native), into a cache directory,
-and reused by later processes: the library's name carries a hash of the source, the compile
+and reused by later processes: the library's name carries a hash of the source and the headers
+beside it (the shared vector type, pipeline/vectors.h), the compile
 command, the compiler's version and the CPU's model and flags, so a changed kernel, compiler or
 node type gets its own build. Ranks that build at once each write a private file and rename it
 into place, so none loads a half-written library.
@@ -44,7 +45,7 @@ def load_library(name: str) -> ctypes.CDLL | None:
             raise OSError(f"no C compiler {compiler!r} on PATH (set CC to choose one)")
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
         key = hashlib.sha256(
-            "\0".join([source.read_text(), compiler, *FLAGS, version, _cpu_identity()]).encode()
+            "\0".join([_source_text(source), compiler, *FLAGS, version, _cpu_identity()]).encode()
         ).hexdigest()[:16]
         library = cache_dir() / f"{name}-{key}.so"
         if not library.exists():
@@ -53,6 +54,12 @@ def load_library(name: str) -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as error:
         warnings.warn(f"rws: cannot build {source} ({error}); torch's own ops run instead", RuntimeWarning, stacklevel=2)
         return None
+
+
+def _source_text(source: Path) -> str:
+    """The kernel's source and the headers beside it (pipeline/*.h), which it may include."""
+    headers = sorted(source.parent.glob("*.h"))
+    return "\0".join(path.read_text() for path in [source, *headers])
 
 
 def _build(compiler: str, source: Path, library: Path) -> None:

@@ -64,3 +64,18 @@ def test_switched_off_by_the_environment(cache, monkeypatch, recwarn):
     monkeypatch.setenv("RWS_NATIVE", "0")
     assert native.load_library("lookup_linear") is None
     assert not recwarn.list and built(cache) == []
+
+
+def test_an_edited_header_gets_its_own_build(cache, monkeypatch, tmp_path):
+    """The kernels include pipeline/vectors.h: a library built against an older header must not load."""
+    sources = tmp_path / "pipeline"
+    sources.mkdir()
+    for name in ("lookup_linear.c", "vectors.h"):
+        shutil.copy(os.path.join(os.path.dirname(native.__file__), name), sources / name)
+    monkeypatch.setattr(native, "__file__", str(sources / "native.py"))  # where load_library looks for sources
+    assert native.load_library("lookup_linear") is not None
+    native.load_library.cache_clear()
+    with open(sources / "vectors.h", "a") as header:
+        header.write("/* edited */\n")
+    assert native.load_library("lookup_linear") is not None
+    assert len([name for name in built(cache) if name.startswith("lookup_linear-")]) == 2

@@ -8,9 +8,6 @@ is not 0/1 to the dense product. The references are float64 products.
 
 import copy
 import ctypes
-import os
-import platform
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 import pipeline.sample_linear as sample_linear_module
-from pipeline import native
 from pipeline.estimators import rws_surrogates
 from pipeline.models import HelmholtzMachine
 from pipeline.sample_linear import sample_linear
+from .kernels import VECTOR_WIDTHS, build_for
 
 pytestmark = pytest.mark.skipif(not sample_linear_module._have_kernels(), reason="no C compiler for the lookup kernels")
 
@@ -123,28 +120,10 @@ def test_samples_not_all_zero_or_one_get_the_dense_product(value, monkeypatch):
         torch.testing.assert_close(g, e, equal_nan=True)
 
 
-def cpu_has(flag: str) -> bool:
-    try:
-        return flag in Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-
-
-@pytest.mark.parametrize(
-    ("march", "flag"),
-    [("x86-64", "sse2"), ("x86-64-v3", "avx2"), ("x86-64-v4", "avx512f")],
-    ids=["4-lanes", "8-lanes", "16-lanes"],
-)
+@VECTOR_WIDTHS
 def test_every_vector_width_of_the_kernels_matches_the_float64_product(march, flag, tmp_path):
-    """The kernel's width follows the compiler's target (lookup_linear.c, LANES). A CI machine builds
-    only its own (-march=native), so build each width this CPU can run and check its values."""
-    if platform.machine() != "x86_64" or not cpu_has(flag):
-        pytest.skip(f"this CPU cannot run -march={march}")
-    library = tmp_path / f"lookup_linear_{march}.so"
-    source = Path(sample_linear_module.__file__).with_name("lookup_linear.c")
-    flags = [f"-march={march}" if option == "-march=native" else option for option in native.FLAGS]
-    subprocess.run([os.environ.get("CC", "cc"), *flags, str(source), "-o", str(library)], check=True)
-    kernels = ctypes.CDLL(str(library))
+    """The kernel's width follows the compiler's target (vectors.h, LANES): check each width this CPU runs."""
+    kernels = build_for("lookup_linear", march, flag, tmp_path)
     kernels.lookup_linear.restype = kernels.lookup_linear_weight_grad.restype = ctypes.c_int64
     rows, units, outputs = 1001, 37, 45  # no multiple of any group, tile or block
     samples, grad = coin_samples((rows, units)), torch.randn(rows, outputs)
