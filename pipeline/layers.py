@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline import nade_hidden
 from pipeline.philox import uniform
 from pipeline.sample_linear import sample_linear
 
@@ -216,7 +217,9 @@ class NADELayer(BernoulliLayer):
     """Conditional NADE: logit_i = b_i + W_i . cond + V_i . sigmoid(c + U cond + A_:,<i h_<i).
 
     The hidden pre-activation for unit i is a running sum over the units before it, so all
-    logits come from one exclusive cumulative sum: O(size * hidden_size) per sample.
+    logits come from one exclusive cumulative sum: O(size * hidden_size) per sample. On a CPU, in
+    float32, the logits, their gradients and the sampler run in a C kernel that keeps the running
+    sum in cache (pipeline/nade_hidden.py); elsewhere `NADEHiddenLogits` runs them as torch ops.
     """
 
     def __init__(self, size: int, cond_size: int = 0, hidden_size: int = 100):
@@ -235,20 +238,26 @@ class NADELayer(BernoulliLayer):
     def logits(self, h, cond, base):
         offset = self.hidden_offset(cond)  # [..., hidden]
         leading = torch.broadcast_shapes(h.shape[:-1], offset.shape[:-1])  # h may be shared by samples of cond
-        hidden_part = _nade_hidden_logits(
-            h.expand(*leading, self.size).reshape(-1, self.size),
-            offset.expand(*leading, self.hidden_size).reshape(-1, self.hidden_size),
-            self.input_weight,
-            self.output_weight,
-            torch.compiler.is_compiling() and h.device.type == "cpu",  # measured on CPUs only
-        )  # [N, size]
+        h_rows = h.expand(*leading, self.size).reshape(-1, self.size)  # [N, size]
+        offset_rows = offset.expand(*leading, self.hidden_size).reshape(-1, self.hidden_size)  # [N, hidden]
+        if nade_hidden.kernel_applies(h_rows, offset_rows, self.input_weight):  # a CPU: pipeline/nade_hidden.c
+            hidden_part = nade_hidden.nade_hidden_logits(h_rows, offset_rows, self.input_weight, self.output_weight)
+        else:
+            compiled = torch.compiler.is_compiling() and h.device.type == "cpu"  # measured on CPUs only
+            hidden_part = _nade_hidden_logits(h_rows, offset_rows, self.input_weight, self.output_weight, compiled)
         return base + hidden_part.view(*leading, self.size)
 
     @torch.compiler.disable  # a loop over units: torch.compile would unroll it (minutes of compiling)
     def _sample(self, base, cond, sample_shape):
         base = base.expand(*sample_shape, *base.shape)
         threshold = _logistic_noise(base.shape, base.dtype, base.device) - base  # h_i = [V_i . sigmoid(a) > threshold_i]
-        activation = self.hidden_offset(cond).expand(*base.shape[:-1], self.hidden_size).clone()
+        offset = self.hidden_offset(cond).expand(*base.shape[:-1], self.hidden_size)
+        if nade_hidden.kernel_applies(threshold, offset, self.input_weight):  # a CPU: pipeline/nade_hidden.c
+            rows = nade_hidden.nade_sample(
+                threshold.reshape(-1, self.size), offset.reshape(-1, self.hidden_size), self.input_weight, self.output_weight
+            )
+            return rows.view(base.shape)
+        activation = offset.clone()
         h = torch.zeros_like(base)
         units, unit_thresholds = h.unbind(-1), threshold.unbind(-1)  # views, made once
         for i in range(self.size):  # running sum: add unit i's contribution once it is drawn
@@ -334,6 +343,8 @@ def _chunks(rows: int, *tensors: torch.Tensor):
 
 class NADEHiddenLogits(torch.autograd.Function):
     """The hidden part of NADE's teacher-forced logits, V_i . sigmoid(offset + sum_{j<i} h_j A_j): [N, size].
+
+    In torch ops, for GPUs, float64 and machines without the C kernel (pipeline/nade_hidden.py).
 
     Why a custom function: autograd would keep the [N, size, hidden] activations (N = K B rows: 3 GB
     for 784 x 200 units at K = 50, B = 100) and run its backward as a dozen more passes over tensors

@@ -103,7 +103,7 @@ def test_dockerignore_keeps_runs_and_caches_out(path):
 
 @pytest.mark.parametrize("path", ["pyproject.toml", "README.md", "pipeline/models.py", "lightning_modules/cli.py",
                                   "configs/debug.yaml", "pipeline/default_data/binarized_mnist_small.npz",
-                                  "pipeline/lookup_linear.c"])  # fmt: skip
+                                  "pipeline/lookup_linear.c", "pipeline/nade_hidden.c", "pipeline/vectors.h"])  # fmt: skip
 def test_dockerignore_keeps_what_the_build_needs(path):
     assert not ignored(path, dockerignore_patterns())
     assert (ROOT / path).exists()
@@ -126,10 +126,12 @@ def srun_line() -> str:
 
 
 def test_the_c_kernels_ship_in_the_package():
-    """pipeline/native.py builds pipeline/*.c at run time, so a non-editable install (the Docker image's) needs them."""
+    """pipeline/native.py builds pipeline/*.c (which include pipeline/*.h) at run time, so a non-editable
+    install (the Docker image's) needs them."""
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["pipeline"]
-    sources = sorted(path.name for path in (ROOT / "pipeline").glob("*.c"))
-    assert sources and [name for name in sources if not any(fnmatch.fnmatch(name, p) for p in patterns)] == []
+    sources = sorted(path.name for pattern in ("*.c", "*.h") for path in (ROOT / "pipeline").glob(pattern))
+    assert any(name.endswith(".h") for name in sources)
+    assert [name for name in sources if not any(fnmatch.fnmatch(name, p) for p in patterns)] == []
 
 
 def test_sbatch_directives():
