@@ -34,6 +34,8 @@ table-lookup kernels (`pipeline/sample_linear.py`, `pipeline/lookup_linear.c`), 
 a quarter of the dense products' vector operations. The roofline column still counts the dense
 FLOPs, so for rws it is an effective throughput, not a fraction of the hardware's work. The notes
 say whether the kernels loaded; RWS_NATIVE=0 in the environment times torch's dense products instead.
+NADE's hidden logits and sampler run in a C kernel on a CPU too (`pipeline/nade_hidden.c`);
+RWS_NATIVE=0 switches that off as well.
 
 Device: `--device cuda` runs rws and Pyro on the GPU (every timed step ends with a
 `torch.cuda.synchronize()`), and the peak is then `torch.mm` of 8192 x 8192 float32 matrices under
@@ -63,7 +65,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import append_section, command_line, cpu_name, device_name  # noqa: E402
 from lightning_modules.module import RWSModule  # noqa: E402
-from pipeline import layers  # noqa: E402
+from pipeline import layers, nade_hidden  # noqa: E402
 from pipeline.allocator import retain_freed_memory  # noqa: E402
 from pipeline.data import load_binarized_mnist  # noqa: E402
 from pipeline.estimators import rws_surrogates  # noqa: E402
@@ -348,6 +350,8 @@ def main(argv=None):
     print()
     print(table)
     products = "table lookup (pipeline/lookup_linear.c)" if device.type == "cpu" and _have_kernels() else "dense (torch)"
+    nade_kernel = device.type == "cpu" and nade_hidden.have_kernels()
+    nade = "C kernel (pipeline/nade_hidden.c)" if nade_kernel else "torch ops (NADEHiddenLogits)"
     meta = (
         f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n"
         f"- machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {cpu_name()}\n"
@@ -361,7 +365,7 @@ def main(argv=None):
         f"- data: batch of {batch} rows from {source}; q_update wake-sleep; Adam lr {LR} for P and Q\n"
         f"- experiments: compile mode {args.compile_mode or 'default'}; NADE chunk {layers._NADE_CHUNK_FLOATS} floats\n"
         f"- weights: {f'`{args.weights}` (trained) for the SBN rows' if args.weights else 'fresh initialization'}\n"
-        f"- rws products of samples: {products}\n"
+        f"- rws products of samples: {products}; NADE's hidden logits and sampler: {nade}\n"
         f"- command: `{command_line(__file__, argv)}`\n"
     )
     print(meta)

@@ -1,0 +1,137 @@
+"""NADE's hidden logits and sampler by the C kernel (pipeline/nade_hidden.c) against the torch versions.
+
+    python benchmarks/nade_hidden.py [--threads N] [--repeats N] [--no-append]
+
+Logits: V_i . sigmoid(offset + sum_{j<i} h_j A_j) for N rows of 0/1 h (30% ones), forward and
+forward + backward (gradients of offset, A and V, as training takes them), for the NADE layers of
+`configs/nade_200.yaml` at a batch of 100: P's bottom layer (784 units) and a 200-unit layer (Q's
+and P's prior), hidden 200, at K = 5 (N = 500) and K = 50 (N = 5000). Three paths alternate call
+by call (throughput.py's `time_steps`): the kernel, `NADEHiddenLogits` in eager torch ops, and the
+same with its chunks compiled (what a compiled step ran before the kernel). The error columns
+compare each path's float32 forward with float64 torch.
+
+Sampler: `NADELayer.sample` of K = 5 draws for 100 conditioning rows, through the kernel and
+through the torch loop over units.
+
+The tables are printed and appended to benchmarks/RESULTS.md under "## NADE by the C kernel (issue 8)".
+"""
+
+import argparse
+import datetime
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import append_section, command_line, cpu_name  # noqa: E402
+from benchmarks.throughput import time_steps  # noqa: E402
+from pipeline import layers, nade_hidden  # noqa: E402
+
+HIDDEN, BATCH = 200, 100
+CASES = [(5, 784), (5, 200), (50, 784), (50, 200)]  # K, units
+HEADING = "## NADE by the C kernel (issue 8)"
+
+
+def logits_row(num_samples: int, units: int, repeats: int, generator: torch.Generator) -> str:
+    rows = num_samples * BATCH
+    h = (torch.rand(rows, units, generator=generator) < 0.3).float()
+    offset = torch.randn(rows, HIDDEN, generator=generator).requires_grad_()
+    input_weight, output_weight = ((torch.randn(units, HIDDEN, generator=generator) / 15).requires_grad_() for _ in range(2))
+    grad = torch.randn(rows, units, generator=generator)
+    paths = {
+        "kernel": nade_hidden.nade_hidden_logits,
+        "torch": lambda *args: layers.NADEHiddenLogits.apply(*args, False),
+        "compiled": lambda *args: layers.NADEHiddenLogits.apply(*args, True),
+    }
+
+    def forward(fn):
+        def call():
+            with torch.no_grad():
+                fn(h, offset, input_weight, output_weight)
+
+        return call
+
+    def forward_backward(fn):
+        return lambda: fn(h, offset, input_weight, output_weight).backward(grad)
+
+    steps = [forward(fn) for fn in paths.values()] + [forward_backward(fn) for fn in paths.values()]
+    ms = [1e3 * seconds for seconds, _ in time_steps(steps, steps=repeats, warmup=2, budget_s=math.inf)]
+    operands = (h, offset, input_weight, output_weight)
+    with torch.no_grad():
+        exact = layers.NADEHiddenLogits.apply(*(t.double() for t in operands), False)
+        errors = [(paths[name](*operands) - exact).abs().max().item() for name in ("kernel", "torch")]
+    return (
+        f"| {num_samples} | {rows} | {units} | {ms[0]:.2f} | {ms[1]:.2f} | {ms[2]:.2f} | {ms[2] / ms[0]:.2f}x "
+        f"| {ms[3]:.2f} | {ms[4]:.2f} | {ms[5]:.2f} | {ms[5] / ms[3]:.2f}x | {errors[0]:.1e} / {errors[1]:.1e} |"
+    )
+
+
+def sampler_row(units: int, cond_units: int, repeats: int) -> str:
+    torch.manual_seed(0)
+    layer = layers.NADELayer(units, cond_units, hidden_size=HIDDEN)
+    cond = (torch.rand(BATCH, cond_units) < 0.3).float()
+    with_kernel = nade_hidden.have_kernels
+
+    def sample(kernel: bool):
+        def call():
+            nade_hidden.have_kernels = with_kernel if kernel else (lambda: False)
+            try:
+                layer.sample(cond, (5,))
+            finally:
+                nade_hidden.have_kernels = with_kernel
+
+        return call
+
+    (kernel_s, _), (torch_s, _) = time_steps([sample(True), sample(False)], steps=repeats, warmup=1, budget_s=math.inf)
+    return f"| {units} | {cond_units} | {1e3 * kernel_s:.2f} | {1e3 * torch_s:.2f} | {torch_s / kernel_s:.2f}x |"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--no-append", action="store_true")
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not nade_hidden.have_kernels():
+        sys.exit("the NADE kernel did not load (see the warning above, or unset RWS_NATIVE=0)")
+    generator = torch.Generator().manual_seed(0)
+
+    logits = []
+    for num_samples, units in CASES:
+        logits.append(logits_row(num_samples, units, args.repeats, generator))
+        print(logits[-1], flush=True)
+    samplers = [sampler_row(784, 200, args.repeats), sampler_row(200, 784, args.repeats)]
+    print("\n".join(samplers), flush=True)
+    table = (
+        "| K | rows | units | forward kernel ms | forward torch ms | forward compiled chunks ms | forward speed-up over compiled "
+        "| forward + backward kernel ms | forward + backward torch ms | forward + backward compiled chunks ms "
+        "| forward + backward speed-up over compiled | max error vs float64, kernel / torch |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
+        + "\n".join(logits)
+        + "\n\nSampler, K = 5 draws of 100 conditioning rows:\n\n"
+        "| units | conditioning units | kernel ms | torch loop ms | speed-up |\n|---:|---:|---:|---:|---:|\n"
+        + "\n".join(samplers)
+    )
+    meta = (
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n"
+        f"- machine: {os.cpu_count()} CPUs, {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n"
+        f"- logits: [rows, units] 0/1 h, hidden {HIDDEN}, float32; median of {args.repeats} alternated calls\n"
+        f"- command: `{command_line(__file__, argv)}`\n"
+    )
+    print()
+    print(meta)
+    print(table)
+    if not args.no_append:
+        append_section(args.results, HEADING, meta, table)
+
+
+if __name__ == "__main__":
+    main()
