@@ -68,8 +68,20 @@ def _padded(t: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
 
 
 def _padded_shapes(h: torch.Tensor, input_weight: torch.Tensor) -> tuple[int, int]:
+    """Rows and hidden units as the kernel takes them: multiples of its row block and of 16."""
     block = _kernels().nade_block_rows()
     return -(-h.shape[0] // block) * block, -(-input_weight.shape[1] // _HIDDEN_MULTIPLE) * _HIDDEN_MULTIPLE
+
+
+def _walk(kernel, per_unit: torch.Tensor, offset, input_weight, output_weight) -> torch.Tensor:
+    """Run a forward walk over the units (the logits or the sampler): one output [N, size] from one
+    input per unit (h or the thresholds) [N, size], the offsets [N, hidden] and A, V [size, hidden]."""
+    (n, size), (rows, hidden) = per_unit.shape, _padded_shapes(per_unit, input_weight)
+    padded = [_padded(per_unit, rows, size), _padded(offset, rows, hidden)]
+    padded += [_padded(input_weight, size, hidden), _padded(output_weight, size, hidden)]
+    out = per_unit.new_empty(rows, size)
+    kernel(*(t.data_ptr() for t in padded), out.data_ptr(), rows, size, hidden, torch.get_num_threads())
+    return out[:n]
 
 
 @torch.library.custom_op(f"{_OPS}::nade_hidden_logits", mutates_args=())
@@ -77,15 +89,7 @@ def nade_hidden_logits(
     h: torch.Tensor, offset: torch.Tensor, input_weight: torch.Tensor, output_weight: torch.Tensor
 ) -> torch.Tensor:
     """V_i . sigmoid(offset_n + sum_{j<i} h_nj A_j): [N, size] from h [N, size], offset [N, hidden], A and V [size, hidden]."""
-    (n, size), (rows, hidden) = h.shape, _padded_shapes(h, input_weight)
-    h_rows, activations = _padded(h, rows, size), _padded(offset, rows, hidden)
-    a, v = _padded(input_weight, size, hidden), _padded(output_weight, size, hidden)
-    out = h.new_empty(rows, size)
-    _kernels().nade_hidden_logits(
-        h_rows.data_ptr(), activations.data_ptr(), a.data_ptr(), v.data_ptr(), out.data_ptr(),
-        rows, size, hidden, torch.get_num_threads(),
-    )  # fmt: skip
-    return out[:n]
+    return _walk(_kernels().nade_hidden_logits, h, offset, input_weight, output_weight)
 
 
 @nade_hidden_logits.register_fake
@@ -97,15 +101,7 @@ def nade_sample(
     threshold: torch.Tensor, offset: torch.Tensor, input_weight: torch.Tensor, output_weight: torch.Tensor
 ) -> torch.Tensor:
     """NADE's draws h [N, size], unit by unit: h_ni = [V_i . sigmoid(offset_n + sum_{j<i} h_nj A_j) > threshold_ni]."""
-    (n, size), (rows, hidden) = threshold.shape, _padded_shapes(threshold, input_weight)
-    thresholds, activations = _padded(threshold, rows, size), _padded(offset, rows, hidden)
-    a, v = _padded(input_weight, size, hidden), _padded(output_weight, size, hidden)
-    h = threshold.new_empty(rows, size)
-    _kernels().nade_sample(
-        thresholds.data_ptr(), activations.data_ptr(), a.data_ptr(), v.data_ptr(), h.data_ptr(),
-        rows, size, hidden, torch.get_num_threads(),
-    )  # fmt: skip
-    return h[:n]
+    return _walk(_kernels().nade_sample, threshold, offset, input_weight, output_weight)
 
 
 @torch.library.custom_op(f"{_OPS}::nade_hidden_logits_backward", mutates_args=())
