@@ -16,8 +16,6 @@ through the torch loop over units.
 The tables are printed and appended to benchmarks/RESULTS.md under "## NADE by the C kernel (issue 8)".
 """
 
-import argparse
-import datetime
 import math
 import os
 import sys
@@ -28,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import append_section, command_line, cpu_name  # noqa: E402
+from benchmarks.report import cpu_name, kernel_benchmark_args, publish  # noqa: E402
 from benchmarks.throughput import time_steps  # noqa: E402
 from pipeline import layers, nade_hidden  # noqa: E402
 
@@ -92,13 +90,7 @@ def sampler_row(units: int, cond_units: int, repeats: int) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--no-append", action="store_true")
-    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = kernel_benchmark_args(__doc__, 10, argv)
     if not nade_hidden.have_kernels():
         sys.exit("the NADE kernel did not load (see the warning above, or unset RWS_NATIVE=0)")
     generator = torch.Generator().manual_seed(0)
@@ -119,18 +111,12 @@ def main(argv=None):
         "| units | conditioning units | kernel ms | torch loop ms | speed-up |\n|---:|---:|---:|---:|---:|\n"
         + "\n".join(samplers)
     )
-    meta = (
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n"
-        f"- machine: {os.cpu_count()} CPUs, {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n"
-        f"- logits: [rows, units] 0/1 h, hidden {HIDDEN}, float32; median of {args.repeats} alternated calls\n"
-        f"- command: `{command_line(__file__, argv)}`\n"
-    )
-    print()
-    print(meta)
-    print(table)
-    if not args.no_append:
-        append_section(args.results, HEADING, meta, table)
+    details = [
+        f"machine: {os.cpu_count()} CPUs, {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        f"logits: [rows, units] 0/1 h, hidden {HIDDEN}, float32; median of {args.repeats} alternated calls",
+    ]
+    publish(__file__, argv, HEADING, details, table, None if args.no_append else args.results)
 
 
 if __name__ == "__main__":

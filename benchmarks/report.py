@@ -1,6 +1,8 @@
 """What every benchmark script writes: the CPU it ran on, the command that reproduces it, and its section
 in RESULTS.md."""
 
+import argparse
+import datetime
 import platform
 import shlex
 import sys
@@ -40,3 +42,30 @@ def append_section(path: str | Path, heading: str, meta: str, table: str) -> Non
     with open(path, "a") as f:
         f.write(f"\n{heading}\n\n{meta}\n{table}\n")
     print(f"appended to {path}")
+
+
+def publish(script: str, argv: list[str] | None, heading: str, details: list[str], table: str, results: str | Path | None):
+    """Print a section (its date, the `details` lines, the command, then the table) and append it to
+    `results` unless that is None (--no-append)."""
+    meta = "".join(
+        [f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n"]
+        + [f"- {line}\n" for line in details]
+        + [f"- command: `{command_line(script, argv)}`\n"]
+    )
+    print()
+    print(meta)
+    print(table)
+    if results is not None:
+        append_section(results, heading, meta, table)
+
+
+def kernel_benchmark_args(doc: str, repeats: int, argv: list[str] | None) -> argparse.Namespace:
+    """The options of the kernel benchmarks (--threads, --repeats, --no-append, --results), parsed; sets the threads."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--no-append", action="store_true")
+    parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args

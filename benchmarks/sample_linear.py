@@ -12,8 +12,6 @@ the lookups sum in a different order, not with less precision. The table is prin
 to benchmarks/RESULTS.md under "## Products of samples by table lookup (issue 8)".
 """
 
-import argparse
-import datetime
 import math
 import os
 import sys
@@ -25,7 +23,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import append_section, command_line, cpu_name  # noqa: E402
+from benchmarks.report import cpu_name, kernel_benchmark_args, publish  # noqa: E402
 from benchmarks.throughput import time_steps  # noqa: E402
 from pipeline.sample_linear import _have_kernels, sample_linear  # noqa: E402
 
@@ -35,13 +33,7 @@ HEADING = "## Products of samples by table lookup (issue 8)"
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--no-append", action="store_true")
-    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = kernel_benchmark_args(__doc__, 30, argv)
     if not _have_kernels():
         sys.exit("the lookup kernels did not load (see the warning above, or unset RWS_NATIVE=0)")
     generator = torch.Generator().manual_seed(0)
@@ -86,18 +78,12 @@ def main(argv=None):
         "|---|---|---|---:|---:|---:|---:|---:|---:|---|"
     )
     table = header + "\n" + "\n".join(lines)
-    meta = (
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n"
-        f"- machine: {os.cpu_count()} CPUs, {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads\n"
-        f"- product: [K, {BATCH}, {UNITS}] float32 samples x [outputs, {UNITS}] weight + bias; "
-        f"median of {args.repeats} alternated calls\n"
-        f"- command: `{command_line(__file__, argv)}`\n"
-    )
-    print()
-    print(meta)
-    print(table)
-    if not args.no_append:
-        append_section(args.results, HEADING, meta, table)
+    details = [
+        f"machine: {os.cpu_count()} CPUs, {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads",
+        f"product: [K, {BATCH}, {UNITS}] float32 samples x [outputs, {UNITS}] weight + bias; "
+        f"median of {args.repeats} alternated calls",
+    ]
+    publish(__file__, argv, HEADING, details, table, None if args.no_append else args.results)
 
 
 if __name__ == "__main__":
