@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import nade_hidden
+from pipeline import darn_sample, nade_hidden
 from pipeline.philox import uniform
 from pipeline.sample_linear import sample_linear
 
@@ -204,6 +204,9 @@ class DARNLayer(BernoulliLayer):
     def _sample(self, base, cond, sample_shape):
         logits = base.expand(*sample_shape, *base.shape).clone()  # running logits: b + W cond + A h_<i
         noise = _logistic_noise(logits.shape, logits.dtype, logits.device)
+        if darn_sample.kernel_applies(logits, self.autoregressive_weight):  # a CPU: pipeline/darn_sample.c
+            rows = darn_sample.darn_sample(logits.view(-1, self.size), noise.view(-1, self.size), self.autoregressive_weight)
+            return rows.view(logits.shape)
         h = torch.zeros_like(logits)
         later_weight = self.autoregressive_weight.T.contiguous()  # row i: A_{j,i}, what unit i adds to unit j
         units, unit_logits, unit_noise = h.unbind(-1), logits.unbind(-1), noise.unbind(-1)  # views, made once

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.native import load_library
+from pipeline.native import load_library, padded
 
 # Hashed like pipeline/sample_linear.py's ops: torch.compile's cache keys graphs by the ops' names,
 # not by the backward registered for them, so a changed formula needs new names.
@@ -60,13 +60,6 @@ def kernel_applies(h: torch.Tensor, offset: torch.Tensor, input_weight: torch.Te
     )
 
 
-def _padded(t: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
-    """A fresh contiguous [rows, columns] copy of t [r, c] with zeros past its end (the kernel writes into some)."""
-    out = t.new_zeros(rows, columns)
-    out[: t.shape[0], : t.shape[1]] = t
-    return out
-
-
 def _padded_shapes(h: torch.Tensor, input_weight: torch.Tensor) -> tuple[int, int]:
     """Rows and hidden units as the kernel takes them: multiples of its row block and of 16."""
     block = _kernels().nade_block_rows()
@@ -77,10 +70,10 @@ def _walk(kernel, per_unit: torch.Tensor, offset, input_weight, output_weight) -
     """Run a forward walk over the units (the logits or the sampler): one output [N, size] from one
     input per unit (h or the thresholds) [N, size], the offsets [N, hidden] and A, V [size, hidden]."""
     (n, size), (rows, hidden) = per_unit.shape, _padded_shapes(per_unit, input_weight)
-    padded = [_padded(per_unit, rows, size), _padded(offset, rows, hidden)]
-    padded += [_padded(input_weight, size, hidden), _padded(output_weight, size, hidden)]
+    operands = [padded(per_unit, rows, size), padded(offset, rows, hidden)]
+    operands += [padded(input_weight, size, hidden), padded(output_weight, size, hidden)]
     out = per_unit.new_empty(rows, size)
-    kernel(*(t.data_ptr() for t in padded), out.data_ptr(), rows, size, hidden, torch.get_num_threads())
+    kernel(*(t.data_ptr() for t in operands), out.data_ptr(), rows, size, hidden, torch.get_num_threads())
     return out[:n]
 
 
@@ -116,8 +109,8 @@ def nade_hidden_logits_backward(
     """Gradients (h [N, size] or empty if not `with_grad_h`, offset [N, hidden], A, V) for the output's gradient [N, size]."""
     (n, size), (rows, hidden) = h.shape, _padded_shapes(h, input_weight)
     threads = max(1, min(torch.get_num_threads(), rows // _kernels().nade_block_rows()))
-    h_rows, activations, grad_rows = _padded(h, rows, size), _padded(offset, rows, hidden), _padded(grad, rows, size)
-    a, v = _padded(input_weight, size, hidden), _padded(output_weight, size, hidden)
+    h_rows, activations, grad_rows = padded(h, rows, size), padded(offset, rows, hidden), padded(grad, rows, size)
+    a, v = padded(input_weight, size, hidden), padded(output_weight, size, hidden)
     total = h.new_zeros(rows, hidden)  # the running sum of pre-activation gradients, over all units at the end
     grad_a, grad_v = h.new_zeros(threads, size, hidden), h.new_zeros(threads, size, hidden)  # one slab per thread
     grad_h = h.new_empty(rows, size) if with_grad_h else None

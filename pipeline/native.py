@@ -23,6 +23,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import torch
+
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -54,6 +56,14 @@ def load_library(name: str) -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as error:
         warnings.warn(f"rws: cannot build {source} ({error}); torch's own ops run instead", RuntimeWarning, stacklevel=2)
         return None
+
+
+def padded(t: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """A fresh contiguous [rows, columns] copy of t [r, c], zeros past its end: a kernel's operand,
+    padded to its blocks, which it may write into."""
+    out = t.new_zeros(rows, columns)
+    out[: t.shape[0], : t.shape[1]] = t
+    return out
 
 
 def _source_text(source: Path) -> str:

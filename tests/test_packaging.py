@@ -103,7 +103,8 @@ def test_dockerignore_keeps_runs_and_caches_out(path):
 
 @pytest.mark.parametrize("path", ["pyproject.toml", "README.md", "pipeline/models.py", "lightning_modules/cli.py",
                                   "configs/debug.yaml", "pipeline/default_data/binarized_mnist_small.npz",
-                                  "pipeline/lookup_linear.c", "pipeline/nade_hidden.c", "pipeline/vectors.h"])  # fmt: skip
+                                  "pipeline/lookup_linear.c", "pipeline/nade_hidden.c", "pipeline/darn_sample.c",
+                                  "pipeline/vectors.h"])  # fmt: skip
 def test_dockerignore_keeps_what_the_build_needs(path):
     assert not ignored(path, dockerignore_patterns())
     assert (ROOT / path).exists()
