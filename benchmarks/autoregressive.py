@@ -1,21 +1,23 @@
-"""NADE's hidden logits and sampler by the C kernel (pipeline/nade_hidden.c) against the torch versions.
+"""NADE's hidden logits and the NADE and DARN samplers by their C kernels, against the torch versions.
 
-    python benchmarks/nade_hidden.py [--threads N] [--repeats N] [--no-append]
+    python benchmarks/autoregressive.py [--threads N] [--repeats N] [--no-append]
 
 Logits: V_i . sigmoid(offset + sum_{j<i} h_j A_j) for N rows of 0/1 h (30% ones), forward and
 forward + backward (gradients of offset, A and V, as training takes them), for the NADE layers of
 `configs/nade_200.yaml` at a batch of 100: P's bottom layer (784 units) and a 200-unit layer (Q's
 and P's prior), hidden 200, at K = 5 (N = 500) and K = 50 (N = 5000). Three paths alternate call
-by call (throughput.py's `time_steps`): the kernel, `NADEHiddenLogits` in eager torch ops, and the
-same with its chunks compiled (what a compiled step ran before the kernel). The error columns
-compare each path's float32 forward with float64 torch.
+by call (throughput.py's `time_steps`): the kernel (pipeline/nade_hidden.c), `NADEHiddenLogits` in
+eager torch ops, and the same with its chunks compiled (what a compiled step ran before the
+kernel). The error columns compare each path's float32 forward with float64 torch.
 
-Sampler: `NADELayer.sample` of K = 5 draws for 100 conditioning rows, through the kernel and
-through the torch loop over units.
+Samplers: `layer.sample` of K = 5 draws for a batch of conditioning rows, through the kernels
+(pipeline/nade_hidden.c, pipeline/darn_sample.c) and through torch's loops over units, for the
+layers of `configs/nade_200.yaml` and `configs/darn_200.yaml`.
 
-The tables are printed and appended to benchmarks/RESULTS.md under "## NADE by the C kernel (issue 8)".
+The tables are printed and appended to benchmarks/RESULTS.md under "## NADE and DARN by C kernels (issue 8)".
 """
 
+import contextlib
 import math
 import os
 import sys
@@ -28,11 +30,11 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import cpu_name, kernel_benchmark_args, publish  # noqa: E402
 from benchmarks.throughput import time_steps  # noqa: E402
-from pipeline import layers, nade_hidden  # noqa: E402
+from pipeline import darn_sample, layers, nade_hidden  # noqa: E402
 
 HIDDEN, BATCH = 200, 100
 CASES = [(5, 784), (5, 200), (50, 784), (50, 200)]  # K, units
-HEADING = "## NADE by the C kernel (issue 8)"
+HEADING = "## NADE and DARN by C kernels (issue 8)"
 
 
 def logits_row(num_samples: int, units: int, repeats: int, generator: torch.Generator) -> str:
@@ -69,37 +71,46 @@ def logits_row(num_samples: int, units: int, repeats: int, generator: torch.Gene
     )
 
 
-def sampler_row(units: int, cond_units: int, repeats: int) -> str:
+@contextlib.contextmanager
+def torch_loops():
+    """The layers' samplers take torch's loops over units while this is open."""
+    with contextlib.ExitStack() as stack:
+        for module, name in ((nade_hidden, "have_kernels"), (darn_sample, "_kernel")):
+            original = getattr(module, name)
+            stack.callback(setattr, module, name, original)
+            setattr(module, name, lambda: None)
+        yield
+
+
+def sampler_row(kind: str, units: int, cond_units: int, batch: int, repeats: int) -> str:
     torch.manual_seed(0)
-    layer = layers.NADELayer(units, cond_units, hidden_size=HIDDEN)
-    cond = (torch.rand(BATCH, cond_units) < 0.3).float()
-    with_kernel = nade_hidden.have_kernels
+    layer = layers.make_layer(kind, units, cond_units, nade_hidden=HIDDEN)
+    cond = (torch.rand(batch, cond_units) < 0.3).float()
 
     def sample(kernel: bool):
         def call():
-            nade_hidden.have_kernels = with_kernel if kernel else (lambda: False)
-            try:
+            with contextlib.nullcontext() if kernel else torch_loops():
                 layer.sample(cond, (5,))
-            finally:
-                nade_hidden.have_kernels = with_kernel
 
         return call
 
     (kernel_s, _), (torch_s, _) = time_steps([sample(True), sample(False)], steps=repeats, warmup=1, budget_s=math.inf)
-    return f"| {units} | {cond_units} | {1e3 * kernel_s:.2f} | {1e3 * torch_s:.2f} | {torch_s / kernel_s:.2f}x |"
+    timings = f"{1e3 * kernel_s:.2f} | {1e3 * torch_s:.2f} | {torch_s / kernel_s:.2f}x"
+    return f"| {kind} | {units} | {cond_units} | {batch} | {timings} |"
 
 
 def main(argv=None):
     args = kernel_benchmark_args(__doc__, 10, argv)
-    if not nade_hidden.have_kernels():
-        sys.exit("the NADE kernel did not load (see the warning above, or unset RWS_NATIVE=0)")
+    if not nade_hidden.have_kernels() or darn_sample._kernel() is None:
+        sys.exit("the NADE or DARN kernel did not load (see the warning above, or unset RWS_NATIVE=0)")
     generator = torch.Generator().manual_seed(0)
 
     logits = []
     for num_samples, units in CASES:
         logits.append(logits_row(num_samples, units, args.repeats, generator))
         print(logits[-1], flush=True)
-    samplers = [sampler_row(784, 200, args.repeats), sampler_row(200, 784, args.repeats)]
+    samplers = [sampler_row(kind, units, cond, batch, args.repeats) for kind in ("nade", "darn")
+                for units, cond, batch in ((784, 200, BATCH), (200, 784, BATCH), (784, 200, 25))]
     print("\n".join(samplers), flush=True)
     table = (
         "| K | rows | units | forward kernel ms | forward torch ms | forward compiled chunks ms | forward speed-up over compiled "
@@ -107,8 +118,9 @@ def main(argv=None):
         "| forward + backward speed-up over compiled | max error vs float64, kernel / torch |\n"
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n"
         + "\n".join(logits)
-        + "\n\nSampler, K = 5 draws of 100 conditioning rows:\n\n"
-        "| units | conditioning units | kernel ms | torch loop ms | speed-up |\n|---:|---:|---:|---:|---:|\n"
+        + "\n\nSamplers, K = 5 draws for each conditioning row:\n\n"
+        "| layer | units | conditioning units | conditioning rows | kernel ms | torch loop ms | speed-up |\n"
+        "|---|---:|---:|---:|---:|---:|---:|\n"
         + "\n".join(samplers)
     )
     details = [
