@@ -1,7 +1,7 @@
 """Training throughput of RWS against Pyro's ReweightedWakeSleep, and against this machine's roofline.
 
     python benchmarks/throughput.py [--threads N] [--steps N] [--models sbn,darn,nade] [--weights RUN] [--device cuda]
-        [--batch N] [--compile-mode MODE] [--nade-chunk-floats N] [--no-append]
+        [--batch N] [--compile-mode MODE] [--nade-chunk-floats N] [--no-append]   (models: sbn, darn, nade, darn_nade)
 
 Times the full training step as `lightning_modules/module.py` runs it (sample Q, log-probs, both
 surrogates, backward of p_loss + q_loss, the module's two fused Adam steps) on batch 100 of real
@@ -83,11 +83,13 @@ MODELS = {
     "sbn": {"layer_sizes": SBN_SIZES, "p_layer": "sbn", "q_layer": "sbn"},
     "darn": {"layer_sizes": [784, 200], "p_layer": "darn", "q_layer": "sbn"},
     "nade": {"layer_sizes": [784, 200], "p_layer": "nade", "q_layer": "nade", "nade_hidden": 200},
+    "darn_nade": {"layer_sizes": [784, 200], "p_layer": "darn", "q_layer": "nade", "nade_hidden": 200},
 }
 LABELS = {
     "sbn": "SBN 784-200-200-10",
     "darn": "DARN 784-200 (P darn, Q sbn)",
     "nade": "NADE 784-200 (nade/nade, hidden 200)",
+    "darn_nade": "DARN/NADE 784-200 (P darn, Q nade, hidden 200: configs/darn_200.yaml)",
 }
 
 
@@ -260,7 +262,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=30, help="timed steps per configuration (median)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--budget", type=float, default=20.0, help="max seconds of timed steps per configuration")
-    parser.add_argument("--models", default="sbn,darn,nade", help="comma-separated subset of sbn,darn,nade")
+    parser.add_argument("--models", default="sbn,darn,nade", help="comma-separated subset of sbn,darn,nade,darn_nade")
     parser.add_argument("--ks", default=",".join(map(str, KS)))
     parser.add_argument("--weights", help="start the SBN rows from this `rws fit` checkpoint of SBN 784-200-200-10 "
                         "(run directory or checkpoint) instead of a fresh initialization")
@@ -284,6 +286,8 @@ def main(argv=None):
     retained = args.retain_freed_memory and retain_freed_memory()
     ks = [int(k) for k in args.ks.split(",")]
     models = [m for m in args.models.split(",") if m]
+    if set(models) - set(MODELS):
+        parser.error(f"unknown --models {sorted(set(models) - set(MODELS))}; choose from {', '.join(MODELS)}")
     load_before = load_average()
     batch = args.batch
     if args.nade_chunk_floats is not None:
