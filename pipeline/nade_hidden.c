@@ -1,4 +1,4 @@
-/* NADE's hidden logits and their gradients, one unit after another with the activations in cache.
+/* NADE's hidden logits, their gradients and its sampler, one unit after another with the activations in cache.
  *
  * For rows n (N = K x B samples), units i < D and hidden units of width H:
  *
@@ -19,7 +19,8 @@
  *
  * so one forward walk accumulates -sum_n h_nj prefix_nj and -A_j . prefix_nj, and the caller adds
  * the total_n terms as two matmuls (h^T total, total A^T). torch's version subtracts the same
- * cumulative sum from the same total (pipeline/layers.py), so both round alike.
+ * cumulative sum from the same total, row by row (pipeline/layers.py); the tests bound both
+ * against float64.
  *
  * Shapes are the caller's to pad: N a multiple of ROWS and H a multiple of 16 (any LANES); padded
  * rows and hidden units must have zero h, g, A and V. Built by pipeline/native.py (-O3
