@@ -11,19 +11,26 @@ from pathlib import Path
 import torch
 
 
-def cpu_name() -> str:
-    """The CPU's model name and the vector instructions torch's CPU kernels use on it (AVX2, AVX512, ...).
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """The CPU's model name, family and model numbers, and the vector instructions torch's CPU kernels
+    use on it: "AMD EPYC (family 25, model 17), AVX512". `cpuinfo`: /proc/cpuinfo's text (read if None).
 
-    Why both: the development VM is "AMD EPYC" on every day, but not always the same CPU. On an AVX2
-    one (2026-12-03) the Philox draws of a compiled step took 4.1 ns each against 0.8 ns before, and
-    the speed-ups over Pyro moved with it (benchmarks/RESULTS.md)."""
-    model = platform.processor() or platform.machine()
-    try:
-        model = next(
-            line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
+    Why all three: the development VM has run on several CPUs under one name. On an AVX2 "AMD EPYC"
+    (2026-12-03) the Philox draws of a compiled step took 4.1 ns each against 0.8 ns before, and the
+    speed-ups over Pyro moved with it; an "Intel(R) Xeon(R) Processor" with AVX-512 (2026-12-05) has
+    1.7x the EPYC's matmul peak (benchmarks/RESULTS.md)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first processor's
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        model += f" (family {fields['cpu family']}, model {fields['model']})"
     return f"{model}, {torch.backends.cpu.get_cpu_capability()}"
 
 
