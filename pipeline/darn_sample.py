@@ -35,9 +35,12 @@ def kernel_applies(base: torch.Tensor, autoregressive_weight: torch.Tensor) -> b
     return base.device.type == "cpu" and base.dtype == autoregressive_weight.dtype == torch.float32 and _kernel() is not None
 
 
-def darn_sample(base: torch.Tensor, noise: torch.Tensor, autoregressive_weight: torch.Tensor) -> torch.Tensor:
+def darn_sample(
+    base: torch.Tensor, noise: torch.Tensor, autoregressive_weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """h [N, size] drawn unit by unit from the logits' other terms `base` [N, size], logistic `noise`
-    [N, size] and A [size, size] (strictly lower-triangular part used)."""
+    [N, size] and A [size, size] (strictly lower-triangular part used), and the drawn units' logits
+    base_i + sum_{j<i} h_j A_ij [N, size], which the walk ends with."""
     (n, size), block = base.shape, _kernel().darn_block_rows()
     rows = -(-n // block) * block
     logits, noise = padded(base, rows, size), padded(noise, rows, size)  # the kernel writes the running logits
@@ -45,4 +48,4 @@ def darn_sample(base: torch.Tensor, noise: torch.Tensor, autoregressive_weight: 
     h = base.new_empty(rows, size)
     pointers = (t.data_ptr() for t in (logits, noise, later, h))
     _kernel().darn_sample(*pointers, rows, size, torch.get_num_threads())
-    return h[:n]
+    return h[:n], logits[:n]

@@ -9,7 +9,8 @@ mix them freely:
     logits(h, cond, base)                  -> [..., size]  logit of p(h_i = 1 | h_<i, cond), teacher-forced
     log_prob(h, cond)                      -> [...]        log p(h | cond), summed over units
     sample(cond, sample_shape)             -> [*sample_shape, *cond.shape[:-1], size]
-    sample_with_log_prob(cond, sample_shape) -> (h, log p(h | cond)), one cond_logits pass for both
+    sample_with_log_prob(cond, sample_shape) -> (h, log p(h | cond)), one cond_logits pass for both;
+                                              without autograd, the sampler's logits serve the log-prob
 
 Three layer types, as in Bornschein & Bengio (2015), Sec. 3:
     SBN  - sigmoid belief layer: units independent given `cond`.
@@ -99,13 +100,12 @@ class BernoulliLayer(nn.Module):
         This is sum_i [h_i log s(l_i) + (1 - h_i) log s(-l_i)] written so that a logit enters one
         transcendental (softplus) and one product; `base` = cond_logits(cond) when the caller has it.
         """
-        logits = self.logits(h, cond, self.cond_logits(cond) if base is None else base)
-        return (h * logits).sum(-1) - softplus_sum(logits)
+        return _log_prob_of_logits(h, self.logits(h, cond, self.cond_logits(cond) if base is None else base))
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor | None = None, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
         """Draw h ~ p(h | cond): shape [*sample_shape, *cond.shape[:-1], size]."""
-        return self._sample(self.cond_logits(cond), cond, sample_shape)
+        return self._sample(self.cond_logits(cond), cond, sample_shape)[0]
 
     def sample_with_log_prob(
         self, cond: torch.Tensor | None = None, sample_shape: tuple[int, ...] = ()
@@ -113,20 +113,32 @@ class BernoulliLayer(nn.Module):
         """Draw h ~ p(h | cond) and return (h, log p(h | cond)) from one evaluation of cond_logits.
 
         The draw is detached; the log-prob carries the gradient. Sharing `base` between the two
-        saves the layer's matmul that a separate sample() and log_prob() would each pay.
+        saves the layer's matmul that a separate sample() and log_prob() would each pay. Without
+        autograd (evaluation), the logits the sampler computed serve the log-prob too, which saves
+        DARN and NADE layers their teacher-forced pass (for NADE, a second walk over the units).
         """
         base = self.cond_logits(cond)
         with torch.no_grad():
-            h = self._sample(base.detach(), cond, sample_shape)
-        return h, self.log_prob(h, cond, base)
+            h, logits = self._sample(base.detach(), cond, sample_shape)
+        if torch.is_grad_enabled():  # the gradient into the layer's weights needs the teacher-forced logits
+            return h, self.log_prob(h, cond, base)
+        return h, _log_prob_of_logits(h, logits)
 
     def logits(self, h: torch.Tensor, cond: torch.Tensor | None, base: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits of p(h_i = 1 | h_<i, cond) given `base` = cond_logits(cond)."""
         raise NotImplementedError
 
-    def _sample(self, base: torch.Tensor, cond: torch.Tensor | None, sample_shape: tuple[int, ...]) -> torch.Tensor:
-        """Draw h of shape [*sample_shape, *base.shape] given `base` = cond_logits(cond)."""
+    def _sample(
+        self, base: torch.Tensor, cond: torch.Tensor | None, sample_shape: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw h of shape [*sample_shape, *base.shape] given `base` = cond_logits(cond), and return it
+        with its logits (as `logits(h, cond, base)` gives them, broadcastable to h)."""
         raise NotImplementedError
+
+
+def _log_prob_of_logits(h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """sum_i [h_i l_i - softplus(l_i)] = log p(h) for Bernoulli logits l (broadcastable to h): [...]."""
+    return (h * logits).sum(-1) - softplus_sum(logits)
 
 
 def _midpoint_uniform(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -186,7 +198,7 @@ class SBNLayer(BernoulliLayer):
         return super().log_prob(h, cond, base)
 
     def _sample(self, base, cond, sample_shape):
-        return _bernoulli(base, sample_shape)
+        return _bernoulli(base, sample_shape), base  # base [B, size] is shared by the samples: one softplus pass
 
 
 class DARNLayer(BernoulliLayer):
@@ -205,15 +217,17 @@ class DARNLayer(BernoulliLayer):
         logits = base.expand(*sample_shape, *base.shape).clone()  # running logits: b + W cond + A h_<i
         noise = _logistic_noise(logits.shape, logits.dtype, logits.device)
         if darn_sample.kernel_applies(logits, self.autoregressive_weight):  # a CPU: pipeline/darn_sample.c
-            rows = darn_sample.darn_sample(logits.view(-1, self.size), noise.view(-1, self.size), self.autoregressive_weight)
-            return rows.view(logits.shape)
+            rows, final_logits = darn_sample.darn_sample(
+                logits.view(-1, self.size), noise.view(-1, self.size), self.autoregressive_weight
+            )
+            return rows.view(logits.shape), final_logits.view(logits.shape)
         h = torch.zeros_like(logits)
         later_weight = self.autoregressive_weight.T.contiguous()  # row i: A_{j,i}, what unit i adds to unit j
         units, unit_logits, unit_noise = h.unbind(-1), logits.unbind(-1), noise.unbind(-1)  # views, made once
         for i in range(self.size):  # sequential by definition: unit i depends on the units before it
             torch.gt(unit_logits[i], unit_noise[i], out=units[i])
             logits[..., i + 1 :].addcmul_(units[i].unsqueeze(-1), later_weight[i, i + 1 :])
-        return h
+        return h, logits  # each unit's logit saw exactly the units before it
 
 
 class NADELayer(BernoulliLayer):
@@ -256,17 +270,19 @@ class NADELayer(BernoulliLayer):
         threshold = _logistic_noise(base.shape, base.dtype, base.device) - base  # h_i = [V_i . sigmoid(a) > threshold_i]
         offset = self.hidden_offset(cond).expand(*base.shape[:-1], self.hidden_size)
         if nade_hidden.kernel_applies(threshold, offset, self.input_weight):  # a CPU: pipeline/nade_hidden.c
-            rows = nade_hidden.nade_sample(
+            rows, hidden_part = nade_hidden.nade_sample(
                 threshold.reshape(-1, self.size), offset.reshape(-1, self.hidden_size), self.input_weight, self.output_weight
             )
-            return rows.view(base.shape)
+            return rows.view(base.shape), base + hidden_part.view(base.shape)
         activation = offset.clone()
         h = torch.zeros_like(base)
+        hidden_part = base.new_empty(self.size, *base.shape[:-1])  # unit-major: unit i's hidden logits are one block
         units, unit_thresholds = h.unbind(-1), threshold.unbind(-1)  # views, made once
         for i in range(self.size):  # running sum: add unit i's contribution once it is drawn
-            torch.gt(torch.sigmoid(activation) @ self.output_weight[i], unit_thresholds[i], out=units[i])
+            torch.matmul(torch.sigmoid(activation), self.output_weight[i], out=hidden_part[i])
+            torch.gt(hidden_part[i], unit_thresholds[i], out=units[i])
             activation.addcmul_(units[i].unsqueeze(-1), self.input_weight[i])
-        return h
+        return h, base + hidden_part.movedim(0, -1)
 
 
 # Hidden activations per chunk of rows in NADEHiddenLogits: 4 MB, so that a chunk's dozen elementwise

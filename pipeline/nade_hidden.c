@@ -97,14 +97,15 @@ void nade_hidden_logits(const float *h, float *offset, const float *A, const flo
 }
 
 /* Draws h [N, D] with h_ni = [V_i . sigmoid(a_ni) > threshold_ni], unit after unit, where a_ni sums the
- * h_nj A_j drawn before (NADE's sampler; threshold = logistic noise - the unit's other logit terms).
- * a_0 = offset [N, H] is overwritten. */
-void nade_sample(const float *threshold, float *offset, const float *A, const float *V, float *h, int64_t N, int D,
-                 int H, int threads) {
+ * h_nj A_j drawn before (NADE's sampler; threshold = logistic noise - the unit's other logit terms),
+ * and writes the drawn units' hidden logits V_i . sigmoid(a_ni) [N, D]: the same operations in the same
+ * order as nade_hidden_logits, so the same values. a_0 = offset [N, H] is overwritten. */
+void nade_sample(const float *threshold, float *offset, const float *A, const float *V, float *h, float *hidden,
+                 int64_t N, int D, int H, int threads) {
     int64_t blocks = N / ROWS;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
-        float *act = offset + b * ROWS * H, *hb = h + b * ROWS * D;
+        float *act = offset + b * ROWS * H, *hb = h + b * ROWS * D, *lb = hidden + b * ROWS * D;
         const float *tb = threshold + b * ROWS * D;
         for (int i = 0; i < D; i++) {
             const float *A_i = A + (int64_t)i * H, *V_i = V + (int64_t)i * H;
@@ -115,7 +116,7 @@ void nade_sample(const float *threshold, float *offset, const float *A, const fl
                 vec V_c = load(V_i + c);
                 for (int r = 0; r < ROWS; r++) dot[r] += V_c * sigmoid(load(act + r * H + c));
             }
-            for (int r = 0; r < ROWS; r++) hb[r * D + i] = unit[r] = horizontal_sum(dot[r]) > tb[r * D + i];
+            for (int r = 0; r < ROWS; r++) hb[r * D + i] = unit[r] = (lb[r * D + i] = horizontal_sum(dot[r])) > tb[r * D + i];
             for (int c = 0; c < H; c += LANES) {
                 vec A_c = load(A_i + c);
                 for (int r = 0; r < ROWS; r++) store(act + r * H + c, load(act + r * H + c) + unit[r] * A_c);

@@ -39,7 +39,7 @@ def declare(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, rows, size = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     library.nade_hidden_logits.argtypes = [pointer] * 5 + [rows, size, size, size]
     library.nade_hidden_logits_backward.argtypes = [pointer] * 9 + [rows, size, size, size]
-    library.nade_sample.argtypes = [pointer] * 5 + [rows, size, size, size]
+    library.nade_sample.argtypes = [pointer] * 6 + [rows, size, size, size]
     for kernel in (library.nade_hidden_logits, library.nade_hidden_logits_backward, library.nade_sample):
         kernel.restype = None
     return library
@@ -66,15 +66,15 @@ def _padded_shapes(h: torch.Tensor, input_weight: torch.Tensor) -> tuple[int, in
     return -(-h.shape[0] // block) * block, -(-input_weight.shape[1] // _HIDDEN_MULTIPLE) * _HIDDEN_MULTIPLE
 
 
-def _walk(kernel, per_unit: torch.Tensor, offset, input_weight, output_weight) -> torch.Tensor:
-    """Run a forward walk over the units (the logits or the sampler): one output [N, size] from one
+def _walk(kernel, per_unit: torch.Tensor, offset, input_weight, output_weight, outputs: int = 1) -> list[torch.Tensor]:
+    """Run a forward walk over the units (the logits or the sampler): `outputs` tensors [N, size] from one
     input per unit (h or the thresholds) [N, size], the offsets [N, hidden] and A, V [size, hidden]."""
     (n, size), (rows, hidden) = per_unit.shape, _padded_shapes(per_unit, input_weight)
     operands = [padded(per_unit, rows, size), padded(offset, rows, hidden)]
     operands += [padded(input_weight, size, hidden), padded(output_weight, size, hidden)]
-    out = per_unit.new_empty(rows, size)
-    kernel(*(t.data_ptr() for t in operands), out.data_ptr(), rows, size, hidden, torch.get_num_threads())
-    return out[:n]
+    out = [per_unit.new_empty(rows, size) for _ in range(outputs)]
+    kernel(*(t.data_ptr() for t in operands + out), rows, size, hidden, torch.get_num_threads())
+    return [t[:n] for t in out]
 
 
 @torch.library.custom_op(f"{_OPS}::nade_hidden_logits", mutates_args=())
@@ -82,7 +82,7 @@ def nade_hidden_logits(
     h: torch.Tensor, offset: torch.Tensor, input_weight: torch.Tensor, output_weight: torch.Tensor
 ) -> torch.Tensor:
     """V_i . sigmoid(offset_n + sum_{j<i} h_nj A_j): [N, size] from h [N, size], offset [N, hidden], A and V [size, hidden]."""
-    return _walk(_kernels().nade_hidden_logits, h, offset, input_weight, output_weight)
+    return _walk(_kernels().nade_hidden_logits, h, offset, input_weight, output_weight)[0]
 
 
 @nade_hidden_logits.register_fake
@@ -92,9 +92,11 @@ def _(h, offset, input_weight, output_weight):
 
 def nade_sample(
     threshold: torch.Tensor, offset: torch.Tensor, input_weight: torch.Tensor, output_weight: torch.Tensor
-) -> torch.Tensor:
-    """NADE's draws h [N, size], unit by unit: h_ni = [V_i . sigmoid(offset_n + sum_{j<i} h_nj A_j) > threshold_ni]."""
-    return _walk(_kernels().nade_sample, threshold, offset, input_weight, output_weight)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NADE's draws h [N, size], unit by unit: h_ni = [V_i . sigmoid(offset_n + sum_{j<i} h_nj A_j) > threshold_ni],
+    and those hidden logits [N, size]: what `nade_hidden_logits` gives for the drawn h, to the bit."""
+    h, hidden_logits = _walk(_kernels().nade_sample, threshold, offset, input_weight, output_weight, outputs=2)
+    return h, hidden_logits
 
 
 @torch.library.custom_op(f"{_OPS}::nade_hidden_logits_backward", mutates_args=())

@@ -47,6 +47,18 @@ def test_kernel_draws_what_the_torch_loop_draws(size, cond_size, monkeypatch):
     torch.testing.assert_close(drawn, expected, rtol=0, atol=0)
 
 
+def test_kernel_returns_the_drawn_units_logits():
+    """The running logits the walk ends with are each unit's logit given the units drawn before it:
+    the teacher-forced logits of the draw, which score it in evaluation."""
+    layer, cond = layer_and_cond(37, 11)
+    base = layer.cond_logits(cond).detach().expand(3, 5, 37).reshape(-1, 37)
+    noise = torch.logit(torch.rand(15, 37))
+    h, logits = darn_sample.darn_sample(base, noise, layer.autoregressive_weight)
+    assert 0.1 < h.mean() < 0.9
+    torch.testing.assert_close(logits, layer.logits(h, cond.repeat(3, 1), base).detach(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(h, (logits > noise).float())
+
+
 def test_units_depend_on_the_units_drawn_before():
     """A unit whose logit is -1e4 unless unit 0 is on (A_10 = 2e4) copies unit 0: the running logits update."""
     layer = DARNLayer(2, 0)

@@ -217,6 +217,22 @@ def test_sample_with_log_prob_is_sample_then_log_prob(layer):
     assert layer.bias.grad is not None and torch.isfinite(layer.bias.grad).all()
 
 
+def test_sample_with_log_prob_without_autograd_scores_with_the_samplers_logits(layer, monkeypatch):
+    """Without autograd (evaluation), the log-prob comes from the logits the sampler computed: the same
+    draw, the same log-prob as `log_prob`, and no teacher-forced `logits` pass."""
+    k, b = 5, 7
+    cond = None if layer.cond_size == 0 else torch.randint(0, 2, (b, layer.cond_size)).double()
+    torch.manual_seed(6)
+    drawn = layer.sample(cond, (k,))
+    expected = layer.log_prob(drawn, cond).detach()
+    monkeypatch.setattr(layer, "logits", lambda *args: pytest.fail("the teacher-forced logits were computed again"))
+    torch.manual_seed(6)
+    with torch.no_grad():
+        h, log_prob = layer.sample_with_log_prob(cond, (k,))
+    assert torch.equal(h, drawn)
+    torch.testing.assert_close(log_prob, expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("size", [1, 7, 10, 197, 200, 784])
 def test_softplus_sum_matches_log1p_exp_in_value_and_gradient(size):
     """The grouped-product form of sum_i softplus(l_i) = sum_i log(1 + e^l_i) against logaddexp(l, 0) in

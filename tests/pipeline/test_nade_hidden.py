@@ -137,6 +137,17 @@ def test_sampler_draws_what_the_torch_loop_draws(monkeypatch):
     torch.testing.assert_close(drawn, expected, rtol=0, atol=0)
 
 
+def test_samplers_hidden_logits_are_the_forwards_to_the_bit():
+    """The sampler's hidden logits, which score its draws in evaluation, equal the forward kernel's for
+    the drawn h exactly: both walks take the same operations in the same order."""
+    layer, cond = layer_and_cond()
+    torch.manual_seed(7)
+    with torch.no_grad():
+        h, log_prob = layer.sample_with_log_prob(cond, (3,))
+        assert nade_hidden.kernel_applies(h, cond, layer.input_weight)
+        assert torch.equal(log_prob, layer.log_prob(h, cond))  # the forward kernel's teacher-forced logits
+
+
 def test_dispatch_takes_the_kernel_for_float32_on_a_cpu_only(monkeypatch):
     calls = []
     original = nade_hidden.nade_hidden_logits
