@@ -9,8 +9,8 @@ mix them freely:
     logits(h, cond, base)                  -> [..., size]  logit of p(h_i = 1 | h_<i, cond), teacher-forced
     log_prob(h, cond)                      -> [...]        log p(h | cond), summed over units
     sample(cond, sample_shape)             -> [*sample_shape, *cond.shape[:-1], size]
-    sample_with_log_prob(cond, sample_shape) -> (h, log p(h | cond)), one cond_logits pass for both;
-                                              without autograd, the sampler's logits serve the log-prob
+    sample_with_log_prob(cond, sample_shape) -> (h, log p(h | cond)), one cond_logits pass for both,
+                                              and the sampler's logits serve the log-prob
 
 Three layer types, as in Bornschein & Bengio (2015), Sec. 3:
     SBN  - sigmoid belief layer: units independent given `cond`.
@@ -113,20 +113,28 @@ class BernoulliLayer(nn.Module):
         """Draw h ~ p(h | cond) and return (h, log p(h | cond)) from one evaluation of cond_logits.
 
         The draw is detached; the log-prob carries the gradient. Sharing `base` between the two
-        saves the layer's matmul that a separate sample() and log_prob() would each pay. Without
-        autograd (evaluation), the logits the sampler computed serve the log-prob too, which saves
-        DARN and NADE layers their teacher-forced pass (for NADE, a second walk over the units).
+        saves the layer's matmul that a separate sample() and log_prob() would each pay. The logits
+        the sampler computed serve the log-prob too: without autograd (evaluation) as they are, which
+        saves DARN and NADE layers their teacher-forced pass (for NADE, a second walk over the units);
+        with autograd through `_logits_of_draw`.
         """
         base = self.cond_logits(cond)
         with torch.no_grad():
             h, logits = self._sample(base.detach(), cond, sample_shape)
-        if torch.is_grad_enabled():  # the gradient into the layer's weights needs the teacher-forced logits
-            return h, self.log_prob(h, cond, base)
+        if torch.is_grad_enabled():  # the gradient into the layer's weights goes through the logits
+            logits = self._logits_of_draw(h, cond, base, logits)
         return h, _log_prob_of_logits(h, logits)
 
     def logits(self, h: torch.Tensor, cond: torch.Tensor | None, base: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits of p(h_i = 1 | h_<i, cond) given `base` = cond_logits(cond)."""
         raise NotImplementedError
+
+    def _logits_of_draw(
+        self, h: torch.Tensor, cond: torch.Tensor | None, base: torch.Tensor, drawn: torch.Tensor
+    ) -> torch.Tensor:
+        """`logits(h, cond, base)` with its gradient, for an h this layer drew, whose logits the sampler
+        gave as `drawn` (values only): a layer may take the costly part of its logits from them."""
+        return self.logits(h, cond, base)
 
     def _sample(
         self, base: torch.Tensor, cond: torch.Tensor | None, sample_shape: tuple[int, ...]
@@ -253,12 +261,26 @@ class NADELayer(BernoulliLayer):
         return F.linear(cond, self.hidden_cond_weight.weight, self.hidden_bias)
 
     def logits(self, h, cond, base):
+        return self._logits(h, cond, base)
+
+    def _logits_of_draw(self, h, cond, base, drawn):
+        return self._logits(h, cond, base, drawn)
+
+    def _logits(self, h, cond, base, drawn=None):
+        """The logits, and with `drawn` (the sampler's logits of h), the hidden part's values taken from
+        them on a CPU: the kernel's gradient then needs only its backward walk."""
         offset = self.hidden_offset(cond)  # [..., hidden]
         leading = torch.broadcast_shapes(h.shape[:-1], offset.shape[:-1])  # h may be shared by samples of cond
         h_rows = h.expand(*leading, self.size).reshape(-1, self.size)  # [N, size]
         offset_rows = offset.expand(*leading, self.hidden_size).reshape(-1, self.hidden_size)  # [N, hidden]
         if nade_hidden.kernel_applies(h_rows, offset_rows, self.input_weight):  # a CPU: pipeline/nade_hidden.c
-            hidden_part = nade_hidden.nade_hidden_logits(h_rows, offset_rows, self.input_weight, self.output_weight)
+            if drawn is None:
+                hidden_part = nade_hidden.nade_hidden_logits(h_rows, offset_rows, self.input_weight, self.output_weight)
+            else:
+                drawn_rows = (drawn - base.detach()).expand(*leading, self.size).reshape(-1, self.size)  # [N, size]
+                hidden_part = nade_hidden.nade_hidden_logits_drawn(
+                    h_rows, offset_rows, self.input_weight, self.output_weight, drawn_rows
+                )
         else:
             compiled = torch.compiler.is_compiling() and h.device.type == "cpu"  # measured on CPUs only
             hidden_part = _nade_hidden_logits(h_rows, offset_rows, self.input_weight, self.output_weight, compiled)

@@ -148,6 +148,30 @@ def test_samplers_hidden_logits_are_the_forwards_to_the_bit():
         assert torch.equal(log_prob, layer.log_prob(h, cond))  # the forward kernel's teacher-forced logits
 
 
+def test_training_log_prob_of_a_draw_skips_the_forward_walk(monkeypatch):
+    """With autograd, a draw's log-prob takes the sampler's hidden logits through `nade_hidden_logits_drawn`:
+    the value and every gradient of `log_prob`, without a second forward walk."""
+    layer, cond = layer_and_cond()
+
+    def value_and_grads(fn):
+        layer.zero_grad()
+        value = fn()
+        value.sum().backward()
+        return value.detach(), [p.grad.clone() for p in layer.parameters()]
+
+    torch.manual_seed(7)
+    h = layer.sample(cond, (3,))
+    expected, expected_grads = value_and_grads(lambda: layer.log_prob(h, cond))
+    monkeypatch.setattr(nade_hidden, "nade_hidden_logits", lambda *args: pytest.fail("a second forward walk"))
+    torch.manual_seed(7)
+    drawn = []
+    value, grads = value_and_grads(lambda: drawn.append(layer.sample_with_log_prob(cond, (3,))) or drawn[-1][1])
+    assert torch.equal(drawn[0][0], h)
+    torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-5)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)
+
+
 def test_dispatch_takes_the_kernel_for_float32_on_a_cpu_only(monkeypatch):
     calls = []
     original = nade_hidden.nade_hidden_logits
