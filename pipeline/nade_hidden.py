@@ -5,7 +5,9 @@ rows as [rows, size, hidden] tensors and makes a dozen elementwise passes over t
 backward. pipeline/nade_hidden.c walks the units in order instead, with a block of 8 rows'
 activations in L1, and computes the backward in the same single walk (its comment has the
 formulas). Both the forward and the backward are custom ops, so a compiled training step calls them
-without a graph break.
+without a graph break. The sampler computes the hidden logits of what it draws on the way; a third
+op, `nade_hidden_logits_drawn`, takes them as the forward's value, so that scoring a draw in training
+costs the backward walk only.
 
 The kernel runs for float32 rows on a CPU when pipeline/native.py can build it; everything else
 (a GPU, float64, no C compiler, RWS_NATIVE=0) takes the torch version.
@@ -96,7 +98,7 @@ def nade_sample(
     """NADE's draws h [N, size], unit by unit: h_ni = [V_i . sigmoid(offset_n + sum_{j<i} h_nj A_j) > threshold_ni],
     and those hidden logits [N, size]: what `nade_hidden_logits` gives for the drawn h, to the bit."""
     h, hidden_logits = _walk(_kernels().nade_sample, threshold, offset, input_weight, output_weight, outputs=2)
-    return h, hidden_logits
+    return h, hidden_logits  # [N, size] each
 
 
 @torch.library.custom_op(f"{_OPS}::nade_hidden_logits_backward", mutates_args=())
