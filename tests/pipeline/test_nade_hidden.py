@@ -117,6 +117,13 @@ def test_fractional_h_and_no_h_gradient():
     assert all(leaf.grad is not None for leaf in leaves)
 
 
+def value_and_grads(layer, value: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`value` detached, and the gradients its sum gives the layer's parameters (from zero)."""
+    layer.zero_grad()
+    value.sum().backward()
+    return value.detach(), [p.grad.clone() for p in layer.parameters()]
+
+
 def layer_and_cond(seed: int = 0, size: int = 23, cond_size: int = 11, hidden: int = 13):
     torch.manual_seed(seed)
     layer = NADELayer(size, cond_size, hidden_size=hidden)
@@ -152,21 +159,14 @@ def test_training_log_prob_of_a_draw_skips_the_forward_walk(monkeypatch):
     """With autograd, a draw's log-prob takes the sampler's hidden logits through `nade_hidden_logits_drawn`:
     the value and every gradient of `log_prob`, without a second forward walk."""
     layer, cond = layer_and_cond()
-
-    def value_and_grads(fn):
-        layer.zero_grad()
-        value = fn()
-        value.sum().backward()
-        return value.detach(), [p.grad.clone() for p in layer.parameters()]
-
     torch.manual_seed(7)
     h = layer.sample(cond, (3,))
-    expected, expected_grads = value_and_grads(lambda: layer.log_prob(h, cond))
+    expected, expected_grads = value_and_grads(layer, layer.log_prob(h, cond))
     monkeypatch.setattr(nade_hidden, "nade_hidden_logits", lambda *args: pytest.fail("a second forward walk"))
     torch.manual_seed(7)
-    drawn = []
-    value, grads = value_and_grads(lambda: drawn.append(layer.sample_with_log_prob(cond, (3,))) or drawn[-1][1])
-    assert torch.equal(drawn[0][0], h)
+    drawn, log_prob = layer.sample_with_log_prob(cond, (3,))
+    value, grads = value_and_grads(layer, log_prob)
+    assert torch.equal(drawn, h)
     torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-5)
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)
@@ -190,15 +190,8 @@ def test_compiled_log_prob_calls_the_kernel_in_one_graph():
     layer, cond = layer_and_cond()
     h = (torch.rand(4, 5, 23) < 0.5).float()
     compiled = torch.compile(layer.log_prob, dynamic=False, fullgraph=True)  # no graph break at the kernel
-
-    def value_and_grads(fn):
-        layer.zero_grad()
-        value = fn(h, cond)
-        value.sum().backward()
-        return value.detach(), [p.grad.clone() for p in layer.parameters()]
-
-    eager_value, eager_grads = value_and_grads(layer.log_prob)
-    compiled_value, compiled_grads = value_and_grads(compiled)
+    eager_value, eager_grads = value_and_grads(layer, layer.log_prob(h, cond))
+    compiled_value, compiled_grads = value_and_grads(layer, compiled(h, cond))
     torch.testing.assert_close(compiled_value, eager_value)
     for compiled_grad, eager_grad in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(compiled_grad, eager_grad)
