@@ -29,11 +29,13 @@ Weights: by default every model starts from its fresh initialization. `--weights
 rows (rws and Pyro alike) from a trained `rws fit` checkpoint of SBN 784-200-200-10 instead (a run
 directory or checkpoint, as `rws eval --checkpoint` takes).
 
-Products of samples: on a CPU, rws multiplies Q's and P's 0/1 samples by the weights with its
-table-lookup kernels (`pipeline/sample_linear.py`, `pipeline/lookup_linear.c`), which add up about
-a quarter of the dense products' vector operations. The roofline column still counts the dense
-FLOPs, so for rws it is an effective throughput, not a fraction of the hardware's work. The notes
-say whether the kernels loaded; RWS_NATIVE=0 in the environment times torch's dense products instead.
+Products of samples: on a CPU, rws multiplies Q's and P's 0/1 samples by the weights with its C
+kernels (`pipeline/sample_linear.py`): AMX tiles in three exact bfloat16 parts where the CPU has
+them (`pipeline/amx_linear.c`), else table lookups that add up about a quarter of the dense
+products' vector operations (`pipeline/lookup_linear.c`). The roofline column still counts the
+dense float32 FLOPs against the float32 `torch.mm` peak, so for rws it is an effective throughput,
+not a fraction of the hardware's work. The notes say which kernel ran; RWS_NATIVE=0 in the
+environment times torch's dense products instead.
 NADE's hidden logits and sampler run in a C kernel on a CPU too (`pipeline/nade_hidden.c`);
 RWS_NATIVE=0 switches that off as well.
 
@@ -70,7 +72,7 @@ from pipeline.allocator import retain_freed_memory  # noqa: E402
 from pipeline.data import load_binarized_mnist  # noqa: E402
 from pipeline.estimators import rws_surrogates  # noqa: E402
 from pipeline.models import HelmholtzMachine  # noqa: E402
-from pipeline.sample_linear import _have_kernels  # noqa: E402
+from pipeline.sample_linear import KERNELS, _kernels, kernel_file  # noqa: E402
 
 BATCH = 100
 KS = (1, 5, 10, 50)
@@ -179,6 +181,16 @@ def time_steps(steps_fns, steps: int, warmup: int, budget_s: float) -> list[tupl
     return [(statistics.median(ts), len(ts)) for ts in times]
 
 
+def through_kernel(kernel: str, step):
+    """`step` with the products of samples through pipeline/<kernel>.c (`--also-kernel`)."""
+
+    def call():
+        with kernel_file(kernel):
+            step()
+
+    return call
+
+
 def rws_step_fn(model: HelmholtzMachine, x: torch.Tensor, k: int, compile: bool, compile_mode: str | None = None):
     """The module's training step on `model`'s weights: surrogates, one backward, two Adam steps.
     `compile_mode`: torch.compile's mode for the compiled step (an experiment: the module uses the default)."""
@@ -200,7 +212,7 @@ def rws_step_fn(model: HelmholtzMachine, x: torch.Tensor, k: int, compile: bool,
 
 
 def dense_logits(layer, cond: torch.Tensor) -> torch.Tensor:
-    """An SBN layer's logits as the plain F.linear that Pyro users write (not rws's table lookup)."""
+    """An SBN layer's logits as the plain F.linear that Pyro users write (not rws's C kernels)."""
     return torch.nn.functional.linear(cond, layer.cond_weight.weight, layer.bias)
 
 
@@ -273,6 +285,9 @@ def main(argv=None):
                         help="experiment: torch.compile mode of the compiled column, e.g. reduce-overhead (CUDA graphs)")
     parser.add_argument("--nade-chunk-floats", type=int, default=None,
                         help=f"experiment: NADE's activation floats per chunk of rows (default {layers._NADE_CHUNK_FLOATS})")
+    parser.add_argument("--also-kernel", action="append", default=[], choices=KERNELS,
+                        help="also time the compiled step with this C kernel for the products of samples, alternated "
+                             "with the others (an A/B; the notes give its time and ratio); repeatable")
     parser.add_argument("--no-pyro", action="store_true")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--retain-freed-memory", action="store_true",
@@ -308,6 +323,7 @@ def main(argv=None):
     trained = load_weights(args.weights) if args.weights else None
     peak_before = peak
     rows = []  # markdown table rows; roofline cells are filled in once both peak measurements are in
+    comparisons = []  # --also-kernel timings
     for name in models:
         for k in ks:
             # Each configuration compiles the frames around the step's graph breaks (NADE's chunk loop)
@@ -319,6 +335,8 @@ def main(argv=None):
             fns = {"eager": rws_step_fn(copy.deepcopy(base), x, k, compile=False)}
             if not args.no_compile:
                 fns["compiled"] = rws_step_fn(copy.deepcopy(base), x, k, compile=True, compile_mode=args.compile_mode)
+                for kernel in args.also_kernel:
+                    fns[kernel] = through_kernel(kernel, rws_step_fn(copy.deepcopy(base), x, k, True, args.compile_mode))
             if name == "sbn" and not args.no_pyro and k > 1:  # Pyro's RWS asserts K > 1
                 fns["pyro"] = pyro_step_fn(copy.deepcopy(base), x, k)
             fns = {variant: synchronized(fn, device) for variant, fn in fns.items()}
@@ -333,6 +351,10 @@ def main(argv=None):
             for variant in ("eager", "compiled"):
                 pyro = timings.get("pyro")
                 cells.append(f"{pyro[0] / timings[variant][0]:.2f}x" if pyro and variant in timings else "-")
+            for kernel in args.also_kernel:
+                seconds, count = timings[kernel]
+                comparisons.append(f"{LABELS[name]}, K = {k}: compiled step with pipeline/{kernel}.c {1e3 * seconds:.2f} ms "
+                                   f"(n={count}), {seconds / timings['compiled'][0]:.2f}x the compiled column's")
             flops = sbn_step_flops(SBN_SIZES, batch, k) if name == "sbn" else None
             rows.append((cells, flops, [timings[v][0] for v in ("eager", "compiled") if v in timings]))
             print("| " + " | ".join(cells) + " |", flush=True)
@@ -353,7 +375,8 @@ def main(argv=None):
     table = header + "\n" + "\n".join(lines)
     print()
     print(table)
-    products = "table lookup (pipeline/lookup_linear.c)" if device.type == "cpu" and _have_kernels() else "dense (torch)"
+    kernels = _kernels() if device.type == "cpu" else None
+    products = "dense (torch)" if kernels is None else f"C kernel (pipeline/{kernels.linear.__name__}.c)"
     nade_kernel = device.type == "cpu" and nade_hidden.have_kernels()
     nade = "C kernel (pipeline/nade_hidden.c)" if nade_kernel else "torch ops (NADEHiddenLogits)"
     meta = (
@@ -370,7 +393,8 @@ def main(argv=None):
         f"- experiments: compile mode {args.compile_mode or 'default'}; NADE chunk {layers._NADE_CHUNK_FLOATS} floats\n"
         f"- weights: {f'`{args.weights}` (trained) for the SBN rows' if args.weights else 'fresh initialization'}\n"
         f"- rws products of samples: {products}; NADE's hidden logits and sampler: {nade}\n"
-        f"- command: `{command_line(__file__, argv)}`\n"
+        + "".join(f"- {line}\n" for line in comparisons)
+        + f"- command: `{command_line(__file__, argv)}`\n"
     )
     print(meta)
     if not args.no_append:

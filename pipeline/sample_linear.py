@@ -1,32 +1,44 @@
-"""The linear part of a layer's logits over K binary samples, by table lookup.
+"""The linear part of a layer's logits over K binary samples, by a C kernel on a CPU.
 
-For 0/1 samples h [N, H] of a layer (N = K x B sample rows), a weight W [O, H] and a bias b, split
-the H units into groups of 4. Each group's 4 bits select one of 16 precomputed sums of W's columns
-over a subset of the group, T_g[c] = sum_{i in c} W[:, 4g + i], so that
+Every big product in a training step has a 0/1 operand: the samples h [N, H] of a layer (N = K x B
+sample rows) times a weight W [O, H] (the logits h W^T + b), and the output's gradient g [N, O]
+times the same samples (the weight gradient g^T h [O, H]). Two C kernels use that, both exact
+identities whose results agree with the dense products to float32 rounding (only the order of the
+sums differs):
 
-    h_n W^T + b = b + sum_g T_g[code_g(h_n)]                                   [N, O]
+- AMX tiles (pipeline/amx_linear.c), on CPUs with Intel's AMX-BF16. A 0/1 sample is exact in
+  bfloat16, and a float32 value splits exactly into three bfloat16 parts, so h W^T is the sum of
+  three bfloat16 tile products with float32 sums (g^T h splits g the same way). On a 2-core Xeon
+  with AMX, P's bottom product at K = 50, B = 100 ([5000, 200] x [200, 784]) ran 2.1-2.3x as fast
+  as MKL's float32 product, and 1.9x with its backward.
+- Table lookups (pipeline/lookup_linear.c), everywhere else. Split the H units into groups of 4.
+  Each group's 4 bits select one of 16 precomputed sums of W's columns over a subset of the group,
+  T_g[c] = sum_{i in c} W[:, 4g + i], so that
 
-adds up H/4 table rows instead of taking H products per output ("Four Russians"). The weight
-gradient sum_n g_n h_n^T [O, H] splits the same way over groups of 4 sample rows: their rows of
-g give 16 subset sums, and each unit's 4 bits select one. Both are exact identities; the results
-agree with the dense product to float32 rounding (only the order of summation differs). They cost
-about a quarter of the dense products' vector operations whatever the samples are: P's bottom
-product at K = 50, B = 100 ([5000, 200] x [200, 784]) ran 1.8-2.3x as fast as MKL's, and 2.0-2.2x
-with its backward, on the 2-core CPU of benchmarks/RESULTS.md ("Products of samples by table
-lookup", `python benchmarks/sample_linear.py`).
+      h_n W^T + b = b + sum_g T_g[code_g(h_n)]                                   [N, O]
 
-The kernels are C (pipeline/lookup_linear.c), built for the machine on first use
-(pipeline/native.py). They run on a CPU for float32 samples [K, ..., H] that need no gradient, with
-at least `_MIN_ROWS` rows and more than `_MAX_NARROW_UNITS` units. Entries that are not 0 or 1 are
-counted by the kernel, which then writes nothing, and the op takes the dense product instead (as
-it does if the kernel cannot allocate its tables).
+  adds up H/4 table rows instead of taking H products per output ("Four Russians"). The weight
+  gradient splits the same way over groups of 4 sample rows: their rows of g give 16 subset sums,
+  and each unit's 4 bits select one. About a quarter of the dense products' vector operations:
+  P's bottom product ran 1.8-2.3x as fast as MKL's, and 2.0-2.2x with its backward, on the 2-core
+  AMD EPYC of benchmarks/RESULTS.md.
+
+The figures are `python benchmarks/sample_linear.py`'s ("Products of samples by table lookup" in
+benchmarks/RESULTS.md), which times each kernel this machine runs beside the dense products.
+The kernels are built for the machine on first use (pipeline/native.py). They run on a CPU for
+float32 samples [K, ..., H] that need no gradient, with at least `_MIN_ROWS` rows and more than
+`_MAX_NARROW_UNITS` units. Entries that are not 0 or 1 are counted by the kernel, and the op
+takes the dense product instead (as it does if the kernel cannot allocate its buffers).
 Everything else (a GPU, float64, no C compiler, RWS_NATIVE=0) takes torch's dense product.
 """
 
+import contextlib
 import ctypes
 import functools
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +61,7 @@ _MAX_NARROW_UNITS = 32
 def sample_linear(samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """F.linear(samples, weight, bias) for binary samples [K, ..., H] (K samples first): [K, ..., O].
 
-    On a CPU, float32 products of many samples go through the lookup kernels (module docstring);
+    On a CPU, float32 products of many samples go through a C kernel (module docstring);
     samples with few units take the weight gradient in MKL's faster orientation instead
     (`_NarrowInputLinear`). Gradients flow to `weight` and `bias` only, as the samples are draws.
     """
@@ -63,7 +75,7 @@ def sample_linear(samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if samples.shape[-1] <= _MAX_NARROW_UNITS:
         return _NarrowInputLinear.apply(samples, weight, bias)
     if samples.dtype == weight.dtype == bias.dtype == torch.float32 and _have_kernels():
-        return _lookup_linear(samples, weight, bias)
+        return _native_linear(samples, weight, bias)
     return F.linear(samples, weight, bias)
 
 
@@ -91,16 +103,53 @@ class _NarrowInputLinear(torch.autograd.Function):
         return None, (flat_samples.t() @ flat_grad).t(), flat_grad.sum(0)
 
 
+class Kernels(NamedTuple):
+    """The C functions of one kernel file: Y = h W^T + b, and dW = g^T h (module docstring)."""
+
+    linear: Callable
+    weight_grad: Callable
+    weight_transposed: bool  # whether `linear` takes W^T [H, O] (table lookups) or W [O, H] (AMX)
+
+
+# The kernel files in the order they are preferred: AMX tiles where the CPU has them, else table lookups.
+KERNELS = ("amx_linear", "lookup_linear")
+
+
 @functools.cache
-def _kernels() -> ctypes.CDLL | None:
-    """pipeline/lookup_linear.c, built for this machine (pipeline/native.py), or None."""
-    library = load_library("lookup_linear")
-    if library is not None:
-        pointer, rows, size = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        library.lookup_linear.argtypes = [pointer] * 4 + [rows, size, size, size]
-        library.lookup_linear_weight_grad.argtypes = [pointer] * 3 + [rows, size, size, size]
-        library.lookup_linear.restype = library.lookup_linear_weight_grad.restype = ctypes.c_int64
-    return library
+def kernel_functions(name: str) -> Kernels | None:
+    """The functions of pipeline/<name>.c, built for this machine (pipeline/native.py); None if it
+    does not build or, for AMX, if the CPU has no AMX or Linux does not grant its tiles."""
+    library = load_library(name)
+    if library is None or (name == "amx_linear" and not library.amx_ready()):
+        return None
+    linear, weight_grad = getattr(library, name), getattr(library, f"{name}_weight_grad")
+    pointer, rows, size = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    linear.argtypes = [pointer] * 4 + [rows, size, size, size]
+    weight_grad.argtypes = [pointer] * 3 + [rows, size, size, size]
+    linear.restype = weight_grad.restype = ctypes.c_int64
+    return Kernels(linear, weight_grad, weight_transposed=name == "lookup_linear")
+
+
+@functools.cache
+def _kernels() -> Kernels | None:
+    """The first of `KERNELS` that this machine runs, or None."""
+    return next(filter(None, map(kernel_functions, KERNELS)), None)
+
+
+@contextlib.contextmanager
+def kernel_file(name: str):
+    """Within the block, products of samples go through pipeline/<name>.c rather than `_kernels()`
+    (the benchmarks' side-by-side timings). The choice is read when the op runs, so compiled graphs
+    follow it too."""
+    kernels = kernel_functions(name)
+    if kernels is None:
+        raise RuntimeError(f"pipeline/{name}.c does not run on this machine")
+    global _kernels
+    preferred, _kernels = _kernels, lambda: kernels
+    try:
+        yield
+    finally:
+        _kernels = preferred
 
 
 @torch.compiler.assume_constant_result
@@ -109,40 +158,42 @@ def _have_kernels() -> bool:
     return _kernels() is not None
 
 
-@torch.library.custom_op(f"{_OPS}::lookup_linear", mutates_args=())
-def _lookup_linear(samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """samples [K, ..., H] W^T + b: [K, ..., O] by table lookup (pipeline/lookup_linear.c), float32.
+@torch.library.custom_op(f"{_OPS}::native_linear", mutates_args=())
+def _native_linear(samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """samples [K, ..., H] W^T + b: [K, ..., O] by the machine's kernel (`_kernels`), float32.
 
-    Samples that are not all 0/1 get the dense product (the kernel counts them and writes nothing)."""
+    Samples that are not all 0/1 get the dense product (the kernel counts them, and its output is dropped)."""
+    kernels = _kernels()
     flat = samples.reshape(-1, samples.shape[-1]).contiguous()  # [K B, H]
-    weight_t, bias = weight.t().contiguous(), bias.contiguous()  # [H, O], [O]
+    weight_arg = weight.t().contiguous() if kernels.weight_transposed else weight.contiguous()  # [H, O] or [O, H]
+    bias = bias.contiguous()  # [O]
     (rows, units), outputs = flat.shape, weight.shape[0]
     out = flat.new_empty(rows, outputs)  # [K B, O]
-    pointers = (flat.data_ptr(), weight_t.data_ptr(), bias.data_ptr(), out.data_ptr())
-    if _kernels().lookup_linear(*pointers, rows, units, outputs, torch.get_num_threads()):  # not all 0/1, or no memory
+    pointers = (flat.data_ptr(), weight_arg.data_ptr(), bias.data_ptr(), out.data_ptr())
+    if kernels.linear(*pointers, rows, units, outputs, torch.get_num_threads()):  # not all 0/1, or no memory
         return F.linear(samples, weight, bias)
     return out.view(*samples.shape[:-1], outputs)
 
 
-@_lookup_linear.register_fake
+@_native_linear.register_fake
 def _(samples, weight, bias):
     return samples.new_empty(*samples.shape[:-1], weight.shape[0])
 
 
-@torch.library.custom_op(f"{_OPS}::lookup_linear_weight_grad", mutates_args=())
-def _lookup_linear_weight_grad(samples: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op(f"{_OPS}::native_linear_weight_grad", mutates_args=())
+def _native_linear_weight_grad(samples: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """The weight gradient g^T h [O, H] for samples h [K, ..., H] and the output's gradient g [K, ..., O]."""
     flat_samples = samples.reshape(-1, samples.shape[-1]).contiguous()  # [K B, H]
     flat_grad = grad.reshape(-1, grad.shape[-1]).contiguous()  # [K B, O]
     (rows, units), outputs = flat_samples.shape, flat_grad.shape[1]
     out = grad.new_empty(outputs, units)  # [O, H]
     pointers = (flat_samples.data_ptr(), flat_grad.data_ptr(), out.data_ptr())
-    if _kernels().lookup_linear_weight_grad(*pointers, rows, units, outputs, torch.get_num_threads()):  # as above
+    if _kernels().weight_grad(*pointers, rows, units, outputs, torch.get_num_threads()):  # as above
         return flat_grad.t() @ flat_samples
     return out
 
 
-@_lookup_linear_weight_grad.register_fake
+@_native_linear_weight_grad.register_fake
 def _(samples, grad):
     return grad.new_empty(grad.shape[-1], samples.shape[-1])
 
@@ -151,10 +202,10 @@ def _save_samples(ctx, inputs, output):
     ctx.save_for_backward(inputs[0])
 
 
-def _lookup_linear_backward(ctx, grad):
-    """Gradients for the weight (by lookup) and the bias; none for the samples, which are draws."""
+def _native_linear_backward(ctx, grad):
+    """Gradients for the weight (by the kernel) and the bias; none for the samples, which are draws."""
     (samples,) = ctx.saved_tensors
-    return None, _lookup_linear_weight_grad(samples, grad), grad.reshape(-1, grad.shape[-1]).sum(0)
+    return None, _native_linear_weight_grad(samples, grad), grad.reshape(-1, grad.shape[-1]).sum(0)
 
 
-_lookup_linear.register_autograd(_lookup_linear_backward, setup_context=_save_samples)
+_native_linear.register_autograd(_native_linear_backward, setup_context=_save_samples)

@@ -1,9 +1,10 @@
-"""`sample_linear`: F.linear over K binary samples, by table lookup on a CPU (pipeline/lookup_linear.c).
+"""`sample_linear`: F.linear over K binary samples, by a C kernel on a CPU: AMX tiles
+(pipeline/amx_linear.c) where the CPU has them, else table lookups (pipeline/lookup_linear.c).
 
-The lookup kernels must give the dense product's values and gradients to float32 rounding, in every
-shape (units and outputs that are not multiples of the kernels' groups and tiles, rows that are not
-multiples of their blocks), must be the path taken for float32 samples, and must hand anything that
-is not 0/1 to the dense product. The references are float64 products.
+Each kernel this machine runs must give the dense product's values and gradients to float32
+rounding, in every shape (units and outputs that are not multiples of the kernels' groups and
+tiles, rows that are not multiples of their blocks), must be the path taken for float32 samples,
+and must hand anything that is not 0/1 to the dense product. The references are float64 products.
 """
 
 import copy
@@ -18,7 +19,7 @@ import pipeline.sample_linear as sample_linear_module
 from pipeline.estimators import rws_surrogates
 from pipeline.models import HelmholtzMachine
 from pipeline.sample_linear import sample_linear
-from .kernels import VECTOR_WIDTHS, build_for
+from .kernels import VECTOR_WIDTHS, build_for, cpu_has
 
 pytestmark = pytest.mark.skipif(not sample_linear_module._have_kernels(), reason="no C compiler for the lookup kernels")
 
@@ -64,6 +65,16 @@ def spy(monkeypatch, owner, name: str) -> list:
     return calls
 
 
+@pytest.fixture(params=sample_linear_module.KERNELS)
+def each_kernel(request, monkeypatch):
+    """Run the test once per kernel file that this machine runs (skipped for the others)."""
+    kernels = sample_linear_module.kernel_functions(request.param)
+    if kernels is None:
+        pytest.skip(f"this machine does not run pipeline/{request.param}.c")
+    monkeypatch.setattr(sample_linear_module, "_kernels", lambda: kernels)
+    return kernels
+
+
 @pytest.fixture
 def no_dense_product(monkeypatch):
     """Make torch's dense products fail inside the module, so that a test proves the kernels ran."""
@@ -76,11 +87,18 @@ def no_dense_product(monkeypatch):
 
 @pytest.mark.parametrize(
     ("shape", "outputs"),
-    [((16, 20, 40), 24), ((7, 3, 50, 37), 785), ((1, 1100, 40), 16), ((6, 201, 300), 200), ((50, 100, 200), 784)],
-    ids=["K-B-H", "odd-units-and-outputs", "K=1", "H=300", "SBN-bottom"],
+    [
+        ((16, 20, 40), 24),
+        ((7, 3, 50, 37), 785),
+        ((1, 1100, 40), 16),
+        ((6, 201, 300), 200),
+        ((4, 300, 33), 10),
+        ((50, 100, 200), 784),
+    ],
+    ids=["K-B-H", "odd-units-and-outputs", "K=1", "H=300", "few-outputs", "SBN-bottom"],
 )
 @pytest.mark.parametrize("ones", [0.5, 0.03])
-def test_lookup_matches_the_dense_product_and_gradients(shape, outputs, ones, no_dense_product):
+def test_kernels_match_the_dense_product_and_gradients(shape, outputs, ones, each_kernel, no_dense_product):
     samples = coin_samples(shape, ones)
     weight, bias = weights(outputs, shape[-1])
     grad_out = torch.randn(*shape[:-1], outputs)
@@ -90,6 +108,58 @@ def test_lookup_matches_the_dense_product_and_gradients(shape, outputs, ones, no
     for name, g, e, sums_of in zip(("logits", "weight grad", "bias grad"), got, expected, (shape[-1], rows, rows), strict=True):
         assert g.dtype == torch.float32 and g.shape == e.shape
         assert_float32_close(g, e, sums_of, name)
+
+
+def test_kernels_are_exact_where_each_sum_has_one_term(each_kernel, no_dense_product):
+    """With one 1 per sample row and per unit, every logit is one weight (bias 0) and every weight
+    gradient one output gradient: no rounding, so the kernels must return them bit for bit. The
+    values span 12 decades and use all 24 bits, which AMX's three bfloat16 parts must carry."""
+    units, outputs, rows = 200, 130, 400  # rows 0-199 pick units 0-199; rows 200-399 are zeros
+    generator = torch.Generator().manual_seed(2)
+
+    def wide(*shape):
+        return torch.randn(*shape, generator=generator) * 10 ** (12 * torch.rand(*shape, generator=generator) - 6)
+
+    samples = torch.zeros(rows, units)
+    samples[torch.arange(units), torch.randperm(units, generator=generator)] = 1.0
+    samples = samples.view(2, rows // 2, units)
+    weight, bias = wide(outputs, units).requires_grad_(), torch.zeros(outputs, requires_grad=True)
+    grad_out = wide(2, rows // 2, outputs)
+    logits, weight_grad, _ = value_and_grads(sample_linear, samples, weight, bias, grad_out)
+    assert torch.equal(logits, samples @ weight.detach().T)  # a single term each: exact in any order
+    assert torch.equal(weight_grad, grad_out.reshape(rows, outputs).T @ samples.reshape(rows, units))
+
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_kernels_match_the_float64_product_for_any_thread_count(each_kernel, threads):
+    """The kernels split rows, tiles and chunks between threads: more threads than work must not
+    lose any. Each function counts the entries that are not 0/1 itself."""
+    rows, units, outputs = 300, 45, 37
+    samples, grad = coin_samples((rows, units)), torch.randn(rows, outputs)
+    weight, bias = weights(outputs, units)
+    weight_arg = weight.detach().t().contiguous() if each_kernel.weight_transposed else weight.detach()
+    out, weight_grad = torch.empty(rows, outputs), torch.empty(outputs, units)
+    assert each_kernel.linear(*(t.data_ptr() for t in (samples, weight_arg, bias, out)), rows, units, outputs, threads) == 0
+    assert each_kernel.weight_grad(*(t.data_ptr() for t in (samples, grad, weight_grad)), rows, units, outputs, threads) == 0
+    expected = float64_reference(samples, weight, bias, grad)
+    assert_float32_close(out, expected[0], units, "logits")
+    assert_float32_close(weight_grad, expected[1], rows, "weight grad")
+    samples[[0, 150, 299], [44, 0, 20]] = torch.tensor([0.5, 2.0, float("nan")])  # each function counts them
+    assert each_kernel.linear(*(t.data_ptr() for t in (samples, weight_arg, bias, out)), rows, units, outputs, threads) == 3
+    assert each_kernel.weight_grad(*(t.data_ptr() for t in (samples, grad, weight_grad)), rows, units, outputs, threads) == 3
+
+
+def test_kernel_choice_prefers_amx_and_falls_back_to_the_lookups(monkeypatch):
+    """AMX where the CPU has it (so that a build without it cannot go unnoticed); the table
+    lookups where Linux refuses the tiles."""
+    lookups = sample_linear_module.kernel_functions("lookup_linear")
+    if cpu_has("amx_bf16") and cpu_has("amx_tile") and lookups is not None:
+        assert sample_linear_module._kernels() == sample_linear_module.kernel_functions("amx_linear")
+    refused = type("Library", (), {"amx_ready": staticmethod(lambda: 0)})()
+    monkeypatch.setattr(sample_linear_module, "load_library", lambda name: refused)
+    assert sample_linear_module.kernel_functions.__wrapped__("amx_linear") is None
+    monkeypatch.setattr(sample_linear_module, "kernel_functions", {"amx_linear": None, "lookup_linear": lookups}.get)
+    assert sample_linear_module._kernels.__wrapped__() is lookups
 
 
 def test_lookup_tolerance_catches_a_wrong_table_entry():
@@ -106,7 +176,7 @@ def test_lookup_tolerance_catches_a_wrong_table_entry():
 
 
 @pytest.mark.parametrize("value", [0.25, 0.999, 2.0, -1.0, float("nan")])
-def test_samples_not_all_zero_or_one_get_the_dense_product(value, monkeypatch):
+def test_samples_not_all_zero_or_one_get_the_dense_product(value, each_kernel, monkeypatch):
     """The kernels read a nonzero entry as 1. Anything but 0/1 must be caught and get the dense product."""
     samples = coin_samples((16, 20, 40))
     samples[3, 2, 5] = value
@@ -140,7 +210,7 @@ def test_every_vector_width_of_the_kernels_matches_the_float64_product(march, fl
     assert_float32_close(weight_grad, expected[1], rows, "weight grad")
 
 
-def test_negative_zero_counts_as_zero(no_dense_product):
+def test_negative_zero_counts_as_zero(each_kernel, no_dense_product):
     samples = coin_samples((16, 20, 40))
     samples[samples == 0] = -0.0
     weight, bias = weights(24, 40)
@@ -150,7 +220,7 @@ def test_negative_zero_counts_as_zero(no_dense_product):
 
 
 def test_dispatch_uses_the_kernels_only_for_float32_products_of_many_detached_cpu_samples(monkeypatch):
-    calls = spy(monkeypatch, sample_linear_module, "_lookup_linear")
+    calls = spy(monkeypatch, sample_linear_module, "_native_linear")
     rows, units = sample_linear_module._MIN_ROWS, sample_linear_module._MAX_NARROW_UNITS + 1
     weight, bias = weights(24, units)
     sample_linear(torch.zeros(2, rows // 2, units), weight, bias)
@@ -185,7 +255,7 @@ def test_samples_with_few_units_get_the_dense_gradients(monkeypatch):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
-def test_compiled_lookup_matches_the_dense_product_in_one_graph(monkeypatch):
+def test_compiled_kernels_match_the_dense_product_in_one_graph(each_kernel, monkeypatch):
     samples = coin_samples((16, 20, 40))
     weight, bias = weights(300, 40)
     grad_out = torch.randn(16, 20, 300)
@@ -201,16 +271,16 @@ def test_compiled_lookup_matches_the_dense_product_in_one_graph(monkeypatch):
 
 
 @pytest.mark.parametrize(("p_layer", "compiled"), [("sbn", False), ("darn", False), ("sbn", True)])
-def test_rws_step_gradients_match_the_dense_products(p_layer, compiled, monkeypatch):
-    """A whole RWS step through the lookup kernels and through dense products only: the same
-    losses and gradients to float32 rounding."""
+def test_rws_step_gradients_match_the_dense_products(p_layer, compiled, each_kernel, monkeypatch):
+    """A whole RWS step through the kernels and through dense products only: the same losses and
+    gradients to float32 rounding."""
     torch.manual_seed(0)
     model = HelmholtzMachine([784, 64, 48], p_layer=p_layer)
     x = (torch.rand(64, 784) < 0.3).float()
 
     def step(m, lookup: bool):
         monkeypatch.setattr(sample_linear_module, "_have_kernels", lambda: lookup)
-        calls = spy(monkeypatch, sample_linear_module, "_lookup_linear")
+        calls = spy(monkeypatch, sample_linear_module, "_native_linear")
         torch._dynamo.reset()
         torch.manual_seed(1)
         s = (torch.compile(rws_surrogates, dynamic=False) if compiled else rws_surrogates)(m, x, 16, "wake-sleep")
@@ -234,11 +304,11 @@ def test_editing_the_ops_file_renames_the_ops(tmp_path):
 
     source = Path(sample_linear_module.__file__).read_text()
     edited = tmp_path / "sample_linear_edited.py"
-    marker = "def _lookup_linear_backward(ctx, grad):"
+    marker = "def _native_linear_backward(ctx, grad):"
     assert source.count(marker) == 1
     edited.write_text(source.replace(marker, marker + "  # edited"))
     spec = importlib.util.spec_from_file_location("sample_linear_edited", edited)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module._OPS != sample_linear_module._OPS
-    assert hasattr(getattr(torch.ops, module._OPS), "lookup_linear")
+    assert hasattr(getattr(torch.ops, module._OPS), "native_linear")
