@@ -1,5 +1,6 @@
 """The Philox uniforms that compiled CPU steps draw their Bernoulli samples from."""
 
+import ctypes
 import math
 
 import pytest
@@ -7,7 +8,10 @@ import torch
 
 from pipeline import philox
 from pipeline.layers import _bernoulli
-from pipeline.philox import philox4x32, philox_uniform
+from pipeline.philox import philox4x32, philox_uniform, tensor_philox_uniform
+from .kernels import VECTOR_WIDTHS, build_for
+
+needs_kernel = pytest.mark.skipif(not philox._have_kernel(), reason="no C compiler for pipeline/philox.c")
 
 
 @pytest.mark.parametrize(
@@ -41,11 +45,12 @@ def test_uniforms_are_on_the_float32_grid_and_uniform():
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_uniforms_are_the_top_24_bits_of_the_published_generator(compiled):
+@pytest.mark.parametrize("implementation", [philox_uniform, tensor_philox_uniform], ids=["kernel-where-built", "tensor-ops"])
+def test_uniforms_are_the_top_24_bits_of_the_published_generator(implementation, compiled):
     # Checked against Python's exact integers, eager and compiled, for keys whose words use all 32
     # bits: an int32 version of the words' products, compiled, went wrong for a first key word of
     # 0xFFFFFFFF (its scalar C++ code overflowed signed ints, which the compiler may assume never happens).
-    draw = torch.compile(philox_uniform, dynamic=False) if compiled else philox_uniform
+    draw = torch.compile(implementation, dynamic=False) if compiled else implementation
     for key in ([0, 0], [0xFFFFFFFF, 0], [0x75BCD15, 0xEE6B2800], [0xA4093822, 0xFFFFFFFE]):
         u = draw((4 * 1003,), torch.tensor(key))  # 1003 blocks: the vector loop and its tail
         for i in (0, 1, 7, 8, 500, 1001, 1002):
@@ -61,6 +66,44 @@ def _reference_philox(counter: list[int], key: list[int]) -> list[int]:
         c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & 0xFFFFFFFF, (p0 >> 32) ^ c3 ^ k1, p0 & 0xFFFFFFFF
         k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
     return [c0, c1, c2, c3]
+
+
+KEYS = ([0, 0], [0xFFFFFFFF, 0], [0x75BCD15, 0xEE6B2800], [0xA4093822, 0xFFFFFFFE])
+SIZES = (1, 3, 4, 5, 7, 8, 63, 64, 65, 127, 128, 129, 1001, 4012, 100_003)  # every tail of 4 words and of the vectors
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 3])
+def test_kernel_gives_the_tensor_ops_numbers_bit_for_bit(threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for key in KEYS:
+            for size in SIZES:
+                expected = tensor_philox_uniform((size,), torch.tensor(key))
+                assert torch.equal(philox._kernel_philox_uniform(torch.tensor(key), size), expected), (key, size)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@VECTOR_WIDTHS
+def test_every_vector_width_of_the_kernel_gives_the_tensor_ops_numbers(march, flag, tmp_path):
+    """512-bit, 256-bit (AVX2) and scalar code (an x86-64 build without AVX2) are separate paths in philox.c."""
+    kernel = build_for("philox", march, flag, tmp_path)
+    kernel.philox_uniform.argtypes = [ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    for key in KEYS:
+        for size in SIZES:
+            out = torch.empty(size)
+            kernel.philox_uniform(*key, out.data_ptr(), size, 2)
+            assert torch.equal(out, tensor_philox_uniform((size,), torch.tensor(key))), (march, key, size)
+
+
+@needs_kernel
+def test_compiled_draws_run_the_kernel(monkeypatch):
+    calls, kernel = [], philox._kernel
+    monkeypatch.setattr(philox, "_kernel", lambda: calls.append(1) or kernel())
+    torch.compile(lambda logits: _bernoulli(logits, (50,)), dynamic=False)(torch.zeros(100))
+    assert calls, "the compiled draw did not call pipeline/philox.c"
 
 
 def test_keys_give_independent_streams():
