@@ -21,7 +21,7 @@ from pipeline.models import HelmholtzMachine
 from pipeline.sample_linear import sample_linear
 from .kernels import VECTOR_WIDTHS, build_for, cpu_has
 
-pytestmark = pytest.mark.skipif(not sample_linear_module._have_kernels(), reason="no C compiler for the lookup kernels")
+pytestmark = pytest.mark.skipif(not sample_linear_module._have_kernels(), reason="no C compiler for the kernels")
 
 
 def coin_samples(shape, ones: float = 0.5, seed: int = 0) -> torch.Tensor:
@@ -278,8 +278,8 @@ def test_rws_step_gradients_match_the_dense_products(p_layer, compiled, each_ker
     model = HelmholtzMachine([784, 64, 48], p_layer=p_layer)
     x = (torch.rand(64, 784) < 0.3).float()
 
-    def step(m, lookup: bool):
-        monkeypatch.setattr(sample_linear_module, "_have_kernels", lambda: lookup)
+    def step(m, native: bool):
+        monkeypatch.setattr(sample_linear_module, "_have_kernels", lambda: native)
         calls = spy(monkeypatch, sample_linear_module, "_native_linear")
         torch._dynamo.reset()
         torch.manual_seed(1)
@@ -287,12 +287,12 @@ def test_rws_step_gradients_match_the_dense_products(p_layer, compiled, each_ker
         (s.p_loss + s.q_loss).backward()
         return s, calls
 
-    lookup_model, dense_model = model, copy.deepcopy(model)
-    lookup, lookup_calls = step(lookup_model, True)
+    native_model, dense_model = model, copy.deepcopy(model)
+    native, native_calls = step(native_model, True)
     dense, dense_calls = step(dense_model, False)
-    assert lookup_calls and not dense_calls
-    torch.testing.assert_close(lookup.log_likelihood, dense.log_likelihood)
-    for (name, p), q in zip(lookup_model.named_parameters(), dense_model.parameters(), strict=True):
+    assert native_calls and not dense_calls
+    torch.testing.assert_close(native.log_likelihood, dense.log_likelihood)
+    for (name, p), q in zip(native_model.named_parameters(), dense_model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
