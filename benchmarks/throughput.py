@@ -72,7 +72,7 @@ from pipeline.allocator import retain_freed_memory  # noqa: E402
 from pipeline.data import load_binarized_mnist  # noqa: E402
 from pipeline.estimators import rws_surrogates  # noqa: E402
 from pipeline.models import HelmholtzMachine  # noqa: E402
-from pipeline.sample_linear import KERNELS, _kernels, kernel_file  # noqa: E402
+from pipeline.sample_linear import KERNELS, _kernels, kernel_file, kernel_functions  # noqa: E402
 
 BATCH = 100
 KS = (1, 5, 10, 50)
@@ -303,6 +303,11 @@ def main(argv=None):
     models = [m for m in args.models.split(",") if m]
     if set(models) - set(MODELS):
         parser.error(f"unknown --models {sorted(set(models) - set(MODELS))}; choose from {', '.join(MODELS)}")
+    if args.also_kernel and (device.type != "cpu" or args.no_compile):
+        parser.error("--also-kernel times compiled CPU steps: it needs --device cpu and no --no-compile")
+    for kernel in args.also_kernel:
+        if kernel_functions(kernel) is None:
+            parser.error(f"--also-kernel {kernel}: pipeline/{kernel}.c does not run on this machine")
     load_before = load_average()
     batch = args.batch
     if args.nade_chunk_floats is not None:
