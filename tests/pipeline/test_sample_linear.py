@@ -162,6 +162,22 @@ def test_kernel_choice_prefers_amx_and_falls_back_to_the_lookups(monkeypatch):
     assert sample_linear_module._kernels.__wrapped__() is lookups
 
 
+def test_kernel_file_routes_the_products_within_its_block_only():
+    preferred = sample_linear_module._kernels()
+    lookups = sample_linear_module.kernel_functions("lookup_linear")
+    calls = []
+    counting = lookups._replace(linear=lambda *args: calls.append(1) or lookups.linear(*args))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sample_linear_module, "kernel_functions", {"lookup_linear": counting}.get)
+        with sample_linear_module.kernel_file("lookup_linear"):
+            assert sample_linear_module._kernels() is counting
+            sample_linear(coin_samples((16, 20, 40)), *weights(24, 40))
+        with pytest.raises(RuntimeError, match="amx_linear.c does not run"):
+            with sample_linear_module.kernel_file("amx_linear"):
+                pass
+    assert calls and sample_linear_module._kernels() is preferred
+
+
 def test_lookup_tolerance_catches_a_wrong_table_entry():
     """The comparison above must fail for a product that is off in one weight, so that it can catch a bad table."""
     samples = coin_samples((16, 20, 40))
