@@ -120,15 +120,29 @@ static void pack_weight_row(const float *weight, int64_t n, int K, int64_t N, in
     }
 }
 
+/* parts[p] = buffer + p * size: the PARTS arrays of one allocation. */
+static inline void part_pointers(uint16_t *buffer, int64_t size, uint16_t *parts[PARTS]) {
+    for (int p = 0; p < PARTS; p++) parts[p] = buffer + p * size;
+}
+
+/* Tiles 0-3 = the 32 x 32 block of floats at c, rows `ld` floats apart (ld = 0: one row, repeated). */
+static inline void load_block(const float *c, int64_t ld) {
+    _tile_loadd(0, c, ld * sizeof(float));
+    _tile_loadd(1, c + 16, ld * sizeof(float));
+    _tile_loadd(2, c + 16 * ld, ld * sizeof(float));
+    _tile_loadd(3, c + 16 * ld + 16, ld * sizeof(float));
+}
+
 /* C tiles 0-3 += A (stride a_stride bytes, `steps` steps of 32 along the sum) times the parts of B
- * (VNNI rows of b_stride bytes), for the 32 x 32 block whose A rows start at a and B columns at b[p]. */
-static inline void block_products(const uint16_t *a, int64_t a_stride, uint16_t *const b[PARTS], int64_t b_stride,
-                                  int64_t steps) {
+ * (VNNI rows of b_stride bytes), for the 32 x 32 block whose A rows start at a and B columns at
+ * column `n0` of each part. */
+static inline void block_products(const uint16_t *a, int64_t a_stride, uint16_t *const parts[PARTS], int64_t n0,
+                                  int64_t b_stride, int64_t steps) {
     for (int64_t s = 0; s < steps; s++) {
         _tile_loadd(4, a + 32 * s, a_stride);
         _tile_loadd(5, (const char *)(a + 32 * s) + 16 * a_stride, a_stride);
         for (int p = 0; p < PARTS; p++) {
-            const char *rows = (const char *)b[p] + 16 * s * b_stride;
+            const char *rows = (const char *)(parts[p] + 2 * n0) + 16 * s * b_stride;
             _tile_loadd(6, rows, b_stride);
             _tile_loadd(7, rows + 64, b_stride);
             _tile_dpbf16ps(0, 4, 6);
@@ -163,7 +177,8 @@ int64_t amx_linear(const float *h, const float *weight, const float *bias, float
         free(weights), free(bias_row), free(samples);
         return -1;
     }
-    uint16_t *parts[PARTS] = {weights, weights + Kp * Np, weights + 2 * Kp * Np};
+    uint16_t *parts[PARTS];
+    part_pointers(weights, Kp * Np, parts);
     memset(bias_row, 0, Np * sizeof(float));
     memcpy(bias_row, bias, N * sizeof(float));
     #pragma omp parallel num_threads(threads) reduction(+ : bad)
@@ -181,12 +196,8 @@ int64_t amx_linear(const float *h, const float *weight, const float *bias, float
                     _mm256_storeu_si256((__m256i *)(a + i * Kp + k), _mm256_maskz_mov_epi16(one, _mm256_set1_epi16(0x3f80)));
                 }
             for (int64_t n0 = 0; n0 < Np; n0 += 32) {
-                _tile_loadd(0, bias_row + n0, 0); /* stride 0: every row the bias */
-                _tile_loadd(1, bias_row + n0 + 16, 0);
-                _tile_loadd(2, bias_row + n0, 0);
-                _tile_loadd(3, bias_row + n0 + 16, 0);
-                uint16_t *b[PARTS] = {parts[0] + 2 * n0, parts[1] + 2 * n0, parts[2] + 2 * n0};
-                block_products(a, Kp * sizeof(uint16_t), b, Np * 2 * sizeof(uint16_t), Kp / 32);
+                load_block(bias_row + n0, 0); /* every row the bias */
+                block_products(a, Kp * sizeof(uint16_t), parts, n0, Np * 2 * sizeof(uint16_t), Kp / 32);
                 float *out = Y + m0 * N + n0;
                 STORE_TILE(0, out, N, rows, N - n0);
                 STORE_TILE(1, out + 16, N, rows, N - n0 - 16);
@@ -219,7 +230,8 @@ int64_t amx_linear_weight_grad(const float *h, const float *grad, float *dW, int
             #pragma omp atomic write
             failed = 1;
         }
-        uint16_t *parts[PARTS] = {packed, packed + CHUNK * Np, packed + 2 * CHUNK * Np};
+        uint16_t *parts[PARTS];
+        part_pointers(packed, CHUNK * Np, parts);
         if (packed && samples_t) configure_tiles();
         #pragma omp for schedule(static)
         for (int64_t chunk = 0; chunk < chunks; chunk++) {
@@ -231,12 +243,9 @@ int64_t amx_linear_weight_grad(const float *h, const float *grad, float *dW, int
             for (int64_t k0 = 0; k0 < Kp; k0 += 32)
                 for (int64_t n0 = 0; n0 < Np; n0 += 32) {
                     float *out = mine + k0 * Np + n0;
-                    _tile_loadd(0, out, Np * 4);
-                    _tile_loadd(1, out + 16, Np * 4);
-                    _tile_loadd(2, out + 16 * Np, Np * 4);
-                    _tile_loadd(3, out + 16 * Np + 16, Np * 4);
-                    uint16_t *b[PARTS] = {parts[0] + 2 * n0, parts[1] + 2 * n0, parts[2] + 2 * n0};
-                    block_products(samples_t + k0 * CHUNK, CHUNK * sizeof(uint16_t), b, Np * 2 * sizeof(uint16_t), CHUNK / 32);
+                    load_block(out, Np);
+                    block_products(samples_t + k0 * CHUNK, CHUNK * sizeof(uint16_t), parts, n0, Np * 2 * sizeof(uint16_t),
+                                   CHUNK / 32);
                     _tile_stored(0, out, Np * 4);
                     _tile_stored(1, out + 16, Np * 4);
                     _tile_stored(2, out + 16 * Np, Np * 4);
