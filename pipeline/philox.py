@@ -88,9 +88,13 @@ def tensor_philox_uniform(shape: tuple[int, ...], key: torch.Tensor) -> torch.Te
 def _kernel() -> ctypes.CDLL | None:
     """pipeline/philox.c, built for this machine (pipeline/native.py), or None."""
     library = load_library("philox")
-    if library is not None:
-        library.philox_uniform.argtypes = [ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
-        library.philox_uniform.restype = None
+    return None if library is None else declare(library)
+
+
+def declare(library: ctypes.CDLL) -> ctypes.CDLL:
+    """Give a build of philox.c its function's argument types."""
+    library.philox_uniform.argtypes = [ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    library.philox_uniform.restype = None
     return library
 
 

@@ -1,6 +1,5 @@
 """The Philox uniforms that compiled CPU steps draw their Bernoulli samples from."""
 
-import ctypes
 import math
 
 import pytest
@@ -72,16 +71,20 @@ KEYS = ([0, 0], [0xFFFFFFFF, 0], [0x75BCD15, 0xEE6B2800], [0xA4093822, 0xFFFFFFF
 SIZES = (1, 3, 4, 5, 7, 8, 63, 64, 65, 127, 128, 129, 1001, 4012, 100_003)  # every tail of 4 words and of the vectors
 
 
+def assert_gives_the_tensor_ops_numbers(draw):
+    """draw(key, size): `size` uniforms [size] under `key` [2], which must be the tensor ops' to the bit."""
+    for key in KEYS:
+        for size in SIZES:
+            assert torch.equal(draw(torch.tensor(key), size), tensor_philox_uniform((size,), torch.tensor(key))), (key, size)
+
+
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 3])
 def test_kernel_gives_the_tensor_ops_numbers_bit_for_bit(threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for key in KEYS:
-            for size in SIZES:
-                expected = tensor_philox_uniform((size,), torch.tensor(key))
-                assert torch.equal(philox._kernel_philox_uniform(torch.tensor(key), size), expected), (key, size)
+        assert_gives_the_tensor_ops_numbers(philox._kernel_philox_uniform)
     finally:
         torch.set_num_threads(previous)
 
@@ -89,13 +92,14 @@ def test_kernel_gives_the_tensor_ops_numbers_bit_for_bit(threads):
 @VECTOR_WIDTHS
 def test_every_vector_width_of_the_kernel_gives_the_tensor_ops_numbers(march, flag, tmp_path):
     """512-bit, 256-bit (AVX2) and scalar code (an x86-64 build without AVX2) are separate paths in philox.c."""
-    kernel = build_for("philox", march, flag, tmp_path)
-    kernel.philox_uniform.argtypes = [ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
-    for key in KEYS:
-        for size in SIZES:
-            out = torch.empty(size)
-            kernel.philox_uniform(*key, out.data_ptr(), size, 2)
-            assert torch.equal(out, tensor_philox_uniform((size,), torch.tensor(key))), (march, key, size)
+    kernel = philox.declare(build_for("philox", march, flag, tmp_path))
+
+    def draw(key, size):
+        out = torch.empty(size)
+        kernel.philox_uniform(*key.tolist(), out.data_ptr(), size, 2)
+        return out
+
+    assert_gives_the_tensor_ops_numbers(draw)
 
 
 @needs_kernel
