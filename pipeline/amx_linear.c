@@ -86,14 +86,18 @@ static void transpose_block(const float *h, int64_t M, int K, int64_t m0, int64_
 }
 
 /* out[p] (VNNI, [rows/2][width][2] bfloat16, width a multiple of 16) = part p of the rows of x
- * [rows, columns >= width] (stride `stride`), zeros past `valid_rows` and `valid_columns`. */
+ * [rows, columns >= width] (stride `stride`), zeros past `valid_rows` and `valid_columns`; adds the
+ * rows to column_sums [width]. */
 static void pack_parts(const float *x, int64_t stride, int64_t rows, int64_t valid_rows, int64_t width,
-                       int64_t valid_columns, uint16_t *out[PARTS]) {
+                       int64_t valid_columns, uint16_t *out[PARTS], float *column_sums) {
     for (int64_t r = 0; r < rows; r += 2)
         for (int64_t n = 0; n < width; n += 16) {
+            __m512 first = r < valid_rows ? load16(x + r * stride + n, valid_columns - n) : _mm512_setzero_ps();
+            __m512 second = r + 1 < valid_rows ? load16(x + (r + 1) * stride + n, valid_columns - n) : _mm512_setzero_ps();
+            _mm512_storeu_ps(column_sums + n, _mm512_add_ps(_mm512_loadu_ps(column_sums + n), _mm512_add_ps(first, second)));
             __m256bh even[PARTS], odd[PARTS];
-            split(r < valid_rows ? load16(x + r * stride + n, valid_columns - n) : _mm512_setzero_ps(), even);
-            split(r + 1 < valid_rows ? load16(x + (r + 1) * stride + n, valid_columns - n) : _mm512_setzero_ps(), odd);
+            split(first, even);
+            split(second, odd);
             for (int p = 0; p < PARTS; p++) {
                 __m512i pairs = _mm512_or_si512(_mm512_cvtepu16_epi32((__m256i)even[p]),
                                                 _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)odd[p]), 16));
@@ -211,19 +215,21 @@ int64_t amx_linear(const float *h, const float *weight, const float *bias, float
     return bad;
 }
 
-/* dW [N, K] = grad [M, N]^T h [M, K] for 0/1 h: the weight gradient of amx_linear, taken as its
- * transpose h^T grad [K, N] so that h is A and grad's parts are B. Each thread sums its chunks of
- * rows into its own [K, N] (transposing h's rows and packing grad's parts a chunk at a time, so that
- * they stay in L2), and the threads' sums are added at the end. */
-int64_t amx_linear_weight_grad(const float *h, const float *grad, float *dW, int64_t M, int K, int N, int threads) {
+/* dW [N, K] = grad [M, N]^T h [M, K] for 0/1 h, and db [N] = grad's column sums: the weight and bias
+ * gradients of amx_linear. dW is taken as its transpose h^T grad [K, N] so that h is A and grad's
+ * parts are B. Each thread sums its chunks of rows into its own [K, N] and [N] (transposing h's rows
+ * and packing grad's parts a chunk at a time, so that they stay in L2; the packing adds up the
+ * columns), and the threads' sums are added at the end. */
+int64_t amx_linear_weight_grad(const float *h, const float *grad, float *dW, float *db, int64_t M, int K, int N,
+                               int threads) {
     int64_t Kp = round_up(K, 32), Np = round_up(N, 32), chunks = (M + CHUNK - 1) / CHUNK, bad = 0;
     threads = threads < chunks ? threads : (int)chunks;
     int failed = 0;
-    float *sums = calloc((size_t)threads * Kp * Np, sizeof(float)); /* [thread][Kp][Np]: dW^T */
+    float *sums = calloc((size_t)threads * (Kp + 1) * Np, sizeof(float)); /* [thread][Kp + 1][Np]: dW^T, then db */
     if (!sums) return -1;
     #pragma omp parallel num_threads(threads) reduction(+ : bad)
     {
-        float *mine = sums + (size_t)omp_get_thread_num() * Kp * Np;
+        float *mine = sums + (size_t)omp_get_thread_num() * (Kp + 1) * Np, *column_sums = mine + Kp * Np;
         uint16_t *packed = aligned_alloc(64, PARTS * CHUNK * Np * sizeof(uint16_t)); /* grad's parts, VNNI */
         uint16_t *samples_t = aligned_alloc(64, Kp * CHUNK * sizeof(uint16_t));       /* h^T [Kp][CHUNK] */
         if (!packed || !samples_t) {
@@ -239,7 +245,7 @@ int64_t amx_linear_weight_grad(const float *h, const float *grad, float *dW, int
             int64_t m0 = chunk * CHUNK;
             for (int64_t i = 0; i < CHUNK; i += 32)
                 for (int64_t k = 0; k < Kp; k += 16) transpose_block(h, M, K, m0 + i, k, samples_t + k * CHUNK + i, CHUNK, &bad);
-            pack_parts(grad + m0 * N, N, CHUNK, M - m0, Np, N, parts);
+            pack_parts(grad + m0 * N, N, CHUNK, M - m0, Np, N, parts, column_sums);
             for (int64_t k0 = 0; k0 < Kp; k0 += 32)
                 for (int64_t n0 = 0; n0 < Np; n0 += 32) {
                     float *out = mine + k0 * Np + n0;
@@ -257,10 +263,10 @@ int64_t amx_linear_weight_grad(const float *h, const float *grad, float *dW, int
         #pragma omp barrier
         #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++)
-            for (int64_t k = 0; k < K; k++) {
+            for (int64_t k = 0; k <= K; k++) { /* k = K: db */
                 float sum = 0.f;
-                for (int t = 0; t < threads; t++) sum += sums[((size_t)t * Kp + k) * Np + n];
-                dW[n * K + k] = sum;
+                for (int t = 0; t < threads; t++) sum += sums[((size_t)t * (Kp + 1) + (k < K ? k : Kp)) * Np + n];
+                *(k < K ? dW + n * K + k : db + n) = sum;
             }
     }
     free(sums);

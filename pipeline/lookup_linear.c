@@ -130,9 +130,10 @@ int64_t lookup_linear(const float *h, const float *weight_t, const float *bias, 
     return failed ? -1 : 0;
 }
 
-/* dW [N, K] = grad [M, N]^T h [M, K] for 0/1 h: the weight gradient of lookup_linear.
- * Returns how many entries of h are neither 0 nor 1, or -1 if memory ran out; dW is written only on 0. */
-int64_t lookup_linear_weight_grad(const float *h, const float *grad, float *dW, int64_t M, int K, int N,
+/* dW [N, K] = grad [M, N]^T h [M, K] for 0/1 h, and db [N] = grad's column sums: the weight and bias
+ * gradients of lookup_linear. Returns how many entries of h are neither 0 nor 1, or -1 if memory ran
+ * out; dW and db are written only on 0. */
+int64_t lookup_linear_weight_grad(const float *h, const float *grad, float *dW, float *db, int64_t M, int K, int N,
                                   int threads) {
     int64_t Q = (M + 3) / 4;
     int tiles = (N + LANES - 1) / LANES, units = (K + ROWS - 1) / ROWS * ROWS, failed = 0;
@@ -151,6 +152,7 @@ int64_t lookup_linear_weight_grad(const float *h, const float *grad, float *dW, 
         for (int t = first; t < last; t++) {
             int n0 = t * LANES, width = N - n0 < LANES ? N - n0 : LANES;
             memset(sums, 0, (size_t)units * LANES * sizeof(float));
+            vec column_sum = {0};
             for (int64_t q0 = 0; q0 < Q; q0 += BLOCK) {
                 int count = Q - q0 < BLOCK ? (int)(Q - q0) : BLOCK;
                 for (int q = 0; q < count; q++) {
@@ -159,6 +161,7 @@ int64_t lookup_linear_weight_grad(const float *h, const float *grad, float *dW, 
                         int64_t m = 4 * (q0 + q) + i;
                         rows[i] = m < M ? load_part(grad + m * N + n0, width) : (vec){0};
                     }
+                    column_sum += rows[0] + rows[1] + rows[2] + rows[3];
                     subset_sums(rows, tables + q * 16 * LANES);
                 }
                 for (int k = 0; k < units; k += ROWS) {
@@ -170,6 +173,7 @@ int64_t lookup_linear_weight_grad(const float *h, const float *grad, float *dW, 
             }
             for (int j = 0; j < width; j++)
                 for (int k = 0; k < K; k++) dW[(int64_t)(n0 + j) * K + k] = sums[k * LANES + j];
+            store_part(db + n0, width, column_sum);
         }
         free(tables);
         free(sums);

@@ -2,7 +2,8 @@
 
 Every big product in a training step has a 0/1 operand: the samples h [N, H] of a layer (N = K x B
 sample rows) times a weight W [O, H] (the logits h W^T + b), and the output's gradient g [N, O]
-times the same samples (the weight gradient g^T h [O, H]). Two C kernels use that, both exact
+times the same samples (the weight gradient g^T h [O, H], whose pass over g also sums its columns:
+the bias gradient). Two C kernels use that, both exact
 identities whose results agree with the dense products to float32 rounding (only the order of the
 sums differs):
 
@@ -104,7 +105,7 @@ class _NarrowInputLinear(torch.autograd.Function):
 
 
 class Kernels(NamedTuple):
-    """The C functions of one kernel file: Y = h W^T + b, and dW = g^T h (module docstring)."""
+    """The C functions of one kernel file: Y = h W^T + b, and dW = g^T h with db = sum_n g_n (module docstring)."""
 
     linear: Callable
     weight_grad: Callable
@@ -125,7 +126,7 @@ def kernel_functions(name: str) -> Kernels | None:
     linear, weight_grad = getattr(library, name), getattr(library, f"{name}_weight_grad")
     pointer, rows, size = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     linear.argtypes = [pointer] * 4 + [rows, size, size, size]
-    weight_grad.argtypes = [pointer] * 3 + [rows, size, size, size]
+    weight_grad.argtypes = [pointer] * 4 + [rows, size, size, size]
     linear.restype = weight_grad.restype = ctypes.c_int64
     return Kernels(linear, weight_grad, weight_transposed=name == "lookup_linear")
 
@@ -181,21 +182,22 @@ def _(samples, weight, bias):
 
 
 @torch.library.custom_op(f"{_OPS}::native_linear_weight_grad", mutates_args=())
-def _native_linear_weight_grad(samples: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """The weight gradient g^T h [O, H] for samples h [K, ..., H] and the output's gradient g [K, ..., O]."""
+def _native_linear_weight_grad(samples: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias gradients (g^T h [O, H], sum_n g_n [O]) for samples h [K, ..., H] and the
+    output's gradient g [K, ..., O]."""
     flat_samples = samples.reshape(-1, samples.shape[-1]).contiguous()  # [K B, H]
     flat_grad = grad.reshape(-1, grad.shape[-1]).contiguous()  # [K B, O]
     (rows, units), outputs = flat_samples.shape, flat_grad.shape[1]
-    out = grad.new_empty(outputs, units)  # [O, H]
-    pointers = (flat_samples.data_ptr(), flat_grad.data_ptr(), out.data_ptr())
+    weight_grad, bias_grad = grad.new_empty(outputs, units), grad.new_empty(outputs)  # [O, H], [O]
+    pointers = (flat_samples.data_ptr(), flat_grad.data_ptr(), weight_grad.data_ptr(), bias_grad.data_ptr())
     if _kernels().weight_grad(*pointers, rows, units, outputs, torch.get_num_threads()):  # as above
-        return flat_grad.t() @ flat_samples
-    return out
+        return flat_grad.t() @ flat_samples, flat_grad.sum(0)
+    return weight_grad, bias_grad
 
 
 @_native_linear_weight_grad.register_fake
 def _(samples, grad):
-    return grad.new_empty(grad.shape[-1], samples.shape[-1])
+    return grad.new_empty(grad.shape[-1], samples.shape[-1]), grad.new_empty(grad.shape[-1])
 
 
 def _save_samples(ctx, inputs, output):
@@ -203,9 +205,9 @@ def _save_samples(ctx, inputs, output):
 
 
 def _native_linear_backward(ctx, grad):
-    """Gradients for the weight (by the kernel) and the bias; none for the samples, which are draws."""
+    """Gradients for the weight and the bias, both by the kernel; none for the samples, which are draws."""
     (samples,) = ctx.saved_tensors
-    return None, _native_linear_weight_grad(samples, grad), grad.reshape(-1, grad.shape[-1]).sum(0)
+    return None, *_native_linear_weight_grad(samples, grad)
 
 
 _native_linear.register_autograd(_native_linear_backward, setup_context=_save_samples)

@@ -138,15 +138,17 @@ def test_kernels_match_the_float64_product_for_any_thread_count(each_kernel, thr
     samples, grad = coin_samples((rows, units)), torch.randn(rows, outputs)
     weight, bias = weights(outputs, units)
     weight_arg = weight.detach().t().contiguous() if each_kernel.weight_transposed else weight.detach()
-    out, weight_grad = torch.empty(rows, outputs), torch.empty(outputs, units)
+    out, weight_grad, bias_grad = torch.empty(rows, outputs), torch.empty(outputs, units), torch.empty(outputs)
     assert each_kernel.linear(*(t.data_ptr() for t in (samples, weight_arg, bias, out)), rows, units, outputs, threads) == 0
-    assert each_kernel.weight_grad(*(t.data_ptr() for t in (samples, grad, weight_grad)), rows, units, outputs, threads) == 0
+    grad_pointers = [t.data_ptr() for t in (samples, grad, weight_grad, bias_grad)]
+    assert each_kernel.weight_grad(*grad_pointers, rows, units, outputs, threads) == 0
     expected = float64_reference(samples, weight, bias, grad)
     assert_float32_close(out, expected[0], units, "logits")
     assert_float32_close(weight_grad, expected[1], rows, "weight grad")
+    assert_float32_close(bias_grad, expected[2], rows, "bias grad")
     samples[[0, 150, 299], [44, 0, 20]] = torch.tensor([0.5, 2.0, float("nan")])  # each function counts them
     assert each_kernel.linear(*(t.data_ptr() for t in (samples, weight_arg, bias, out)), rows, units, outputs, threads) == 3
-    assert each_kernel.weight_grad(*(t.data_ptr() for t in (samples, grad, weight_grad)), rows, units, outputs, threads) == 3
+    assert each_kernel.weight_grad(*grad_pointers, rows, units, outputs, threads) == 3
 
 
 def test_kernel_choice_prefers_amx_and_falls_back_to_the_lookups(monkeypatch):
@@ -215,15 +217,16 @@ def test_every_vector_width_of_the_kernels_matches_the_float64_product(march, fl
     samples, grad = coin_samples((rows, units)), torch.randn(rows, outputs)
     weight, bias = weights(outputs, units)
     weight_t = weight.detach().t().contiguous()
-    out, weight_grad = torch.empty(rows, outputs), torch.empty(outputs, units)
+    out, weight_grad, bias_grad = torch.empty(rows, outputs), torch.empty(outputs, units), torch.empty(outputs)
     size = ctypes.c_int64
     pointers = [ctypes.c_void_p(t.data_ptr()) for t in (samples, weight_t, bias, out)]
     assert kernels.lookup_linear(*pointers, size(rows), units, outputs, 2) == 0
-    pointers = [ctypes.c_void_p(t.data_ptr()) for t in (samples, grad, weight_grad)]
+    pointers = [ctypes.c_void_p(t.data_ptr()) for t in (samples, grad, weight_grad, bias_grad)]
     assert kernels.lookup_linear_weight_grad(*pointers, size(rows), units, outputs, 2) == 0
     expected = float64_reference(samples, weight, bias, grad)
     assert_float32_close(out, expected[0], units, "logits")
     assert_float32_close(weight_grad, expected[1], rows, "weight grad")
+    assert_float32_close(bias_grad, expected[2], rows, "bias grad")
 
 
 def test_negative_zero_counts_as_zero(each_kernel, no_dense_product):
