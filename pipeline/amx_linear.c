@@ -30,6 +30,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "bernoulli.h"
+
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 #define PARTS 3
@@ -85,15 +87,30 @@ static void transpose_block(const float *h, int64_t M, int K, int64_t m0, int64_
     }
 }
 
-/* out[p] (VNNI, [rows/2][width][2] bfloat16, width a multiple of 16) = part p of the rows of x
- * [rows, columns >= width] (stride `stride`), zeros past `valid_rows` and `valid_columns`; adds the
- * rows to column_sums [width]. */
-static void pack_parts(const float *x, int64_t stride, int64_t rows, int64_t valid_rows, int64_t width,
-                       int64_t valid_columns, uint16_t *out[PARTS], float *column_sums) {
+/* The output gradient [M, N] of a weight gradient: `grad` itself, or where `logits` is given, that of
+ * the log-prob rows of amx_linear_log_prob, row_grad[r] (values[r % value_rows] - sigmoid(logits[r])). */
+typedef struct {
+    const float *grad, *logits, *values, *row_grad;
+    int64_t value_rows;
+} output_grad;
+
+/* Entries n .. n + 15 of row r of the output gradient (zeros past N). */
+static inline __m512 output_grad16(const output_grad *g, int64_t r, int64_t n, int64_t N) {
+    int64_t count = N - n;
+    if (!g->logits) return load16(g->grad + r * N + n, count);
+    __m512 logits = load16(g->logits + r * N + n, count), values = load16(g->values + (r % g->value_rows) * N + n, count);
+    __m512 x = (__m512)bernoulli_logit_grad((vec)logits, (vec)values, g->row_grad[r]);
+    return count >= 16 ? x : _mm512_maskz_mov_ps(count > 0 ? (__mmask16)((1u << count) - 1) : 0, x);
+}
+
+/* out[p] (VNNI, [rows/2][width][2] bfloat16, width a multiple of 16) = part p of rows m0 .. m0 +
+ * rows - 1 of the output gradient g [M, N], zeros past M and N; adds the rows to column_sums [width]. */
+static void pack_parts(const output_grad *g, int64_t m0, int64_t rows, int64_t M, int64_t width, int64_t N,
+                       uint16_t *out[PARTS], float *column_sums) {
     for (int64_t r = 0; r < rows; r += 2)
         for (int64_t n = 0; n < width; n += 16) {
-            __m512 first = r < valid_rows ? load16(x + r * stride + n, valid_columns - n) : _mm512_setzero_ps();
-            __m512 second = r + 1 < valid_rows ? load16(x + (r + 1) * stride + n, valid_columns - n) : _mm512_setzero_ps();
+            __m512 first = m0 + r < M ? output_grad16(g, m0 + r, n, N) : _mm512_setzero_ps();
+            __m512 second = m0 + r + 1 < M ? output_grad16(g, m0 + r + 1, n, N) : _mm512_setzero_ps();
             _mm512_storeu_ps(column_sums + n, _mm512_add_ps(_mm512_loadu_ps(column_sums + n), _mm512_add_ps(first, second)));
             __m256bh even[PARTS], odd[PARTS];
             split(first, even);
@@ -170,9 +187,11 @@ static inline void block_products(const uint16_t *a, int64_t a_stride, uint16_t 
         }                                                                                           \
     } while (0)
 
-/* Y [M, N] = h [M, K] weight [N, K]^T + bias [N] for 0/1 h. */
-int64_t amx_linear(const float *h, const float *weight, const float *bias, float *Y, int64_t M, int K, int N,
-                   int threads) {
+/* Y [M, N] = h [M, K] weight [N, K]^T + bias [N] for 0/1 h, and where `log_prob` is given, log_prob[m] =
+ * sum_n [values[m % value_rows, n] Y[m, n] - softplus(Y[m, n])] (bernoulli.h), from each block of 32
+ * rows of Y while it is in cache. */
+static int64_t products(const float *h, const float *weight, const float *bias, float *Y, int64_t M, int K, int N,
+                        int threads, const float *values, int64_t value_rows, float *log_prob) {
     int64_t Kp = round_up(K, 32), Np = round_up(N, 32), blocks = (M + 31) / 32, bad = 0;
     uint16_t *weights = aligned_alloc(64, PARTS * Kp * Np * sizeof(uint16_t));
     float *bias_row = aligned_alloc(64, Np * sizeof(float));
@@ -208,6 +227,8 @@ int64_t amx_linear(const float *h, const float *weight, const float *bias, float
                 STORE_TILE(2, out + 16 * N, N, rows - 16, N - n0);
                 STORE_TILE(3, out + 16 * N + 16, N, rows - 16, N - n0 - 16);
             }
+            for (int64_t i = 0; log_prob && i < rows; i++)
+                log_prob[m0 + i] = bernoulli_log_prob(Y + (m0 + i) * N, values + (m0 + i) % value_rows * N, N);
         }
         _tile_release();
     }
@@ -215,13 +236,26 @@ int64_t amx_linear(const float *h, const float *weight, const float *bias, float
     return bad;
 }
 
-/* dW [N, K] = grad [M, N]^T h [M, K] for 0/1 h, and db [N] = grad's column sums: the weight and bias
- * gradients of amx_linear. dW is taken as its transpose h^T grad [K, N] so that h is A and grad's
- * parts are B. Each thread sums its chunks of rows into its own [K, N] and [N] (transposing h's rows
- * and packing grad's parts a chunk at a time, so that they stay in L2; the packing adds up the
- * columns), and the threads' sums are added at the end. */
-int64_t amx_linear_weight_grad(const float *h, const float *grad, float *dW, float *db, int64_t M, int K, int N,
-                               int threads) {
+/* Y [M, N] = h [M, K] weight [N, K]^T + bias [N] for 0/1 h. */
+int64_t amx_linear(const float *h, const float *weight, const float *bias, float *Y, int64_t M, int K, int N,
+                   int threads) {
+    return products(h, weight, bias, Y, M, K, N, threads, NULL, 1, NULL);
+}
+
+/* amx_linear, and the Bernoulli log-prob of values [value_rows, N] (row m % value_rows for row m)
+ * under each row of logits Y: log_prob [M]. */
+int64_t amx_linear_log_prob(const float *h, const float *weight, const float *bias, const float *values,
+                            int64_t value_rows, float *Y, float *log_prob, int64_t M, int K, int N, int threads) {
+    return products(h, weight, bias, Y, M, K, N, threads, values, value_rows, log_prob);
+}
+
+/* dW [N, K] = G [M, N]^T h [M, K] for 0/1 h, and db [N] = G's column sums, for the output gradient G
+ * that `g` gives: the weight and bias gradients of amx_linear. dW is taken as its transpose h^T G
+ * [K, N] so that h is A and G's parts are B. Each thread sums its chunks of rows into its own [K, N]
+ * and [N] (transposing h's rows and packing G's parts a chunk at a time, so that they stay in L2;
+ * the packing adds up the columns), and the threads' sums are added at the end. */
+static int64_t weight_grad(const float *h, const output_grad *g, float *dW, float *db, int64_t M, int K, int N,
+                           int threads) {
     int64_t Kp = round_up(K, 32), Np = round_up(N, 32), chunks = (M + CHUNK - 1) / CHUNK, bad = 0;
     threads = threads < chunks ? threads : (int)chunks;
     int failed = 0;
@@ -245,7 +279,7 @@ int64_t amx_linear_weight_grad(const float *h, const float *grad, float *dW, flo
             int64_t m0 = chunk * CHUNK;
             for (int64_t i = 0; i < CHUNK; i += 32)
                 for (int64_t k = 0; k < Kp; k += 16) transpose_block(h, M, K, m0 + i, k, samples_t + k * CHUNK + i, CHUNK, &bad);
-            pack_parts(grad + m0 * N, N, CHUNK, M - m0, Np, N, parts, column_sums);
+            pack_parts(g, m0, CHUNK, M, Np, N, parts, column_sums);
             for (int64_t k0 = 0; k0 < Kp; k0 += 32)
                 for (int64_t n0 = 0; n0 < Np; n0 += 32) {
                     float *out = mine + k0 * Np + n0;
@@ -271,6 +305,21 @@ int64_t amx_linear_weight_grad(const float *h, const float *grad, float *dW, flo
     }
     free(sums);
     return failed ? -1 : bad;
+}
+
+int64_t amx_linear_weight_grad(const float *h, const float *grad, float *dW, float *db, int64_t M, int K, int N,
+                               int threads) {
+    output_grad g = {.grad = grad};
+    return weight_grad(h, &g, dW, db, M, K, N, threads);
+}
+
+/* The weight and bias gradients of amx_linear_log_prob's log-prob rows, given their gradient row_grad
+ * [M] and the logits Y it returned: the output gradient is row_grad[m] (values - sigmoid(Y[m])). */
+int64_t amx_linear_log_prob_weight_grad(const float *h, const float *logits, const float *values, int64_t value_rows,
+                                        const float *row_grad, float *dW, float *db, int64_t M, int K, int N,
+                                        int threads) {
+    output_grad g = {.logits = logits, .values = values, .row_grad = row_grad, .value_rows = value_rows};
+    return weight_grad(h, &g, dW, db, M, K, N, threads);
 }
 
 #else

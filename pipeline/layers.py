@@ -31,7 +31,7 @@ from torch import nn
 
 from pipeline import darn_sample, nade_hidden
 from pipeline.philox import uniform
-from pipeline.sample_linear import sample_linear
+from pipeline.sample_linear import fused_log_prob_applies, sample_linear, sample_log_prob
 
 
 class SoftplusSum(torch.autograd.Function):
@@ -199,7 +199,11 @@ class SBNLayer(BernoulliLayer):
     def log_prob(self, h, cond=None, base=None):
         """As the base class, but when h is shared by all samples of `cond` (x [B, D] against the K
         samples of h_1 [K, B, H] in log p(x | h_1)), sum_i h_i l_i = (h W) . cond + h . b: h W is
-        computed once per data point ([B, H]), not once per sample ([K, B, D] products)."""
+        computed once per data point ([B, H]), not once per sample ([K, B, D] products). On a CPU
+        with AMX, one kernel takes the product and the log-prob together (`sample_log_prob`)."""
+        weight = None if self.cond_weight is None else self.cond_weight.weight
+        if base is None and cond is not None and weight is not None and fused_log_prob_applies(cond, weight, self.bias, h):
+            return sample_log_prob(cond, weight, self.bias, h)
         if base is None and cond is not None and h.dim() < cond.dim():
             linear = (cond * (h @ self.cond_weight.weight)).sum(-1) + h @ self.bias  # [K, B]
             return linear - softplus_sum(self.cond_logits(cond))

@@ -24,6 +24,11 @@ sums differs):
   P's bottom product ran 1.8-2.3x as fast as MKL's, and 2.0-2.2x with its backward, on the 2-core
   AMD EPYC of benchmarks/RESULTS.md.
 
+On AMX, an SBN layer's log-prob log p(v | h) = sum_o [v_o l_o - softplus(l_o)] also goes through
+the kernels in one piece (`sample_log_prob`): the product takes the log-prob from each block of
+logits while it is in cache, and the weight gradient computes the logits' gradient v - sigmoid(l)
+as it packs it (pipeline/bernoulli.h), so P's [K, B, 784] logits are written once and read once.
+
 The figures are `python benchmarks/sample_linear.py`'s ("Products of samples by table lookup" in
 benchmarks/RESULTS.md), which times each kernel this machine runs beside the dense products.
 The kernels are built for the machine on first use (pipeline/native.py). They run on a CPU for
@@ -105,11 +110,14 @@ class _NarrowInputLinear(torch.autograd.Function):
 
 
 class Kernels(NamedTuple):
-    """The C functions of one kernel file: Y = h W^T + b, and dW = g^T h with db = sum_n g_n (module docstring)."""
+    """The C functions of one kernel file: Y = h W^T + b, and dW = g^T h with db = sum_n g_n (module
+    docstring); the AMX file also has the two with a Bernoulli log-prob fused in (`sample_log_prob`)."""
 
     linear: Callable
     weight_grad: Callable
     weight_transposed: bool  # whether `linear` takes W^T [H, O] (table lookups) or W [O, H] (AMX)
+    log_prob: Callable | None = None
+    log_prob_weight_grad: Callable | None = None
 
 
 # The kernel files in the order they are preferred: AMX tiles where the CPU has them, else table lookups.
@@ -128,7 +136,13 @@ def kernel_functions(name: str) -> Kernels | None:
     linear.argtypes = [pointer] * 4 + [rows, size, size, size]
     weight_grad.argtypes = [pointer] * 4 + [rows, size, size, size]
     linear.restype = weight_grad.restype = ctypes.c_int64
-    return Kernels(linear, weight_grad, weight_transposed=name == "lookup_linear")
+    if name == "lookup_linear":
+        return Kernels(linear, weight_grad, weight_transposed=True)
+    log_prob, log_prob_weight_grad = library.amx_linear_log_prob, library.amx_linear_log_prob_weight_grad
+    log_prob.argtypes = [pointer] * 4 + [rows] + [pointer] * 2 + [rows, size, size, size]
+    log_prob_weight_grad.argtypes = [pointer] * 3 + [rows] + [pointer] * 3 + [rows, size, size, size]
+    log_prob.restype = log_prob_weight_grad.restype = ctypes.c_int64
+    return Kernels(linear, weight_grad, False, log_prob, log_prob_weight_grad)
 
 
 @functools.cache
@@ -211,3 +225,109 @@ def _native_linear_backward(ctx, grad):
 
 
 _native_linear.register_autograd(_native_linear_backward, setup_context=_save_samples)
+
+
+def fused_log_prob_applies(samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether `sample_log_prob` takes these operands: a product that `sample_linear` gives to a C
+    kernel, on a CPU whose kernel file has the log-prob fused in (AMX), and values [..., O] that need
+    no gradient and match the samples' trailing dimensions (x [B, D] against samples [K, B, H])."""
+    return (
+        samples.device.type == "cpu"
+        and not samples.requires_grad
+        and not values.requires_grad
+        and samples.dim() >= 3
+        and samples.shape[:-1].numel() >= _MIN_ROWS
+        and samples.shape[-1] > _MAX_NARROW_UNITS
+        and samples.dtype == weight.dtype == bias.dtype == values.dtype == torch.float32
+        and values.dim() <= samples.dim()
+        and values.shape[:-1] == samples.shape[samples.dim() - values.dim() : -1]
+        and values.shape[-1] == weight.shape[0]
+        and _have_log_prob_kernels()
+    )
+
+
+def sample_log_prob(samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """log p(values | samples) = sum_o [v_o l_o - softplus(l_o)] for an SBN layer's logits
+    l = samples W^T + b: [K, ...], with gradients for `weight` and `bias`.
+
+    Why: P's bottom layer at K = 50, B = 100 has [5000, 784] logits. As separate ops, they are written
+    by the product, read for the log-prob, read and written again for their gradient, which the
+    weight gradient reads once more. Here the product's kernel takes the log-prob from each block
+    of logits while it is in cache (pipeline/bernoulli.h), and the weight gradient's kernel computes
+    the logits' gradient v - sigmoid(l) as it packs it: the logits are written once and read once.
+    Only where `fused_log_prob_applies`."""
+    return _native_log_prob(samples, weight, bias, values)[0]
+
+
+@torch.compiler.assume_constant_result
+def _have_log_prob_kernels() -> bool:
+    """Whether the machine's kernel file has the fused log-prob: a constant to torch.compile, like `_have_kernels`."""
+    return _have_kernels() and _kernels().log_prob is not None
+
+
+@torch.library.custom_op(f"{_OPS}::native_log_prob", mutates_args=())
+def _native_log_prob(
+    samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(values | samples) [K, ...], the logits [K, ..., O]); the logits are for the backward.
+    Where the kernel file in use (`kernel_file`) has no fused log-prob, or the samples are not all
+    0/1, the product and the log-prob are taken apart."""
+    kernels = _kernels()
+    flat = samples.reshape(-1, samples.shape[-1]).contiguous()  # [K B, H]
+    value_rows = values.reshape(-1, values.shape[-1]).contiguous()  # [B, O] or [K B, O]
+    (rows, units), outputs = flat.shape, weight.shape[0]
+    logits, log_prob = flat.new_empty(rows, outputs), flat.new_empty(rows)  # [K B, O], [K B]
+    pointers = (flat, weight.contiguous(), bias.contiguous(), value_rows)
+    if kernels.log_prob is None or kernels.log_prob(
+        *(t.data_ptr() for t in pointers), value_rows.shape[0], logits.data_ptr(), log_prob.data_ptr(),
+        rows, units, outputs, torch.get_num_threads(),
+    ):
+        logits = _native_linear(samples, weight, bias)
+        return (values * logits).sum(-1) - F.softplus(logits).sum(-1), logits
+    return log_prob.view(samples.shape[:-1]), logits.view(*samples.shape[:-1], outputs)
+
+
+@_native_log_prob.register_fake
+def _(samples, weight, bias, values):
+    return samples.new_empty(samples.shape[:-1]), samples.new_empty(*samples.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op(f"{_OPS}::native_log_prob_weight_grad", mutates_args=())
+def _native_log_prob_weight_grad(
+    samples: torch.Tensor, logits: torch.Tensor, values: torch.Tensor, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias gradients of `_native_log_prob` for the log-prob's gradient grad [K, ...]:
+    those of the product for the logits' gradient grad (v - sigmoid(l))."""
+    kernels = _kernels()
+    flat_samples = samples.reshape(-1, samples.shape[-1]).contiguous()  # [K B, H]
+    flat_logits = logits.reshape(-1, logits.shape[-1]).contiguous()  # [K B, O]
+    value_rows = values.reshape(-1, values.shape[-1]).contiguous()  # [B, O] or [K B, O]
+    row_grad = grad.reshape(-1).contiguous()  # [K B]
+    (rows, units), outputs = flat_samples.shape, flat_logits.shape[1]
+    weight_grad, bias_grad = grad.new_empty(outputs, units), grad.new_empty(outputs)  # [O, H], [O]
+    if kernels.log_prob_weight_grad is None or kernels.log_prob_weight_grad(
+        flat_samples.data_ptr(), flat_logits.data_ptr(), value_rows.data_ptr(), value_rows.shape[0], row_grad.data_ptr(),
+        weight_grad.data_ptr(), bias_grad.data_ptr(), rows, units, outputs, torch.get_num_threads(),
+    ):
+        return _native_linear_weight_grad(samples, grad.unsqueeze(-1) * (values - torch.sigmoid(logits)))
+    return weight_grad, bias_grad
+
+
+@_native_log_prob_weight_grad.register_fake
+def _(samples, logits, values, grad):
+    return grad.new_empty(logits.shape[-1], samples.shape[-1]), grad.new_empty(logits.shape[-1])
+
+
+def _save_log_prob_inputs(ctx, inputs, output):
+    samples, _, _, values = inputs
+    ctx.save_for_backward(samples, values, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _native_log_prob_backward(ctx, grad, _logits_grad):
+    """Gradients for the weight and the bias; none for the samples and values, which are draws or data."""
+    samples, values, logits = ctx.saved_tensors
+    return None, *_native_log_prob_weight_grad(samples, logits, values, grad), None
+
+
+_native_log_prob.register_autograd(_native_log_prob_backward, setup_context=_save_log_prob_inputs)

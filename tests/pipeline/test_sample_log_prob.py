@@ -1,0 +1,184 @@
+"""`sample_log_prob`: an SBN layer's log-prob log p(values | samples) with its product, on a CPU with
+AMX one kernel that takes the softplus from each block of logits and the logits' gradient as it packs
+them (pipeline/amx_linear.c, pipeline/bernoulli.h).
+
+It must give the float64 log-prob and gradients to float32 rounding for logits small and large, be
+the path that SBN layers take on such a CPU, hand samples that are not 0/1 (and a kernel file
+without the fusion) to the separate ops, and keep NaN visible.
+"""
+
+import pytest
+import torch
+
+import pipeline.layers as layers_module
+import pipeline.sample_linear as sample_linear_module
+from pipeline.layers import SBNLayer
+from pipeline.sample_linear import fused_log_prob_applies, kernel_file, sample_log_prob
+from .test_sample_linear import assert_float32_close, coin_samples, spy, weights
+
+pytestmark = pytest.mark.skipif(
+    not sample_linear_module._have_log_prob_kernels(), reason="this CPU runs no kernel with the fused log-prob (AMX)"
+)
+
+EPS = torch.finfo(torch.float32).eps
+
+
+def float64_log_prob(samples, weight, bias, values, grad):
+    """The log-prob and its weight and bias gradients in float64 torch ops (not F.softplus, which a fixture replaces)."""
+    weight64, bias64 = weight.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    logits = samples.double() @ weight64.T + bias64
+    softplus = torch.logaddexp(logits, torch.zeros_like(logits))
+    log_prob = (values.double() * logits).sum(-1) - softplus.sum(-1)
+    log_prob.backward(grad.double())
+    terms = (values.double() * logits).abs().sum(-1) + softplus.sum(-1)  # what float32 rounds
+    return log_prob.detach(), weight64.grad, bias64.grad, terms.detach()
+
+
+def fused_value_and_grads(samples, weight, bias, values, grad):
+    weight.grad = bias.grad = None
+    log_prob = sample_log_prob(samples, weight, bias, values)
+    log_prob.backward(grad)
+    return log_prob.detach(), weight.grad.clone(), bias.grad.clone()
+
+
+def assert_matches_float64(samples, weight, bias, values, grad):
+    got = fused_value_and_grads(samples, weight, bias, values, grad)
+    *expected, terms = float64_log_prob(samples, weight, bias, values, grad)
+    units, rows = samples.shape[-1], samples.shape[:-1].numel()
+    # Each logit is off by a few ulps of a sum of `units` terms, and the log-prob adds `outputs` of them.
+    tolerance = 4 * units**0.5 * EPS * terms
+    assert got[0].dtype == torch.float32 and got[0].shape == expected[0].shape
+    assert ((got[0].double() - expected[0]).abs() <= tolerance).all(), (got[0].double() - expected[0]).abs().max()
+    assert_float32_close(got[1], expected[1], rows, "weight grad")
+    assert_float32_close(got[2], expected[2], rows, "bias grad")
+
+
+@pytest.fixture
+def no_separate_ops(monkeypatch):
+    """Make the separate product and softplus fail, so that a test proves the fused kernel ran."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the separate ops ran")
+
+    monkeypatch.setattr(sample_linear_module, "_native_linear", fail)
+    monkeypatch.setattr(sample_linear_module.F, "softplus", fail)
+
+
+@pytest.mark.parametrize(
+    ("shape", "outputs", "values_shape"),
+    [
+        ((50, 100, 200), 784, (100, 784)),
+        ((16, 20, 40), 24, (16, 20, 24)),
+        ((7, 3, 50, 37), 785, (3, 50, 785)),
+        ((2, 300, 64), 33, (33,)),
+    ],
+    ids=["SBN-bottom-x-shared", "a-value-row-per-sample", "odd-units-and-outputs", "one-value-row"],
+)
+@pytest.mark.parametrize("logit_scale", [0.1, 1.0, 10.0])
+def test_fused_log_prob_matches_float64(shape, outputs, values_shape, logit_scale, no_separate_ops):
+    """Logits from ~0.1 to ~300 in size: the softplus's exp is cut off below e^-87, and a lane's
+    product of factors 1 + e^-|l| is flushed to its log every 64 vectors (784 units: 49)."""
+    samples, values = coin_samples(shape, 0.4), coin_samples(values_shape, 0.3, seed=2)
+    weight, bias = weights(outputs, shape[-1])
+    with torch.no_grad():
+        weight *= logit_scale
+        bias *= logit_scale
+    assert fused_log_prob_applies(samples, weight, bias, values)
+    assert_matches_float64(samples, weight, bias, values, torch.randn(shape[:-1]))
+
+
+def test_long_rows_flush_the_lane_products(no_separate_ops):
+    """3000 outputs: 188 vectors a row, so each lane's product of factors 1 + e^-|l| (near 2 for these
+    small logits) is flushed to its log twice before it could overflow."""
+    samples, values = coin_samples((2, 200, 40)), coin_samples((200, 3000), seed=2)
+    weight, bias = weights(3000, 40)
+    with torch.no_grad():
+        weight *= 0.01
+        bias *= 0.01
+    assert_matches_float64(samples, weight, bias, values, torch.randn(2, 200))
+
+
+@pytest.mark.parametrize("logit_scale", [0.1, 3.0, 30.0])
+def test_log_prob_and_logit_gradient_are_accurate_to_a_few_ulps(logit_scale, no_separate_ops):
+    """One-hot sample rows and no bias make the logits of row r exactly column r of W (the three
+    exact parts of a weight add up to it), and each weight gradient a single term, G[r, o] = g_r
+    (v_o - sigmoid(W[o, r])). So the kernel's softplus and sigmoid are checked against float64 alone,
+    without the product's rounding: the log-prob to a few ulps of its terms, the gradient to a few ulps of g_r."""
+    rows, outputs = 300, 784
+    samples = torch.eye(rows).unsqueeze(0)  # [1, 300, 300]
+    values = coin_samples((rows, outputs), 0.3, seed=2)
+    generator = torch.Generator().manual_seed(3)
+    weight = (torch.randn(outputs, rows, generator=generator) * logit_scale).requires_grad_()
+    bias = torch.zeros(outputs, requires_grad=True)
+    grad = torch.rand(1, rows, generator=generator) + 0.5
+    log_prob, weight_grad, _ = fused_value_and_grads(samples, weight, bias, values, grad)
+    logits = weight.detach().double().T  # [rows, outputs]: row r's logits
+    softplus = torch.logaddexp(logits, torch.zeros_like(logits))
+    expected = (values.double() * logits - softplus).sum(-1)
+    terms = (values.double() * logits).abs().sum(-1) + softplus.sum(-1)
+    assert ((log_prob[0].double() - expected).abs() <= 16 * EPS * terms).all(), (log_prob[0].double() - expected).abs().max()
+    expected_grad = grad.double().T * (values.double() - torch.sigmoid(logits))  # [rows, outputs]
+    # v - sigmoid(l) cancels where they are close: a few ulps of g_r, as in torch's float32 ops.
+    assert ((weight_grad.double().T - expected_grad).abs() <= 4 * EPS * grad.double().T).all()
+
+
+def test_samples_not_zero_or_one_take_the_separate_ops(monkeypatch):
+    samples, values = coin_samples((4, 100, 40)), coin_samples((100, 50), seed=2)
+    samples[2, 7, 3] = 0.5
+    weight, bias = weights(50, 40)
+    separate = spy(monkeypatch, sample_linear_module, "_native_linear")
+    assert_matches_float64(samples, weight, bias, values, torch.randn(4, 100))
+    assert separate, "the fused kernel's output was used for samples that are not all 0/1"
+
+
+def test_a_kernel_file_without_the_fusion_takes_the_separate_ops(monkeypatch):
+    """Under `kernel_file("lookup_linear")` (the benchmarks' side-by-side runs) the op still gives the log-prob."""
+    samples, values = coin_samples((4, 100, 40)), coin_samples((100, 50), seed=2)
+    weight, bias = weights(50, 40)
+    separate = spy(monkeypatch, sample_linear_module, "_native_linear")
+    with kernel_file("lookup_linear"):
+        assert_matches_float64(samples, weight, bias, values, torch.randn(4, 100))
+    assert separate
+
+
+def test_nan_weights_give_nan_log_probs(no_separate_ops):
+    samples, values = coin_samples((4, 100, 40)), coin_samples((100, 50), seed=2)
+    weight, bias = weights(50, 40)
+    with torch.no_grad():
+        weight[7, 0] = float("nan")
+    log_prob, weight_grad, bias_grad = fused_value_and_grads(samples, weight, bias, values, torch.ones(4, 100))
+    assert torch.isnan(log_prob).all()  # as in the dense product, where 0 x NaN is NaN too
+    others = torch.arange(50) != 7  # the NaN logits' gradient is NaN in output 7 only, as in the dense product
+    assert torch.isnan(weight_grad[7]).all() and not torch.isnan(weight_grad[others]).any()
+    assert torch.isnan(bias_grad[7]) and not torch.isnan(bias_grad[others]).any()
+
+
+def test_sbn_layers_take_the_fused_log_prob_where_it_applies(monkeypatch):
+    calls = spy(monkeypatch, layers_module, "sample_log_prob")
+    layer = SBNLayer(784, cond_size=200)
+    samples, x = coin_samples((5, 100, 200)), coin_samples((100, 784), seed=2)
+    layer.log_prob(x, samples)  # x shared by the 5 samples: P's bottom layer
+    layer.log_prob(coin_samples((5, 100, 784)), samples)  # a value row per sample
+    assert len(calls) == 2
+    layer.log_prob(x[:2], samples[:, :2])  # too few sample rows
+    layer.log_prob(x.requires_grad_(), samples)  # values that want a gradient
+    layer.log_prob(x.detach(), samples, base=layer.cond_logits(samples))  # the caller has the logits
+    SBNLayer(784, cond_size=20).log_prob(x.detach(), coin_samples((5, 100, 20)))  # few units
+    assert len(calls) == 2
+
+
+def test_compiled_fused_log_prob_matches_eager_in_one_graph(monkeypatch):
+    samples, values = coin_samples((8, 50, 40)), coin_samples((50, 60), seed=2)
+    weight, bias = weights(60, 40)
+    grad = torch.randn(8, 50)
+    compiled = torch.compile(sample_log_prob, dynamic=False, fullgraph=True)  # no graph break at the kernels
+    expected = fused_value_and_grads(samples, weight, bias, values, grad)
+    weight.grad = bias.grad = None
+    compiled(samples, weight, bias, values).backward(grad)  # compiles
+    kernels = spy(monkeypatch, sample_linear_module, "_kernels")
+    weight.grad = bias.grad = None
+    log_prob = compiled(samples, weight, bias, values)
+    log_prob.backward(grad)
+    assert len(kernels) == 2, "the compiled forward and backward did not both call the kernels"
+    for g, e in zip((log_prob.detach(), weight.grad, bias.grad), expected, strict=True):
+        torch.testing.assert_close(g, e)
