@@ -31,6 +31,7 @@
 #include <unistd.h>
 
 #include "bernoulli.h"
+#include "scratch.h"
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
@@ -87,20 +88,19 @@ static void transpose_block(const float *h, int64_t M, int K, int64_t m0, int64_
     }
 }
 
-/* The output gradient [M, N] of a weight gradient: `grad` itself, or where `logits` is given, that of
- * the log-prob rows of amx_linear_log_prob, row_grad[r] (values[r % value_rows] - sigmoid(logits[r])). */
+/* The output gradient [M, N] of a weight gradient: `grad` itself, or where `sigmoids` is given, that
+ * of the log-prob rows of amx_linear_log_prob, row_grad[r] (values[r % value_rows] - sigmoids[r]). */
 typedef struct {
-    const float *grad, *logits, *values, *row_grad;
+    const float *grad, *sigmoids, *values, *row_grad;
     int64_t value_rows;
 } output_grad;
 
 /* Entries n .. n + 15 of row r of the output gradient (zeros past N). */
 static inline __m512 output_grad16(const output_grad *g, int64_t r, int64_t n, int64_t N) {
     int64_t count = N - n;
-    if (!g->logits) return load16(g->grad + r * N + n, count);
-    __m512 logits = load16(g->logits + r * N + n, count), values = load16(g->values + (r % g->value_rows) * N + n, count);
-    __m512 x = (__m512)bernoulli_logit_grad((vec)logits, (vec)values, g->row_grad[r]);
-    return count >= 16 ? x : _mm512_maskz_mov_ps(count > 0 ? (__mmask16)((1u << count) - 1) : 0, x);
+    if (!g->sigmoids) return load16(g->grad + r * N + n, count);
+    __m512 values = load16(g->values + r % g->value_rows * N + n, count);
+    return _mm512_mul_ps(_mm512_set1_ps(g->row_grad[r]), _mm512_sub_ps(values, load16(g->sigmoids + r * N + n, count)));
 }
 
 /* out[p] (VNNI, [rows/2][width][2] bfloat16, width a multiple of 16) = part p of rows m0 .. m0 +
@@ -189,17 +189,14 @@ static inline void block_products(const uint16_t *a, int64_t a_stride, uint16_t 
 
 /* Y [M, N] = h [M, K] weight [N, K]^T + bias [N] for 0/1 h, and where `log_prob` is given, log_prob[m] =
  * sum_n [values[m % value_rows, n] Y[m, n] - softplus(Y[m, n])] (bernoulli.h), from each block of 32
- * rows of Y while it is in cache. */
+ * rows of Y while it is in cache, Y then holding sigmoid(Y). */
 static int64_t products(const float *h, const float *weight, const float *bias, float *Y, int64_t M, int K, int N,
                         int threads, const float *values, int64_t value_rows, float *log_prob) {
     int64_t Kp = round_up(K, 32), Np = round_up(N, 32), blocks = (M + 31) / 32, bad = 0;
-    uint16_t *weights = aligned_alloc(64, PARTS * Kp * Np * sizeof(uint16_t));
-    float *bias_row = aligned_alloc(64, Np * sizeof(float));
-    uint16_t *samples = aligned_alloc(64, (size_t)threads * 32 * Kp * sizeof(uint16_t));
-    if (!weights || !bias_row || !samples) {
-        free(weights), free(bias_row), free(samples);
-        return -1;
-    }
+    uint16_t *weights = scratch(0, PARTS * Kp * Np * sizeof(uint16_t));
+    float *bias_row = scratch(1, Np * sizeof(float));
+    uint16_t *samples = scratch(2, (size_t)threads * 32 * Kp * sizeof(uint16_t));
+    if (!weights || !bias_row || !samples) return -1;
     uint16_t *parts[PARTS];
     part_pointers(weights, Kp * Np, parts);
     memset(bias_row, 0, Np * sizeof(float));
@@ -232,7 +229,6 @@ static int64_t products(const float *h, const float *weight, const float *bias, 
         }
         _tile_release();
     }
-    free(weights), free(bias_row), free(samples);
     return bad;
 }
 
@@ -242,11 +238,11 @@ int64_t amx_linear(const float *h, const float *weight, const float *bias, float
     return products(h, weight, bias, Y, M, K, N, threads, NULL, 1, NULL);
 }
 
-/* amx_linear, and the Bernoulli log-prob of values [value_rows, N] (row m % value_rows for row m)
- * under each row of logits Y: log_prob [M]. */
+/* The Bernoulli log-prob of values [value_rows, N] (row m % value_rows for row m) under each row of
+ * logits h weight^T + bias: log_prob [M], and the logits' sigmoids in S [M, N] (for the gradient). */
 int64_t amx_linear_log_prob(const float *h, const float *weight, const float *bias, const float *values,
-                            int64_t value_rows, float *Y, float *log_prob, int64_t M, int K, int N, int threads) {
-    return products(h, weight, bias, Y, M, K, N, threads, values, value_rows, log_prob);
+                            int64_t value_rows, float *S, float *log_prob, int64_t M, int K, int N, int threads) {
+    return products(h, weight, bias, S, M, K, N, threads, values, value_rows, log_prob);
 }
 
 /* dW [N, K] = G [M, N]^T h [M, K] for 0/1 h, and db [N] = G's column sums, for the output gradient G
@@ -259,13 +255,14 @@ static int64_t weight_grad(const float *h, const output_grad *g, float *dW, floa
     int64_t Kp = round_up(K, 32), Np = round_up(N, 32), chunks = (M + CHUNK - 1) / CHUNK, bad = 0;
     threads = threads < chunks ? threads : (int)chunks;
     int failed = 0;
-    float *sums = calloc((size_t)threads * (Kp + 1) * Np, sizeof(float)); /* [thread][Kp + 1][Np]: dW^T, then db */
+    float *sums = scratch(0, (size_t)threads * (Kp + 1) * Np * sizeof(float)); /* [thread][Kp + 1][Np]: dW^T, then db */
     if (!sums) return -1;
     #pragma omp parallel num_threads(threads) reduction(+ : bad)
     {
         float *mine = sums + (size_t)omp_get_thread_num() * (Kp + 1) * Np, *column_sums = mine + Kp * Np;
-        uint16_t *packed = aligned_alloc(64, PARTS * CHUNK * Np * sizeof(uint16_t)); /* grad's parts, VNNI */
-        uint16_t *samples_t = aligned_alloc(64, Kp * CHUNK * sizeof(uint16_t));       /* h^T [Kp][CHUNK] */
+        memset(mine, 0, (Kp + 1) * Np * sizeof(float));
+        uint16_t *packed = scratch(2, PARTS * CHUNK * Np * sizeof(uint16_t)); /* grad's parts, VNNI */
+        uint16_t *samples_t = scratch(3, Kp * CHUNK * sizeof(uint16_t));       /* h^T [Kp][CHUNK] */
         if (!packed || !samples_t) {
             #pragma omp atomic write
             failed = 1;
@@ -293,7 +290,6 @@ static int64_t weight_grad(const float *h, const output_grad *g, float *dW, floa
                 }
         }
         if (packed && samples_t) _tile_release();
-        free(packed), free(samples_t);
         #pragma omp barrier
         #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++)
@@ -303,7 +299,6 @@ static int64_t weight_grad(const float *h, const output_grad *g, float *dW, floa
                 *(k < K ? dW + n * K + k : db + n) = sum;
             }
     }
-    free(sums);
     return failed ? -1 : bad;
 }
 
@@ -314,11 +309,11 @@ int64_t amx_linear_weight_grad(const float *h, const float *grad, float *dW, flo
 }
 
 /* The weight and bias gradients of amx_linear_log_prob's log-prob rows, given their gradient row_grad
- * [M] and the logits Y it returned: the output gradient is row_grad[m] (values - sigmoid(Y[m])). */
-int64_t amx_linear_log_prob_weight_grad(const float *h, const float *logits, const float *values, int64_t value_rows,
+ * [M] and the sigmoids S it returned: the logits' gradient is row_grad[m] (values - S[m]). */
+int64_t amx_linear_log_prob_weight_grad(const float *h, const float *sigmoids, const float *values, int64_t value_rows,
                                         const float *row_grad, float *dW, float *db, int64_t M, int K, int N,
                                         int threads) {
-    output_grad g = {.logits = logits, .values = values, .row_grad = row_grad, .value_rows = value_rows};
+    output_grad g = {.sigmoids = sigmoids, .values = values, .row_grad = row_grad, .value_rows = value_rows};
     return weight_grad(h, &g, dW, db, M, K, N, threads);
 }
 

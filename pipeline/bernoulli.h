@@ -1,4 +1,4 @@
-/* A Bernoulli layer's log-prob and its logits' gradient, over vectors of logits (pipeline/vectors.h).
+/* A Bernoulli layer's log-prob and its logits' sigmoids, over vectors of logits (pipeline/vectors.h).
  *
  * For logits l and values v (0/1 samples, or any targets) of one row of units,
  *
@@ -72,22 +72,6 @@ static inline vec load_filled(const float *p, int count, float fill) {
     return load(buf);
 }
 
-/* sum_i [values_i l_i - softplus(l_i)] over a row of `units` logits. */
-static inline float bernoulli_log_prob(const float *logits, const float *values, int units) {
-    vec terms = {0}, logs = {0}, product = splat(1.f);
-    for (int i = 0, steps = 0; i < units; i += LANES) {
-        vec l = load_filled(logits + i, units - i, PAST_END), v = load_filled(values + i, units - i, 0.f);
-        vec magnitude = as_floats(as_bits(l) & 0x7fffffff);
-        terms += v * l - pick(l < 0.f, splat(0.f), l); /* v l - relu(l); NaN stays */
-        product *= 1.f + exp_nonpositive(-magnitude);
-        if (++steps == FLUSH) logs += log_positive(product), product = splat(1.f), steps = 0;
-    }
-    vec total = terms - logs - log_positive(product);
-    float sum = 0.f;
-    for (int i = 0; i < LANES; i++) sum += total[i];
-    return sum;
-}
-
 /* 1 / d for d in [1, 2], within an ulp: AVX-512's 14-bit estimate and a Newton step, where a
  * division would take several times as long. */
 static inline vec reciprocal(vec d) {
@@ -99,10 +83,23 @@ static inline vec reciprocal(vec d) {
 #endif
 }
 
-/* grad (v - sigmoid(l)): the gradient of `bernoulli_log_prob` with respect to the logits, times grad. */
-static inline vec bernoulli_logit_grad(vec l, vec v, float grad) {
-    vec e = exp_nonpositive(-as_floats(as_bits(l) & 0x7fffffff));
-    return grad * (v - pick(l < 0.f, e, splat(1.f)) * reciprocal(1.f + e)); /* sigmoid(l) = e / (1 + e) or 1 / (1 + e) */
+/* sum_i [values_i l_i - softplus(l_i)] over a row of `units` logits, which it overwrites with their
+ * sigmoids, the other part of the gradient d/dl_i = values_i - sigmoid(l_i), from the same e^-|l_i|. */
+static inline float bernoulli_log_prob(float *logits, const float *values, int units) {
+    vec terms = {0}, logs = {0}, product = splat(1.f);
+    for (int i = 0, steps = 0; i < units; i += LANES) {
+        int count = units - i < LANES ? units - i : LANES;
+        vec l = load_filled(logits + i, count, PAST_END), v = load_filled(values + i, count, 0.f);
+        vec e = exp_nonpositive(-as_floats(as_bits(l) & 0x7fffffff)), factor = 1.f + e;
+        terms += v * l - pick(l < 0.f, splat(0.f), l); /* v l - relu(l); NaN stays */
+        product *= factor;
+        if (++steps == FLUSH) logs += log_positive(product), product = splat(1.f), steps = 0;
+        store_part(logits + i, count, pick(l < 0.f, e, splat(1.f)) * reciprocal(factor)); /* e / (1 + e) or 1 / (1 + e) */
+    }
+    vec total = terms - logs - log_positive(product);
+    float sum = 0.f;
+    for (int i = 0; i < LANES; i++) sum += total[i];
+    return sum;
 }
 
 #endif

@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <omp.h>
 
+#include "scratch.h"
 #include "vectors.h"
 
 #define ROWS 8   /* output rows (forward) or units (weight gradient) summed at once: 8 independent sums */
@@ -100,12 +101,13 @@ int64_t lookup_linear(const float *h, const float *weight_t, const float *bias, 
     threads = threads < tiles ? threads : tiles;
     int64_t bad = non_binary(h, M * K, threads);
     if (bad) return bad;
-    uint8_t *codes = calloc(blocks * ROWS, G); /* rows past M: zero codes, never stored */
+    uint8_t *codes = scratch(0, blocks * ROWS * G); /* rows past M: zero codes, never stored */
     if (!codes) return -1;
+    memset(codes + M * G, 0, (blocks * ROWS - M) * G);
     row_codes(h, M, K, codes, threads);
     #pragma omp parallel num_threads(threads)
     {
-        float *tables = aligned_alloc(64, (size_t)G * 16 * LANES * sizeof(float)); /* [g][c][LANES]: one tile's */
+        float *tables = scratch(1, (size_t)G * 16 * LANES * sizeof(float)); /* [g][c][LANES]: one tile's */
         int first, last;
         my_tiles(tiles, tables != NULL, &failed, &first, &last);
         for (int t = first; t < last; t++) {
@@ -124,9 +126,7 @@ int64_t lookup_linear(const float *h, const float *weight_t, const float *bias, 
                 for (int r = 0; r < ROWS && m0 + r < M; r++) store_part(Y + (m0 + r) * N + n0, width, acc[r]);
             }
         }
-        free(tables);
     }
-    free(codes);
     return failed ? -1 : 0;
 }
 
@@ -140,13 +140,14 @@ int64_t lookup_linear_weight_grad(const float *h, const float *grad, float *dW, 
     threads = threads < tiles ? threads : tiles;
     int64_t bad = non_binary(h, M * K, threads);
     if (bad) return bad;
-    uint8_t *codes = calloc(Q * K + ROWS, 1); /* units past K read past a row of codes: their sums are dropped */
+    uint8_t *codes = scratch(0, Q * K + ROWS); /* units past K read past a row of codes: their sums are dropped */
     if (!codes) return -1;
+    memset(codes + Q * K, 0, ROWS);
     column_codes(h, M, K, codes, threads);
     #pragma omp parallel num_threads(threads)
     {
-        float *tables = aligned_alloc(64, (size_t)BLOCK * 16 * LANES * sizeof(float)); /* [q][c][LANES] */
-        float *sums = aligned_alloc(64, (size_t)units * LANES * sizeof(float));         /* [k][LANES]: a tile of dW^T */
+        float *tables = scratch(1, (size_t)BLOCK * 16 * LANES * sizeof(float)); /* [q][c][LANES] */
+        float *sums = scratch(2, (size_t)units * LANES * sizeof(float));         /* [k][LANES]: a tile of dW^T */
         int first, last;
         my_tiles(tiles, tables && sums, &failed, &first, &last);
         for (int t = first; t < last; t++) {
@@ -175,9 +176,6 @@ int64_t lookup_linear_weight_grad(const float *h, const float *grad, float *dW, 
                 for (int k = 0; k < K; k++) dW[(int64_t)(n0 + j) * K + k] = sums[k * LANES + j];
             store_part(db + n0, width, column_sum);
         }
-        free(tables);
-        free(sums);
     }
-    free(codes);
     return failed ? -1 : 0;
 }

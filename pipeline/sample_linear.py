@@ -26,8 +26,9 @@ sums differs):
 
 On AMX, an SBN layer's log-prob log p(v | h) = sum_o [v_o l_o - softplus(l_o)] also goes through
 the kernels in one piece (`sample_log_prob`): the product takes the log-prob from each block of
-logits while it is in cache, and the weight gradient computes the logits' gradient v - sigmoid(l)
-as it packs it (pipeline/bernoulli.h), so P's [K, B, 784] logits are written once and read once.
+logits while it is in cache and keeps their sigmoids (pipeline/bernoulli.h), from which the weight
+gradient's kernel forms the logits' gradient v - sigmoid(l) as it packs it. So P's [K, B, 784]
+logits are written once and read once, and each takes one exp.
 
 The figures are `python benchmarks/sample_linear.py`'s ("Products of samples by table lookup" in
 benchmarks/RESULTS.md), which times each kernel this machine runs beside the dense products.
@@ -253,9 +254,9 @@ def sample_log_prob(samples: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     Why: P's bottom layer at K = 50, B = 100 has [5000, 784] logits. As separate ops, they are written
     by the product, read for the log-prob, read and written again for their gradient, which the
     weight gradient reads once more. Here the product's kernel takes the log-prob from each block
-    of logits while it is in cache (pipeline/bernoulli.h), and the weight gradient's kernel computes
-    the logits' gradient v - sigmoid(l) as it packs it: the logits are written once and read once.
-    Only where `fused_log_prob_applies`."""
+    of logits while it is in cache, replacing them by their sigmoids (pipeline/bernoulli.h), and the
+    weight gradient's kernel forms the logits' gradient v - sigmoid(l) as it packs it: written once,
+    read once. Only where `fused_log_prob_applies`."""
     return _native_log_prob(samples, weight, bias, values)[0]
 
 
@@ -269,22 +270,22 @@ def _have_log_prob_kernels() -> bool:
 def _native_log_prob(
     samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, values: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(values | samples) [K, ...], the logits [K, ..., O]); the logits are for the backward.
-    Where the kernel file in use (`kernel_file`) has no fused log-prob, or the samples are not all
-    0/1, the product and the log-prob are taken apart."""
+    """(log p(values | samples) [K, ...], the logits' sigmoids [K, ..., O], for the backward). Where
+    the kernel file in use (`kernel_file`) has no fused log-prob, or the samples are not all 0/1, the
+    product and the log-prob are taken apart."""
     kernels = _kernels()
     flat = samples.reshape(-1, samples.shape[-1]).contiguous()  # [K B, H]
     value_rows = values.reshape(-1, values.shape[-1]).contiguous()  # [B, O] or [K B, O]
     (rows, units), outputs = flat.shape, weight.shape[0]
-    logits, log_prob = flat.new_empty(rows, outputs), flat.new_empty(rows)  # [K B, O], [K B]
+    sigmoids, log_prob = flat.new_empty(rows, outputs), flat.new_empty(rows)  # [K B, O], [K B]
     pointers = (flat, weight.contiguous(), bias.contiguous(), value_rows)
     if kernels.log_prob is None or kernels.log_prob(
-        *(t.data_ptr() for t in pointers), value_rows.shape[0], logits.data_ptr(), log_prob.data_ptr(),
+        *(t.data_ptr() for t in pointers), value_rows.shape[0], sigmoids.data_ptr(), log_prob.data_ptr(),
         rows, units, outputs, torch.get_num_threads(),
     ):
         logits = _native_linear(samples, weight, bias)
-        return (values * logits).sum(-1) - F.softplus(logits).sum(-1), logits
-    return log_prob.view(samples.shape[:-1]), logits.view(*samples.shape[:-1], outputs)
+        return (values * logits).sum(-1) - F.softplus(logits).sum(-1), torch.sigmoid(logits)
+    return log_prob.view(samples.shape[:-1]), sigmoids.view(*samples.shape[:-1], outputs)
 
 
 @_native_log_prob.register_fake
@@ -294,28 +295,28 @@ def _(samples, weight, bias, values):
 
 @torch.library.custom_op(f"{_OPS}::native_log_prob_weight_grad", mutates_args=())
 def _native_log_prob_weight_grad(
-    samples: torch.Tensor, logits: torch.Tensor, values: torch.Tensor, grad: torch.Tensor
+    samples: torch.Tensor, sigmoids: torch.Tensor, values: torch.Tensor, grad: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight and bias gradients of `_native_log_prob` for the log-prob's gradient grad [K, ...]:
     those of the product for the logits' gradient grad (v - sigmoid(l))."""
     kernels = _kernels()
     flat_samples = samples.reshape(-1, samples.shape[-1]).contiguous()  # [K B, H]
-    flat_logits = logits.reshape(-1, logits.shape[-1]).contiguous()  # [K B, O]
+    flat_sigmoids = sigmoids.reshape(-1, sigmoids.shape[-1]).contiguous()  # [K B, O]
     value_rows = values.reshape(-1, values.shape[-1]).contiguous()  # [B, O] or [K B, O]
     row_grad = grad.reshape(-1).contiguous()  # [K B]
-    (rows, units), outputs = flat_samples.shape, flat_logits.shape[1]
+    (rows, units), outputs = flat_samples.shape, flat_sigmoids.shape[1]
     weight_grad, bias_grad = grad.new_empty(outputs, units), grad.new_empty(outputs)  # [O, H], [O]
     if kernels.log_prob_weight_grad is None or kernels.log_prob_weight_grad(
-        flat_samples.data_ptr(), flat_logits.data_ptr(), value_rows.data_ptr(), value_rows.shape[0], row_grad.data_ptr(),
+        flat_samples.data_ptr(), flat_sigmoids.data_ptr(), value_rows.data_ptr(), value_rows.shape[0], row_grad.data_ptr(),
         weight_grad.data_ptr(), bias_grad.data_ptr(), rows, units, outputs, torch.get_num_threads(),
     ):
-        return _native_linear_weight_grad(samples, grad.unsqueeze(-1) * (values - torch.sigmoid(logits)))
+        return _native_linear_weight_grad(samples, grad.unsqueeze(-1) * (values - sigmoids))
     return weight_grad, bias_grad
 
 
 @_native_log_prob_weight_grad.register_fake
-def _(samples, logits, values, grad):
-    return grad.new_empty(logits.shape[-1], samples.shape[-1]), grad.new_empty(logits.shape[-1])
+def _(samples, sigmoids, values, grad):
+    return grad.new_empty(sigmoids.shape[-1], samples.shape[-1]), grad.new_empty(sigmoids.shape[-1])
 
 
 def _save_log_prob_inputs(ctx, inputs, output):
@@ -324,10 +325,10 @@ def _save_log_prob_inputs(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def _native_log_prob_backward(ctx, grad, _logits_grad):
+def _native_log_prob_backward(ctx, grad, _sigmoids_grad):
     """Gradients for the weight and the bias; none for the samples and values, which are draws or data."""
-    samples, values, logits = ctx.saved_tensors
-    return None, *_native_log_prob_weight_grad(samples, logits, values, grad), None
+    samples, values, sigmoids = ctx.saved_tensors
+    return None, *_native_log_prob_weight_grad(samples, sigmoids, values, grad), None
 
 
 _native_log_prob.register_autograd(_native_log_prob_backward, setup_context=_save_log_prob_inputs)

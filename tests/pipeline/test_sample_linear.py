@@ -151,6 +151,27 @@ def test_kernels_match_the_float64_product_for_any_thread_count(each_kernel, thr
     assert each_kernel.weight_grad(*grad_pointers, rows, units, outputs, threads) == 3
 
 
+def test_kernels_reuse_their_scratch_memory_between_calls(each_kernel):
+    """The kernels keep their buffers from call to call (pipeline/scratch.h): a call after a larger
+    one, and a repeated call, must not see what the last call left there (the weight gradient's sums
+    start from zero each time)."""
+    def run(rows, units, outputs):
+        samples, grad = coin_samples((rows, units), seed=rows), torch.randn(rows, outputs)
+        weight, bias = weights(outputs, units)
+        weight_arg = weight.detach().t().contiguous() if each_kernel.weight_transposed else weight.detach()
+        out, weight_grad, bias_grad = torch.empty(rows, outputs), torch.empty(outputs, units), torch.empty(outputs)
+        assert each_kernel.linear(*(t.data_ptr() for t in (samples, weight_arg, bias, out)), rows, units, outputs, 2) == 0
+        pointers = [t.data_ptr() for t in (samples, grad, weight_grad, bias_grad)]
+        assert each_kernel.weight_grad(*pointers, rows, units, outputs, 2) == 0
+        return samples, weight, bias, grad, (out, weight_grad, bias_grad)
+
+    run(1500, 300, 800)
+    samples, weight, bias, grad, got = run(301, 45, 37)
+    expected = float64_reference(samples, weight, bias, grad)
+    for name, g, e, sums_of in zip(("logits", "weight grad", "bias grad"), got, expected, (45, 301, 301), strict=True):
+        assert_float32_close(g, e, sums_of, name)
+
+
 def test_kernel_choice_prefers_amx_and_falls_back_to_the_lookups(monkeypatch):
     """AMX where the CPU has it (so that a build without it cannot go unnoticed); the table
     lookups where Linux refuses the tiles."""
