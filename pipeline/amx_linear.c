@@ -187,16 +187,18 @@ static inline void block_products(const uint16_t *a, int64_t a_stride, uint16_t 
         }                                                                                           \
     } while (0)
 
-/* Y [M, N] = h [M, K] weight [N, K]^T + bias [N] for 0/1 h, and where `log_prob` is given, log_prob[m] =
- * sum_n [values[m % value_rows, n] Y[m, n] - softplus(Y[m, n])] (bernoulli.h), from each block of 32
- * rows of Y while it is in cache, Y then holding sigmoid(Y). */
+/* Y [M, N] = h [M, K] weight [N, K]^T + bias [N] for 0/1 h; or where `log_prob` is given, with L those
+ * logits, log_prob[m] = sum_n [values[m % value_rows, n] L[m, n] - softplus(L[m, n])] (bernoulli.h)
+ * and Y = sigmoid(L): each block of 32 rows of L goes to a thread's buffer, which stays in cache,
+ * and only the sigmoids go to memory, past the caches. */
 static int64_t products(const float *h, const float *weight, const float *bias, float *Y, int64_t M, int K, int N,
                         int threads, const float *values, int64_t value_rows, float *log_prob) {
     int64_t Kp = round_up(K, 32), Np = round_up(N, 32), blocks = (M + 31) / 32, bad = 0;
     uint16_t *weights = scratch(0, PARTS * Kp * Np * sizeof(uint16_t));
     float *bias_row = scratch(1, Np * sizeof(float));
     uint16_t *samples = scratch(2, (size_t)threads * 32 * Kp * sizeof(uint16_t));
-    if (!weights || !bias_row || !samples) return -1;
+    float *blocks_logits = log_prob ? scratch(3, (size_t)threads * 32 * Np * sizeof(float)) : NULL;
+    if (!weights || !bias_row || !samples || (log_prob && !blocks_logits)) return -1;
     uint16_t *parts[PARTS];
     part_pointers(weights, Kp * Np, parts);
     memset(bias_row, 0, Np * sizeof(float));
@@ -207,6 +209,8 @@ static int64_t products(const float *h, const float *weight, const float *bias, 
         for (int64_t n = 0; n < Np; n++) pack_weight_row(weight, n, K, N, Kp, Np, parts);
         configure_tiles();
         uint16_t *a = samples + (size_t)omp_get_thread_num() * 32 * Kp; /* [32][Kp]: this block's rows */
+        float *block_logits = log_prob ? blocks_logits + (size_t)omp_get_thread_num() * 32 * Np : NULL;
+        int64_t ld = log_prob ? Np : N;
         #pragma omp for schedule(static)
         for (int64_t block = 0; block < blocks; block++) {
             int64_t m0 = 32 * block, rows = M - m0 < 32 ? M - m0 : 32;
@@ -218,15 +222,16 @@ static int64_t products(const float *h, const float *weight, const float *bias, 
             for (int64_t n0 = 0; n0 < Np; n0 += 32) {
                 load_block(bias_row + n0, 0); /* every row the bias */
                 block_products(a, Kp * sizeof(uint16_t), parts, n0, Np * 2 * sizeof(uint16_t), Kp / 32);
-                float *out = Y + m0 * N + n0;
-                STORE_TILE(0, out, N, rows, N - n0);
-                STORE_TILE(1, out + 16, N, rows, N - n0 - 16);
-                STORE_TILE(2, out + 16 * N, N, rows - 16, N - n0);
-                STORE_TILE(3, out + 16 * N + 16, N, rows - 16, N - n0 - 16);
+                float *out = log_prob ? block_logits + n0 : Y + m0 * N + n0;
+                STORE_TILE(0, out, ld, rows, N - n0);
+                STORE_TILE(1, out + 16, ld, rows, N - n0 - 16);
+                STORE_TILE(2, out + 16 * ld, ld, rows - 16, N - n0);
+                STORE_TILE(3, out + 16 * ld + 16, ld, rows - 16, N - n0 - 16);
             }
             for (int64_t i = 0; log_prob && i < rows; i++)
-                log_prob[m0 + i] = bernoulli_log_prob(Y + (m0 + i) * N, values + (m0 + i) % value_rows * N, N);
+                log_prob[m0 + i] = bernoulli_log_prob(block_logits + i * Np, values + (m0 + i) % value_rows * N, Y + (m0 + i) * N, N);
         }
+        _mm_sfence(); /* the sigmoids' streaming stores, before other threads read them */
         _tile_release();
     }
     return bad;

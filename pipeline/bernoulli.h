@@ -83,9 +83,19 @@ static inline vec reciprocal(vec d) {
 #endif
 }
 
-/* sum_i [values_i l_i - softplus(l_i)] over a row of `units` logits, which it overwrites with their
- * sigmoids, the other part of the gradient d/dl_i = values_i - sigmoid(l_i), from the same e^-|l_i|. */
-static inline float bernoulli_log_prob(float *logits, const float *values, int units) {
+/* store_part, past the caches where the vector is whole and aligned (AVX-512): for results that are
+ * read again only much later, which a store through the caches would first read from memory. */
+static inline void store_streaming(float *p, int count, vec v) {
+#if defined(__AVX512F__)
+    if (count == LANES && ((uintptr_t)p & 63) == 0) return _mm512_stream_ps(p, (__m512)v);
+#endif
+    store_part(p, count, v);
+}
+
+/* sum_i [values_i l_i - softplus(l_i)] over a row of `units` logits; writes their sigmoids, the
+ * other part of the gradient d/dl_i = values_i - sigmoid(l_i), from the same e^-|l_i|, to `sigmoids`
+ * (streaming: the backward reads them; the writer must fence before others read them). */
+static inline float bernoulli_log_prob(const float *logits, const float *values, float *sigmoids, int units) {
     vec terms = {0}, logs = {0}, product = splat(1.f);
     for (int i = 0, steps = 0; i < units; i += LANES) {
         int count = units - i < LANES ? units - i : LANES;
@@ -94,7 +104,7 @@ static inline float bernoulli_log_prob(float *logits, const float *values, int u
         terms += v * l - pick(l < 0.f, splat(0.f), l); /* v l - relu(l); NaN stays */
         product *= factor;
         if (++steps == FLUSH) logs += log_positive(product), product = splat(1.f), steps = 0;
-        store_part(logits + i, count, pick(l < 0.f, e, splat(1.f)) * reciprocal(factor)); /* e / (1 + e) or 1 / (1 + e) */
+        store_streaming(sigmoids + i, count, pick(l < 0.f, e, splat(1.f)) * reciprocal(factor)); /* e / (1 + e) or 1 / (1 + e) */
     }
     vec total = terms - logs - log_positive(product);
     float sum = 0.f;
