@@ -187,12 +187,22 @@ static inline void block_products(const uint16_t *a, int64_t a_stride, uint16_t 
         }                                                                                           \
     } while (0)
 
-/* Y [M, N] = h [M, K] weight [N, K]^T + bias [N] for 0/1 h; or where `log_prob` is given, with L those
- * logits, log_prob[m] = sum_n [values[m % value_rows, n] L[m, n] - softplus(L[m, n])] (bernoulli.h)
- * and Y = sigmoid(L): each block of 32 rows of L goes to a thread's buffer, which stays in cache,
- * and only the sigmoids go to memory, past the caches. */
+/* What amx_linear_log_prob and amx_linear_draw add to the product: the values (row m % value_rows for
+ * row m), or uniforms [M, N] to draw them from into draws [M, N]; their log-probs log_prob [M]. */
+typedef struct {
+    const float *values;
+    int64_t value_rows;
+    const float *uniforms;
+    float *draws, *log_prob;
+} bernoulli_rows;
+
+/* Y [M, N] = h [M, K] weight [N, K]^T + bias [N] for 0/1 h; or given `rows`, with L those logits,
+ * log_prob[m] = sum_n [v[m, n] L[m, n] - softplus(L[m, n])] for the values v (bernoulli.h) and
+ * Y = sigmoid(L): each block of 32 rows of L goes to a thread's buffer, which stays in cache, and
+ * only the sigmoids (and draws) go to memory, the sigmoids past the caches. */
 static int64_t products(const float *h, const float *weight, const float *bias, float *Y, int64_t M, int K, int N,
-                        int threads, const float *values, int64_t value_rows, float *log_prob) {
+                        int threads, const bernoulli_rows *rows_of) {
+    float *log_prob = rows_of ? rows_of->log_prob : NULL;
     int64_t Kp = round_up(K, 32), Np = round_up(N, 32), blocks = (M + 31) / 32, bad = 0;
     uint16_t *weights = scratch(0, PARTS * Kp * Np * sizeof(uint16_t));
     float *bias_row = scratch(1, Np * sizeof(float));
@@ -228,8 +238,12 @@ static int64_t products(const float *h, const float *weight, const float *bias, 
                 STORE_TILE(2, out + 16 * ld, ld, rows - 16, N - n0);
                 STORE_TILE(3, out + 16 * ld + 16, ld, rows - 16, N - n0 - 16);
             }
-            for (int64_t i = 0; log_prob && i < rows; i++)
-                log_prob[m0 + i] = bernoulli_log_prob(block_logits + i * Np, values + (m0 + i) % value_rows * N, Y + (m0 + i) * N, N);
+            for (int64_t i = 0, m = m0; log_prob && i < rows; i++, m++)
+                log_prob[m] = rows_of->uniforms
+                                  ? bernoulli_log_prob(block_logits + i * Np, NULL, rows_of->uniforms + m * N,
+                                                       rows_of->draws + m * N, Y + m * N, N)
+                                  : bernoulli_log_prob(block_logits + i * Np, rows_of->values + m % rows_of->value_rows * N,
+                                                       NULL, NULL, Y + m * N, N);
         }
         _mm_sfence(); /* the sigmoids' streaming stores, before other threads read them */
         _tile_release();
@@ -240,14 +254,23 @@ static int64_t products(const float *h, const float *weight, const float *bias, 
 /* Y [M, N] = h [M, K] weight [N, K]^T + bias [N] for 0/1 h. */
 int64_t amx_linear(const float *h, const float *weight, const float *bias, float *Y, int64_t M, int K, int N,
                    int threads) {
-    return products(h, weight, bias, Y, M, K, N, threads, NULL, 1, NULL);
+    return products(h, weight, bias, Y, M, K, N, threads, NULL);
 }
 
 /* The Bernoulli log-prob of values [value_rows, N] (row m % value_rows for row m) under each row of
  * logits h weight^T + bias: log_prob [M], and the logits' sigmoids in S [M, N] (for the gradient). */
 int64_t amx_linear_log_prob(const float *h, const float *weight, const float *bias, const float *values,
                             int64_t value_rows, float *S, float *log_prob, int64_t M, int K, int N, int threads) {
-    return products(h, weight, bias, S, M, K, N, threads, values, value_rows, log_prob);
+    bernoulli_rows rows_of = {.values = values, .value_rows = value_rows, .log_prob = log_prob};
+    return products(h, weight, bias, S, M, K, N, threads, &rows_of);
+}
+
+/* Draws values from the Bernoulli rows of logits h weight^T + bias with uniforms U [M, N] (into draws
+ * [M, N]), and returns them as amx_linear_log_prob does with those values. */
+int64_t amx_linear_draw(const float *h, const float *weight, const float *bias, const float *U, float *draws, float *S,
+                        float *log_prob, int64_t M, int K, int N, int threads) {
+    bernoulli_rows rows_of = {.uniforms = U, .draws = draws, .log_prob = log_prob};
+    return products(h, weight, bias, S, M, K, N, threads, &rows_of);
 }
 
 /* dW [N, K] = G [M, N]^T h [M, K] for 0/1 h, and db [N] = G's column sums, for the output gradient G

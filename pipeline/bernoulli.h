@@ -94,17 +94,30 @@ static inline void store_streaming(float *p, int count, vec v) {
 
 /* sum_i [values_i l_i - softplus(l_i)] over a row of `units` logits; writes their sigmoids, the
  * other part of the gradient d/dl_i = values_i - sigmoid(l_i), from the same e^-|l_i|, to `sigmoids`
- * (streaming: the backward reads them; the writer must fence before others read them). */
-static inline float bernoulli_log_prob(const float *logits, const float *values, float *sigmoids, int units) {
+ * (streaming: the backward reads them; the writer must fence before others read them).
+ * With `uniforms` instead of values, the values are drawn first and written to `draws`: v_i = 1 where
+ * [u_i + 2^-25 < sigmoid(-|l_i|)] differs from [l_i > 0], as pipeline/layers.py's `_bernoulli` draws
+ * from midpoint uniforms. */
+static inline float bernoulli_log_prob(const float *logits, const float *values, const float *uniforms, float *draws,
+                                       float *sigmoids, int units) {
     vec terms = {0}, logs = {0}, product = splat(1.f);
     for (int i = 0, steps = 0; i < units; i += LANES) {
         int count = units - i < LANES ? units - i : LANES;
-        vec l = load_filled(logits + i, count, PAST_END), v = load_filled(values + i, count, 0.f);
+        vec l = load_filled(logits + i, count, PAST_END);
         vec e = exp_nonpositive(-as_floats(as_bits(l) & 0x7fffffff)), factor = 1.f + e;
+        vec inverse = reciprocal(factor), unlikely = e * inverse; /* sigmoid(-|l|) */
+        vec v;
+        if (uniforms) {
+            vec u = load_filled(uniforms + i, count, 1.f);
+            v = pick((u + 0x1p-25f < unlikely) ^ (l > 0.f), splat(1.f), splat(0.f));
+            store_part(draws + i, count, v);
+        } else {
+            v = load_filled(values + i, count, 0.f);
+        }
         terms += v * l - pick(l < 0.f, splat(0.f), l); /* v l - relu(l); NaN stays */
         product *= factor;
         if (++steps == FLUSH) logs += log_positive(product), product = splat(1.f), steps = 0;
-        store_streaming(sigmoids + i, count, pick(l < 0.f, e, splat(1.f)) * reciprocal(factor)); /* e / (1 + e) or 1 / (1 + e) */
+        store_streaming(sigmoids + i, count, pick(l < 0.f, unlikely, inverse)); /* e / (1 + e) or 1 / (1 + e) */
     }
     vec total = terms - logs - log_positive(product);
     float sum = 0.f;

@@ -31,7 +31,7 @@ from torch import nn
 
 from pipeline import darn_sample, nade_hidden
 from pipeline.philox import uniform
-from pipeline.sample_linear import fused_log_prob_applies, sample_linear, sample_log_prob
+from pipeline.sample_linear import draw_with_log_prob, fused_log_prob_applies, sample_linear, sample_log_prob
 
 
 class SoftplusSum(torch.autograd.Function):
@@ -208,6 +208,14 @@ class SBNLayer(BernoulliLayer):
             linear = (cond * (h @ self.cond_weight.weight)).sum(-1) + h @ self.bias  # [K, B]
             return linear - softplus_sum(self.cond_logits(cond))
         return super().log_prob(h, cond, base)
+
+    def sample_with_log_prob(self, cond=None, sample_shape=()):
+        """As the base class; on a CPU with AMX, when `cond` holds samples already (Q's layers above
+        the first), one kernel takes the product, the draws and their log-prob (`draw_with_log_prob`)."""
+        weight = None if self.cond_weight is None else self.cond_weight.weight
+        if cond is not None and weight is not None and not sample_shape and fused_log_prob_applies(cond, weight, self.bias):
+            return draw_with_log_prob(cond, weight, self.bias, uniform((*cond.shape[:-1], self.size), cond.dtype, cond.device))
+        return super().sample_with_log_prob(cond, sample_shape)
 
     def _sample(self, base, cond, sample_shape):
         return _bernoulli(base, sample_shape), base  # base [B, size] is shared by the samples: one softplus pass

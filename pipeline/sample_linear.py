@@ -28,7 +28,8 @@ On AMX, an SBN layer's log-prob log p(v | h) = sum_o [v_o l_o - softplus(l_o)] a
 the kernels in one piece (`sample_log_prob`): the product takes the log-prob from each block of
 logits while it is in cache and keeps their sigmoids (pipeline/bernoulli.h), from which the weight
 gradient's kernel forms the logits' gradient v - sigmoid(l) as it packs it. So P's [K, B, 784]
-logits are written once and read once, and each takes one exp.
+logits are written once and read once, and each takes one exp. Q's layers above the first draw
+their units in the same epilogue (`draw_with_log_prob`), so their logits never reach memory.
 
 The figures are `python benchmarks/sample_linear.py`'s ("Products of samples by table lookup" in
 benchmarks/RESULTS.md), which times each kernel this machine runs beside the dense products.
@@ -119,6 +120,7 @@ class Kernels(NamedTuple):
     weight_transposed: bool  # whether `linear` takes W^T [H, O] (table lookups) or W [O, H] (AMX)
     log_prob: Callable | None = None
     log_prob_weight_grad: Callable | None = None
+    draw: Callable | None = None
 
 
 # The kernel files in the order they are preferred: AMX tiles where the CPU has them, else table lookups.
@@ -140,10 +142,12 @@ def kernel_functions(name: str) -> Kernels | None:
     if name == "lookup_linear":
         return Kernels(linear, weight_grad, weight_transposed=True)
     log_prob, log_prob_weight_grad = library.amx_linear_log_prob, library.amx_linear_log_prob_weight_grad
+    draw = library.amx_linear_draw
     log_prob.argtypes = [pointer] * 4 + [rows] + [pointer] * 2 + [rows, size, size, size]
     log_prob_weight_grad.argtypes = [pointer] * 3 + [rows] + [pointer] * 3 + [rows, size, size, size]
-    log_prob.restype = log_prob_weight_grad.restype = ctypes.c_int64
-    return Kernels(linear, weight_grad, False, log_prob, log_prob_weight_grad)
+    draw.argtypes = [pointer] * 7 + [rows, size, size, size]
+    log_prob.restype = log_prob_weight_grad.restype = draw.restype = ctypes.c_int64
+    return Kernels(linear, weight_grad, False, log_prob, log_prob_weight_grad, draw)
 
 
 @functools.cache
@@ -228,10 +232,15 @@ def _native_linear_backward(ctx, grad):
 _native_linear.register_autograd(_native_linear_backward, setup_context=_save_samples)
 
 
-def fused_log_prob_applies(samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, values: torch.Tensor) -> bool:
+def fused_log_prob_applies(
+    samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, values: torch.Tensor | None = None
+) -> bool:
     """Whether `sample_log_prob` takes these operands: a product that `sample_linear` gives to a C
     kernel, on a CPU whose kernel file has the log-prob fused in (AMX), and values [..., O] that need
-    no gradient and match the samples' trailing dimensions (x [B, D] against samples [K, B, H])."""
+    no gradient and match the samples' trailing dimensions (x [B, D] against samples [K, B, H]).
+    Without values: whether `draw_with_log_prob` takes the others."""
+    if values is None:
+        values = samples.new_empty(()).expand(*samples.shape[:-1], weight.shape[0])
     return (
         samples.device.type == "cpu"
         and not samples.requires_grad
@@ -332,3 +341,57 @@ def _native_log_prob_backward(ctx, grad, _sigmoids_grad):
 
 
 _native_log_prob.register_autograd(_native_log_prob_backward, setup_context=_save_log_prob_inputs)
+
+
+def draw_with_log_prob(
+    samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, uniforms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draws h ~ Bernoulli(sigmoid(l)) for an SBN layer's logits l = samples W^T + b, with `uniforms`
+    [K, ..., O] as pipeline/layers.py's `_bernoulli` uses them, and returns (h, log p(h | samples)),
+    the log-prob with gradients for `weight` and `bias`. On AMX one kernel does it all, as
+    `sample_log_prob` does for given values: Q's middle layer's logits never reach memory. Only
+    where `fused_log_prob_applies(samples, weight, bias)`."""
+    draws, log_prob, _ = _native_draw(samples, weight, bias, uniforms)
+    return draws, log_prob
+
+
+@torch.library.custom_op(f"{_OPS}::native_draw", mutates_args=())
+def _native_draw(
+    samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, uniforms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(draws [K, ..., O], their log-prob [K, ...], the logits' sigmoids [K, ..., O], for the backward).
+    Where the kernel file in use has no fused draw, or the samples are not all 0/1, apart."""
+    kernels = _kernels()
+    flat = samples.reshape(-1, samples.shape[-1]).contiguous()  # [K B, H]
+    (rows, units), outputs = flat.shape, weight.shape[0]
+    flat_uniforms = uniforms.reshape(rows, outputs).contiguous()  # [K B, O]
+    draws, sigmoids, log_prob = flat.new_empty(rows, outputs), flat.new_empty(rows, outputs), flat.new_empty(rows)
+    pointers = (flat, weight.contiguous(), bias.contiguous(), flat_uniforms, draws, sigmoids, log_prob)
+    if kernels.draw is None or kernels.draw(*(t.data_ptr() for t in pointers), rows, units, outputs, torch.get_num_threads()):
+        logits = _native_linear(samples, weight, bias)
+        half_step = torch.finfo(logits.dtype).eps / 4  # midpoint uniforms, as `_bernoulli` draws
+        draws = ((uniforms + half_step < torch.sigmoid(-logits.abs())) ^ (logits > 0)).to(logits.dtype)
+        return draws, (draws * logits).sum(-1) - F.softplus(logits).sum(-1), torch.sigmoid(logits)
+    shape = samples.shape[:-1]
+    return draws.view(*shape, outputs), log_prob.view(shape), sigmoids.view(*shape, outputs)
+
+
+@_native_draw.register_fake
+def _(samples, weight, bias, uniforms):
+    shape = samples.shape[:-1]
+    return samples.new_empty(*shape, weight.shape[0]), samples.new_empty(shape), samples.new_empty(*shape, weight.shape[0])
+
+
+def _save_draw_outputs(ctx, inputs, output):
+    draws, _, sigmoids = output
+    ctx.save_for_backward(inputs[0], draws, sigmoids)
+    ctx.mark_non_differentiable(draws, sigmoids)
+
+
+def _native_draw_backward(ctx, _draws_grad, grad, _sigmoids_grad):
+    """The log-prob's gradients for the weight and the bias, as `_native_log_prob`'s with the draws as values."""
+    samples, draws, sigmoids = ctx.saved_tensors
+    return None, *_native_log_prob_weight_grad(samples, sigmoids, draws, grad), None
+
+
+_native_draw.register_autograd(_native_draw_backward, setup_context=_save_draw_outputs)

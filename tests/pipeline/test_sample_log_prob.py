@@ -13,7 +13,7 @@ import torch
 import pipeline.layers as layers_module
 import pipeline.sample_linear as sample_linear_module
 from pipeline.layers import SBNLayer
-from pipeline.sample_linear import fused_log_prob_applies, kernel_file, sample_log_prob
+from pipeline.sample_linear import draw_with_log_prob, fused_log_prob_applies, kernel_file, sample_log_prob
 from .test_sample_linear import assert_float32_close, coin_samples, spy, weights
 
 pytestmark = pytest.mark.skipif(
@@ -182,3 +182,74 @@ def test_compiled_fused_log_prob_matches_eager_in_one_graph(monkeypatch):
     assert len(kernels) == 2, "the compiled forward and backward did not both call the kernels"
     for g, e in zip((log_prob.detach(), weight.grad, bias.grad), expected, strict=True):
         torch.testing.assert_close(g, e)
+
+
+def expected_draws(samples, weight, bias, uniforms):
+    """`_bernoulli`'s rule on float64 logits, and where a draw is decided by less than float32 rounding."""
+    logits = samples.double() @ weight.detach().double().T + bias.detach().double()
+    unlikely, threshold = torch.sigmoid(-logits.abs()), uniforms.double() + EPS / 4
+    draws = ((threshold < unlikely) ^ (logits > 0)).float()
+    return draws, (threshold - unlikely).abs() < 1e-6 * unlikely.clamp(min=1e-30) + 1e-12
+
+
+@pytest.mark.parametrize("logit_scale", [0.1, 1.0, 30.0])
+def test_fused_draws_follow_the_samplers_rule_and_score_them(logit_scale, no_separate_ops):
+    """h = [u + 2^-25 < sigmoid(-|l|)] XOR [l > 0] with the given uniforms, as `_bernoulli` draws; the
+    log-prob and gradients are those of `sample_log_prob` with the draws as values."""
+    samples, uniforms = coin_samples((20, 50, 64)), torch.rand(20, 50, 300, generator=torch.Generator().manual_seed(5))
+    weight, bias = weights(300, 64)
+    with torch.no_grad():
+        weight *= logit_scale
+        bias *= logit_scale
+    assert fused_log_prob_applies(samples, weight, bias)
+    draws, log_prob = draw_with_log_prob(samples, weight, bias, uniforms)
+    expected, undecided = expected_draws(samples, weight, bias, uniforms)
+    assert draws.dtype == torch.float32 and not draws.requires_grad
+    assert torch.equal(draws[~undecided], expected[~undecided]) and undecided.float().mean() < 1e-3
+    grad = torch.randn(20, 50)
+    log_prob.backward(grad)
+    got = (log_prob.detach(), weight.grad.clone(), bias.grad.clone())
+    weight.grad = bias.grad = None
+    for g, e in zip(got, fused_value_and_grads(samples, weight, bias, draws, grad), strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_fused_draws_fall_back_to_the_same_rule(monkeypatch):
+    """Under a kernel file without the fusion, and for samples that are not 0/1, the separate ops draw by the same rule."""
+    samples, uniforms = coin_samples((4, 100, 40)), torch.rand(4, 100, 50, generator=torch.Generator().manual_seed(5))
+    weight, bias = weights(50, 40)
+    separate = spy(monkeypatch, sample_linear_module, "_native_linear")
+    with kernel_file("lookup_linear"):
+        draws, log_prob = draw_with_log_prob(samples, weight, bias, uniforms)
+    samples[0, 0, 0] = 0.5
+    odd_draws, _ = draw_with_log_prob(samples, weight, bias, uniforms)
+    assert len(separate) == 2
+    for got, the_samples in ((draws, coin_samples((4, 100, 40))), (odd_draws, samples)):
+        expected, undecided = expected_draws(the_samples, weight, bias, uniforms)
+        assert torch.equal(got[~undecided], expected[~undecided])
+    expected_log_prob, *_, terms = float64_log_prob(coin_samples((4, 100, 40)), weight, bias, draws, torch.ones(4, 100))
+    assert ((log_prob.double() - expected_log_prob).abs() <= 4 * 40**0.5 * EPS * terms).all()
+
+
+def test_sbn_layers_draw_with_the_fused_kernel_where_it_applies(monkeypatch):
+    calls = spy(monkeypatch, layers_module, "draw_with_log_prob")
+    layer = SBNLayer(200, cond_size=200)
+    samples = coin_samples((5, 100, 200))
+    h, log_prob = layer.sample_with_log_prob(samples)  # samples of the layer below: Q's middle layer
+    assert len(calls) == 1 and h.shape == (5, 100, 200) and log_prob.shape == (5, 100)
+    layer.sample_with_log_prob(samples[0], (5,))  # K samples of one input: the product is shared
+    layer.sample_with_log_prob(samples[:, :2])  # too few sample rows
+    assert len(calls) == 1
+    torch.manual_seed(0)
+    frequencies = layer.sample_with_log_prob(samples[:1].expand(400, 100, 200))[0].mean(0)  # [100, 200]
+    probabilities = torch.sigmoid(layer.cond_logits(samples[0])).detach()
+    assert ((frequencies - probabilities).abs() <= 5 * (probabilities * (1 - probabilities) / 400).sqrt() + 1e-3).all()
+
+
+def test_fused_draws_never_take_a_value_less_likely_than_half_a_uniform_step(no_separate_ops):
+    """A uniform of exactly 0 must not draw a unit value of probability e^-60 (`_midpoint_uniform`)."""
+    samples, uniforms = coin_samples((4, 100, 40)), torch.zeros(4, 100, 48)
+    weight = torch.zeros(48, 40, requires_grad=True)
+    bias = torch.tensor([-60.0, 60.0]).repeat(24).requires_grad_()
+    draws, _ = draw_with_log_prob(samples, weight, bias, uniforms)
+    assert torch.equal(draws, (bias.detach() > 0).float().expand_as(draws))
