@@ -68,7 +68,7 @@ def no_separate_ops(monkeypatch):
     ("shape", "outputs", "values_shape"),
     [
         ((50, 100, 200), 784, (100, 784)),
-        ((16, 20, 40), 24, (16, 20, 24)),
+        ((16, 20, 40), 40, (16, 20, 40)),
         ((7, 3, 50, 37), 785, (3, 50, 785)),
         ((2, 300, 64), 33, (33,)),
     ],
@@ -164,6 +164,7 @@ def test_sbn_layers_take_the_fused_log_prob_where_it_applies(monkeypatch):
     layer.log_prob(x.requires_grad_(), samples)  # values that want a gradient
     layer.log_prob(x.detach(), samples, base=layer.cond_logits(samples))  # the caller has the logits
     SBNLayer(784, cond_size=20).log_prob(x.detach(), coin_samples((5, 100, 20)))  # few units
+    SBNLayer(10, cond_size=200).log_prob(coin_samples((5, 100, 10)), samples)  # few outputs
     assert len(calls) == 2
 
 
