@@ -6,10 +6,10 @@
  *
  * as pipeline/layers.py's `_log_prob_of_logits` has them. softplus(l) = relu(l) + log(1 + e^-|l|),
  * and each factor 1 + e^-|l| lies in [1, 2], so a vector lane multiplies up to FLUSH of them before
- * it takes their log: one exp per unit, one log per lane per FLUSH vectors. exp and log are Cephes'
- * single-precision polynomials (within 2 ulp). Against float64, a row's log-prob is off by a few
- * float32 ulps of its scale, as torch's float32 softplus is, plus the e^-|l| < 2^-25 that 1 + e
- * rounds away (under 3e-8 nats a unit). NaN logits give NaN.
+ * it takes their log: one exp per unit, one log per lane per FLUSH vectors (exp and log: vectors.h).
+ * Against float64, a row's log-prob is off by a few float32 ulps of its scale, as torch's float32
+ * softplus is, plus the e^-|l| < 2^-25 that 1 + e rounds away (under 3e-8 nats a unit). NaN logits
+ * give NaN.
  */
 #ifndef RWS_BERNOULLI_H
 #define RWS_BERNOULLI_H
@@ -21,48 +21,6 @@
 
 #define FLUSH 64         /* vectors per lane product: at most 2^64, far from float32's 2^128 */
 #define PAST_END (-100.f) /* logit for lanes past a row's end: relu 0 and e^-100, below exp's cut-off, 0 */
-
-static inline vec as_floats(ivec bits) { return (vec)bits; }
-static inline ivec as_bits(vec x) { return (ivec)x; }
-static inline vec splat(float x) { vec v = {0}; return v + x; }
-static inline vec pick(ivec mask, vec yes, vec no) { return as_floats((as_bits(yes) & mask) | (as_bits(no) & ~mask)); }
-
-/* e^x for x <= 0; 0 below -87 (where e^x leaves the normal floats), NaN for NaN. */
-static inline vec exp_nonpositive(vec x) {
-    ivec n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, ivec); /* round(x / ln 2): truncation of a negative */
-    vec nf = __builtin_convertvector(n, vec);
-    vec r = x - nf * 0.693359375f + nf * 2.12194440e-4f; /* x - n ln 2, in [-ln 2 / 2, ln 2 / 2] */
-    vec p = splat(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    vec e = (p * r * r + r + 1.f) * as_floats((n + 127) << 23);
-    return as_floats(as_bits(e) & ~(x < -87.f));
-}
-
-/* log x for normal x > 0; NaN for NaN. */
-static inline vec log_positive(vec x) {
-    ivec bits = as_bits(x);
-    ivec exponent = ((bits >> 23) & 0xff) - 126; /* x = m 2^exponent, m in [1/2, 1) */
-    vec m = as_floats((bits & 0x007fffff) | 0x3f000000);
-    ivec below = m < 0.70710678118654752f; /* -1 where m < sqrt(1/2): take 2m instead */
-    exponent += below;
-    m = m + as_floats(as_bits(m) & below) - 1.f; /* m - 1 or 2m - 1, in [-0.29, 0.41] */
-    vec e = __builtin_convertvector(exponent, vec), z = m * m;
-    vec y = splat(7.0376836292e-2f);
-    y = y * m - 1.1514610310e-1f;
-    y = y * m + 1.1676998740e-1f;
-    y = y * m - 1.2420140846e-1f;
-    y = y * m + 1.4249322787e-1f;
-    y = y * m - 1.6668057665e-1f;
-    y = y * m + 2.0000714765e-1f;
-    y = y * m - 2.4999993993e-1f;
-    y = y * m + 3.3333331174e-1f;
-    y = y * m * z - 2.12194440e-4f * e - 0.5f * z;
-    return m + y + 0.693359375f * e + (x - x);
-}
 
 /* The first `count` floats at p, `fill` after (count < LANES: a row's last vector). */
 static inline vec load_filled(const float *p, int count, float fill) {
@@ -119,10 +77,7 @@ static inline float bernoulli_log_prob(const float *logits, const float *values,
         if (++steps == FLUSH) logs += log_positive(product), product = splat(1.f), steps = 0;
         store_streaming(sigmoids + i, count, pick(l < 0.f, unlikely, inverse)); /* e / (1 + e) or 1 / (1 + e) */
     }
-    vec total = terms - logs - log_positive(product);
-    float sum = 0.f;
-    for (int i = 0; i < LANES; i++) sum += total[i];
-    return sum;
+    return horizontal_sum(terms - logs - log_positive(product));
 }
 
 #endif

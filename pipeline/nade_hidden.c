@@ -34,40 +34,12 @@
 
 int nade_block_rows(void) { return ROWS; }
 
-static inline vec splat(float x) { return (vec){0} + x; } /* not for -0.f: 0 + -0 is +0 */
-static inline ivec isplat(int32_t x) { return (ivec){0} + x; }
-
-/* where mask (all ones or zeros per lane) is set, a, else b */
-static inline vec select(ivec mask, vec a, vec b) { return (vec)(((ivec)a & mask) | ((ivec)b & ~mask)); }
-
-/* sigmoid(a) within a few float32 ulps: e = exp(-|a|) by Cody and Waite's reduction and Cephes' expf
- * polynomial, then 1 / (1 + e) for a >= 0 and e / (1 + e) below, so that neither side cancels.
- * exp's argument is clamped at -87 (e >= 1.6e-38): sigmoid(-87) is 1.6e-38 where the exact value is
- * smaller, which no logit can tell apart. NaN stays NaN. */
+/* sigmoid(a) within a few float32 ulps: e = exp(-|a|) (vectors.h), then 1 / (1 + e) for a >= 0 and
+ * e / (1 + e) below, so that neither side cancels. Below -87, e is 0: sigmoid(a) is then 0 where
+ * the exact value is under 1.6e-38, which no logit can tell apart. NaN stays NaN. */
 static inline vec sigmoid(vec a) {
-    ivec negative = (ivec)a >> 31;                      /* the sign bit, spread over the lane */
-    vec x = (vec)((ivec)a | isplat(INT32_MIN));          /* -|a| */
-    x = select(x < splat(-87.f), splat(-87.f), x);
-    const float magic = 12582912.f;                      /* 1.5 x 2^23: adding it rounds to an integer */
-    vec shifted = x * 1.44269504088896341f + magic;
-    vec n = shifted - magic;                             /* round(x / ln 2) */
-    ivec exponent = ((ivec)shifted - isplat(0x4B400000)) << 23; /* magic's bits: n, as an integer */
-    vec r = x - n * 0.693359375f + n * 2.12194440e-4f;   /* x - n ln 2, in two parts */
-    vec p = splat(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    vec e = (vec)((ivec)(p * r * r + r + 1.f) + exponent); /* exp(r) 2^n */
-    vec upper = 1.f / (1.f + e);
-    return select(negative, e * upper, upper);
-}
-
-static inline float horizontal_sum(vec v) {
-    float sum = 0.f;
-    for (int k = 0; k < LANES; k++) sum += v[k];
-    return sum;
+    vec e = exp_nonpositive(-as_floats(as_bits(a) & 0x7fffffff)), upper = 1.f / (1.f + e);
+    return pick(a < 0.f, e * upper, upper);
 }
 
 /* out [N, D] for a_0 = offset [N, H], which is overwritten (it ends as a_D). */
