@@ -4,7 +4,7 @@
  *
  *     log p(v) = sum_i [v_i l_i - softplus(l_i)],    d log p / d l_i = v_i - sigmoid(l_i),
  *
- * as pipeline/layers.py's `_log_prob_of_logits` has them. softplus(l) = relu(l) + log(1 + e^-|l|),
+ * as pipeline/bernoulli.py's `log_prob_of_logits` has them. softplus(l) = relu(l) + log(1 + e^-|l|),
  * and each factor 1 + e^-|l| lies in [1, 2], so a vector lane multiplies up to FLUSH of them before
  * it takes their log: one exp per unit, one log per lane per FLUSH vectors (exp and log: vectors.h).
  * Against float64, a row's log-prob is off by a few float32 ulps of its scale, as torch's float32
@@ -54,8 +54,8 @@ static inline void store_streaming(float *p, int count, vec v) {
  * other part of the gradient d/dl_i = values_i - sigmoid(l_i), from the same e^-|l_i|, to `sigmoids`
  * (streaming: the backward reads them; the writer must fence before others read them).
  * With `uniforms` instead of values, the values are drawn first and written to `draws`: v_i = 1 where
- * [u_i + 2^-25 < sigmoid(-|l_i|)] differs from [l_i > 0], as pipeline/layers.py's `_bernoulli` draws
- * from midpoint uniforms. */
+ * [u_i + 2^-25 < sigmoid(-|l_i|)] differs from [l_i > 0], as pipeline/bernoulli.py's
+ * `bernoulli_draws` draws from midpoint uniforms. */
 static inline float bernoulli_log_prob(const float *logits, const float *values, const float *uniforms, float *draws,
                                        float *sigmoids, int units) {
     vec terms = {0}, logs = {0}, product = splat(1.f);

@@ -10,8 +10,8 @@ For a data point x and K samples h_k ~ Q(h | x) (Bornschein & Bengio, 2015, Sec.
     sleep Q update      grad log q(h | x), (x, h) ~ P    (the classical sleep phase)
 
 "Unbiased" holds for samples drawn exactly from Q; the samplers compare against float uniforms, so
-a unit value to which Q gives 2^-25 or less (float32) is never drawn (`pipeline/layers.py`,
-`_midpoint_uniform`), a bias far below the estimate's standard error.
+a unit value to which Q gives 2^-25 or less (float32) is never drawn (`pipeline/bernoulli.py`,
+`bernoulli_draws`), a bias far below the estimate's standard error.
 
 Samples are discrete, so no gradient flows through them: each loss below is a surrogate whose
 gradient is the update, with the weights held constant. Every reduction over samples goes through

@@ -30,45 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import darn_sample, nade_hidden
+from pipeline.bernoulli import bernoulli_draws, log_prob_of_logits, softplus_sum
 from pipeline.philox import uniform
 from pipeline.sample_linear import draw_with_log_prob, fused_log_prob_applies, sample_linear, sample_log_prob
-
-
-class SoftplusSum(torch.autograd.Function):
-    """sum_i softplus(l_i) over the last dimension, the normalizer of a Bernoulli log-prob: [...].
-
-    Why not F.softplus(l).sum(-1): the log-prob of P's bottom layer evaluates it on [K, B, D] logits
-    every step, and it costs one log per element forward plus a broadcast-gradient pass backward.
-    Here softplus(l) = relu(l) - log sigmoid(|l|) with sigmoid(|l|) in [1/2, 1], so the logs are
-    taken of products over groups of at most 100 units (>= 2^-100, no underflow in float32):
-    one exp per element. In float32 the error is a few ulps of the sum of |l| (relu(l) comes from
-    sum l + sum |l|, which cancel when signs mix): 4-5x the direct form's, 1e-3 nats at logits of
-    scale 20 over 784 units, and unbiased.
-    Backward: d/dl_i = sigmoid(l_i), in one pass.
-    """
-
-    generate_vmap_rule = True  # works under torch.func transforms (the exact-gradient tests use them)
-
-    @staticmethod
-    def forward(logits: torch.Tensor) -> torch.Tensor:
-        size = logits.shape[-1]
-        group = max(g for g in range(1, min(size, 100) + 1) if size % g == 0)
-        magnitude = logits.abs()
-        sigmoids = torch.sigmoid(magnitude).unflatten(-1, (size // group, group))  # [..., size / group, group]
-        log_sigmoid_sum = sigmoids.prod(-1).log().sum(-1)
-        return (logits.sum(-1) + magnitude.sum(-1)) / 2 - log_sigmoid_sum  # sum relu(l) - sum log sigmoid(|l|)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (logits,) = ctx.saved_tensors
-        return torch.sigmoid(logits) * grad.unsqueeze(-1)
-
-
-softplus_sum = SoftplusSum.apply
 
 
 class BernoulliLayer(nn.Module):
@@ -100,7 +64,7 @@ class BernoulliLayer(nn.Module):
         This is sum_i [h_i log s(l_i) + (1 - h_i) log s(-l_i)] written so that a logit enters one
         transcendental (softplus) and one product; `base` = cond_logits(cond) when the caller has it.
         """
-        return _log_prob_of_logits(h, self.logits(h, cond, self.cond_logits(cond) if base is None else base))
+        return log_prob_of_logits(h, self.logits(h, cond, self.cond_logits(cond) if base is None else base))
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor | None = None, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
@@ -123,7 +87,7 @@ class BernoulliLayer(nn.Module):
             h, logits = self._sample(base.detach(), cond, sample_shape)
         if torch.is_grad_enabled():  # the gradient into the layer's weights goes through the logits
             logits = self._logits_of_draw(h, cond, base, logits)
-        return h, _log_prob_of_logits(h, logits)
+        return h, log_prob_of_logits(h, logits)
 
     def logits(self, h: torch.Tensor, cond: torch.Tensor | None, base: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits of p(h_i = 1 | h_<i, cond) given `base` = cond_logits(cond)."""
@@ -144,40 +108,15 @@ class BernoulliLayer(nn.Module):
         raise NotImplementedError
 
 
-def _log_prob_of_logits(h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """sum_i [h_i l_i - softplus(l_i)] = log p(h) for Bernoulli logits l (broadcastable to h): [...]."""
-    return (h * logits).sum(-1) - softplus_sum(logits)
-
-
-def _midpoint_uniform(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Uniforms u + step / 2 on the midpoints of the uniform grid of `dtype` (step 2^-24 in float32).
-
-    Why midpoints: the grid's points are k x step on [0, 1), and a draw of u = 0 makes `u < p` true
-    for every p > 0. A unit value to which Q gives probability e^-50 would then come out once in
-    2^24 draws in float32, about 10^14 times too often, and its importance weight (e^30 too large)
-    would swamp an estimate with K = 100000. Against midpoints, an outcome less likely than half a
-    step is never drawn, on either side, and any other one at most twice as often as it should.
-    Below 0.5 the sum is exact; the samplers only compare values below 0.5 with it.
-    """
-    return uniform(shape, dtype, device) + torch.finfo(dtype).eps / 4  # eps / 2 is torch.rand's step
-
-
 def _bernoulli(logits: torch.Tensor, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
-    """Bernoulli(sigmoid(logits)) draws of shape [*sample_shape, *logits.shape].
-
-    A draw takes the less likely value when a midpoint uniform falls below that value's probability
-    sigmoid(-|l|), which float32 holds to full relative precision even when the likely value's
-    probability rounds to 1. The sigmoid is taken before broadcasting, so logits shared by all
-    samples cost one pass."""
-    unlikely_prob = torch.sigmoid(-logits.abs())
-    draws = _midpoint_uniform((*sample_shape, *logits.shape), logits.dtype, logits.device)
-    return ((draws < unlikely_prob) ^ (logits > 0)).to(logits.dtype)
+    """Bernoulli(sigmoid(logits)) draws of shape [*sample_shape, *logits.shape] (`bernoulli_draws`)."""
+    return bernoulli_draws(logits, uniform((*sample_shape, *logits.shape), logits.dtype, logits.device))
 
 
 def _logistic_noise(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Logistic(0, 1) noise eps = logit(u) of midpoint uniforms u: [l > eps] is a Bernoulli(sigmoid(l)) draw.
 
-    Midpoints for the reason given in `_midpoint_uniform`; above 0.5, logit(u) is taken as
+    Midpoints for the reason given in `bernoulli_draws` (pipeline/bernoulli.py); above 0.5, logit(u) is taken as
     -logit(1 - u), where 1 - u is exact and u + step / 2 is not, so eps is symmetric and within
     +-17.3 (float32). The sequential samplers draw all their noise
     up front, so each unit's step is one comparison of a logit against its threshold instead of a

@@ -51,6 +51,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from pipeline.bernoulli import bernoulli_draws, log_prob_of_logits
 from pipeline.native import load_library
 
 # The ops' namespace carries a hash of this file. torch.compile's on-disk cache keys a graph by the
@@ -295,7 +296,7 @@ def _native_log_prob(
         rows, units, outputs, torch.get_num_threads(),
     ):
         logits = _native_linear(samples, weight, bias)
-        return (values * logits).sum(-1) - F.softplus(logits).sum(-1), torch.sigmoid(logits)
+        return log_prob_of_logits(values, logits), torch.sigmoid(logits)
     return log_prob.view(samples.shape[:-1]), sigmoids.view(*samples.shape[:-1], outputs)
 
 
@@ -349,7 +350,7 @@ def draw_with_log_prob(
     samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, uniforms: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draws h ~ Bernoulli(sigmoid(l)) for an SBN layer's logits l = samples W^T + b, with `uniforms`
-    [K, ..., O] as pipeline/layers.py's `_bernoulli` uses them, and returns (h, log p(h | samples)),
+    [K, ..., O] by `bernoulli_draws`'s rule, and returns (h, log p(h | samples)),
     the log-prob with gradients for `weight` and `bias`. On AMX one kernel does it all, as
     `sample_log_prob` does for given values: Q's middle layer's logits never reach memory. Only
     where `fused_log_prob_applies(samples, weight, bias)`."""
@@ -371,9 +372,8 @@ def _native_draw(
     pointers = (flat, weight.contiguous(), bias.contiguous(), flat_uniforms, draws, sigmoids, log_prob)
     if kernels.draw is None or kernels.draw(*(t.data_ptr() for t in pointers), rows, units, outputs, torch.get_num_threads()):
         logits = _native_linear(samples, weight, bias)
-        half_step = torch.finfo(logits.dtype).eps / 4  # midpoint uniforms, as `_bernoulli` draws
-        draws = ((uniforms + half_step < torch.sigmoid(-logits.abs())) ^ (logits > 0)).to(logits.dtype)
-        return draws, (draws * logits).sum(-1) - F.softplus(logits).sum(-1), torch.sigmoid(logits)
+        draws = bernoulli_draws(logits, uniforms)
+        return draws, log_prob_of_logits(draws, logits), torch.sigmoid(logits)
     shape = samples.shape[:-1]
     return draws.view(*shape, outputs), log_prob.view(shape), sigmoids.view(*shape, outputs)
 

@@ -24,7 +24,7 @@ EPS = torch.finfo(torch.float32).eps
 
 
 def float64_log_prob(samples, weight, bias, values, grad):
-    """The log-prob and its weight and bias gradients in float64 torch ops (not F.softplus, which a fixture replaces)."""
+    """The log-prob and its weight and bias gradients in float64 torch ops."""
     weight64, bias64 = weight.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
     logits = samples.double() @ weight64.T + bias64
     softplus = torch.logaddexp(logits, torch.zeros_like(logits))
@@ -61,7 +61,7 @@ def no_separate_ops(monkeypatch):
         raise AssertionError("the separate ops ran")
 
     monkeypatch.setattr(sample_linear_module, "_native_linear", fail)
-    monkeypatch.setattr(sample_linear_module.F, "softplus", fail)
+    monkeypatch.setattr(sample_linear_module, "log_prob_of_logits", fail)
 
 
 @pytest.mark.parametrize(
@@ -186,7 +186,7 @@ def test_compiled_fused_log_prob_matches_eager_in_one_graph(monkeypatch):
 
 
 def expected_draws(samples, weight, bias, uniforms):
-    """`_bernoulli`'s rule on float64 logits, and where a draw is decided by less than float32 rounding."""
+    """`bernoulli_draws`'s rule on float64 logits, and where a draw is decided by less than float32 rounding."""
     logits = samples.double() @ weight.detach().double().T + bias.detach().double()
     unlikely, threshold = torch.sigmoid(-logits.abs()), uniforms.double() + EPS / 4
     draws = ((threshold < unlikely) ^ (logits > 0)).float()
@@ -195,7 +195,7 @@ def expected_draws(samples, weight, bias, uniforms):
 
 @pytest.mark.parametrize("logit_scale", [0.1, 1.0, 30.0])
 def test_fused_draws_follow_the_samplers_rule_and_score_them(logit_scale, no_separate_ops):
-    """h = [u + 2^-25 < sigmoid(-|l|)] XOR [l > 0] with the given uniforms, as `_bernoulli` draws; the
+    """h = [u + 2^-25 < sigmoid(-|l|)] XOR [l > 0] with the given uniforms, as `bernoulli_draws`; the
     log-prob and gradients are those of `sample_log_prob` with the draws as values."""
     samples, uniforms = coin_samples((20, 50, 64)), torch.rand(20, 50, 300, generator=torch.Generator().manual_seed(5))
     weight, bias = weights(300, 64)
@@ -248,7 +248,7 @@ def test_sbn_layers_draw_with_the_fused_kernel_where_it_applies(monkeypatch):
 
 
 def test_fused_draws_never_take_a_value_less_likely_than_half_a_uniform_step(no_separate_ops):
-    """A uniform of exactly 0 must not draw a unit value of probability e^-60 (`_midpoint_uniform`)."""
+    """A uniform of exactly 0 must not draw a unit value of probability e^-60 (`bernoulli_draws`)."""
     samples, uniforms = coin_samples((4, 100, 40)), torch.zeros(4, 100, 48)
     weight = torch.zeros(48, 40, requires_grad=True)
     bias = torch.tensor([-60.0, 60.0]).repeat(24).requires_grad_()
