@@ -196,7 +196,7 @@ typedef struct {
     float *draws, *log_prob;
 } bernoulli_rows;
 
-/* Y [M, N] = h [M, K] weight [N, K]^T + bias [N] for 0/1 h; or given `rows`, with L those logits,
+/* Y [M, N] = h [M, K] weight [N, K]^T + bias [N] for 0/1 h; or given `rows_of`, with L those logits,
  * log_prob[m] = sum_n [v[m, n] L[m, n] - softplus(L[m, n])] for the values v (bernoulli.h) and
  * Y = sigmoid(L): each block of 32 rows of L goes to a thread's buffer, which stays in cache, and
  * only the sigmoids (and draws) go to memory, the sigmoids past the caches. */
