@@ -241,9 +241,9 @@ static int64_t products(const float *h, const float *weight, const float *bias, 
             for (int64_t i = 0, m = m0; log_prob && i < rows; i++, m++)
                 log_prob[m] = rows_of->uniforms
                                   ? bernoulli_log_prob(block_logits + i * Np, NULL, rows_of->uniforms + m * N,
-                                                       rows_of->draws + m * N, Y + m * N, N)
+                                                       rows_of->draws + m * N, Y ? Y + m * N : NULL, N)
                                   : bernoulli_log_prob(block_logits + i * Np, rows_of->values + m % rows_of->value_rows * N,
-                                                       NULL, NULL, Y + m * N, N);
+                                                       NULL, NULL, Y ? Y + m * N : NULL, N);
         }
         _mm_sfence(); /* the sigmoids' streaming stores, before other threads read them */
         _tile_release();
@@ -258,7 +258,8 @@ int64_t amx_linear(const float *h, const float *weight, const float *bias, float
 }
 
 /* The Bernoulli log-prob of values [value_rows, N] (row m % value_rows for row m) under each row of
- * logits h weight^T + bias: log_prob [M], and the logits' sigmoids in S [M, N] (for the gradient). */
+ * logits h weight^T + bias: log_prob [M], and the logits' sigmoids in S [M, N] (for the gradient;
+ * S NULL: none, when no gradient is wanted). */
 int64_t amx_linear_log_prob(const float *h, const float *weight, const float *bias, const float *values,
                             int64_t value_rows, float *S, float *log_prob, int64_t M, int K, int N, int threads) {
     bernoulli_rows rows_of = {.values = values, .value_rows = value_rows, .log_prob = log_prob};

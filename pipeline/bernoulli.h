@@ -52,7 +52,7 @@ static inline void store_streaming(float *p, int count, vec v) {
 
 /* sum_i [values_i l_i - softplus(l_i)] over a row of `units` logits; writes their sigmoids, the
  * other part of the gradient d/dl_i = values_i - sigmoid(l_i), from the same e^-|l_i|, to `sigmoids`
- * (streaming: the backward reads them; the writer must fence before others read them).
+ * unless it is NULL (streaming: the backward reads them; the writer must fence before others read them).
  * With `uniforms` instead of values, the values are drawn first and written to `draws`: v_i = 1 where
  * [u_i + 2^-25 < sigmoid(-|l_i|)] differs from [l_i > 0], as pipeline/bernoulli.py's
  * `bernoulli_draws` draws from midpoint uniforms. */
@@ -75,7 +75,7 @@ static inline float bernoulli_log_prob(const float *logits, const float *values,
         terms += v * l - pick(l < 0.f, splat(0.f), l); /* v l - relu(l); NaN stays */
         product *= factor;
         if (++steps == FLUSH) logs += log_positive(product), product = splat(1.f), steps = 0;
-        store_streaming(sigmoids + i, count, pick(l < 0.f, unlikely, inverse)); /* e / (1 + e) or 1 / (1 + e) */
+        if (sigmoids) store_streaming(sigmoids + i, count, pick(l < 0.f, unlikely, inverse)); /* e / (1 + e) or 1 / (1 + e) */
     }
     return horizontal_sum(terms - logs - log_positive(product));
 }

@@ -269,7 +269,12 @@ def sample_log_prob(samples: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     of logits while it is in cache, replacing them by their sigmoids (pipeline/bernoulli.h), and the
     weight gradient's kernel forms the logits' gradient v - sigmoid(l) as it packs it: written once,
     read once. Only where `fused_log_prob_applies`."""
-    return _native_log_prob(samples, weight, bias, values)[0]
+    return _native_log_prob(samples, weight, bias, values, _gradient_wanted(weight, bias))[0]
+
+
+def _gradient_wanted(weight: torch.Tensor, bias: torch.Tensor) -> bool:
+    """Whether the fused ops must keep the logits' sigmoids for a backward (not in evaluation)."""
+    return torch.is_grad_enabled() and (weight.requires_grad or bias.requires_grad)
 
 
 @torch.compiler.assume_constant_result
@@ -280,29 +285,31 @@ def _have_log_prob_kernels() -> bool:
 
 @torch.library.custom_op(f"{_OPS}::native_log_prob", mutates_args=())
 def _native_log_prob(
-    samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, values: torch.Tensor
+    samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, values: torch.Tensor, keep_sigmoids: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(values | samples) [K, ...], the logits' sigmoids [K, ..., O], for the backward). Where
-    the kernel file in use (`kernel_file`) has no fused log-prob, or the samples are not all 0/1, the
-    product and the log-prob are taken apart."""
+    """(log p(values | samples) [K, ...], the logits' sigmoids [K, ..., O] for the backward, or an
+    empty tensor without `keep_sigmoids`). Where the kernel file in use (`kernel_file`) has no fused
+    log-prob, or the samples are not all 0/1, the product and the log-prob are taken apart."""
     kernels = _kernels()
     flat = samples.reshape(-1, samples.shape[-1]).contiguous()  # [K B, H]
     value_rows = values.reshape(-1, values.shape[-1]).contiguous()  # [B, O] or [K B, O]
     (rows, units), outputs = flat.shape, weight.shape[0]
-    sigmoids, log_prob = flat.new_empty(rows, outputs), flat.new_empty(rows)  # [K B, O], [K B]
+    sigmoids = flat.new_empty(rows, outputs) if keep_sigmoids else flat.new_empty(0)  # [K B, O]
+    log_prob = flat.new_empty(rows)  # [K B]
     pointers = (flat, weight.contiguous(), bias.contiguous(), value_rows)
     if kernels.log_prob is None or kernels.log_prob(
-        *(t.data_ptr() for t in pointers), value_rows.shape[0], sigmoids.data_ptr(), log_prob.data_ptr(),
-        rows, units, outputs, torch.get_num_threads(),
+        *(t.data_ptr() for t in pointers), value_rows.shape[0], sigmoids.data_ptr() if keep_sigmoids else None,
+        log_prob.data_ptr(), rows, units, outputs, torch.get_num_threads(),
     ):
         logits = _native_linear(samples, weight, bias)
-        return log_prob_of_logits(values, logits), torch.sigmoid(logits)
-    return log_prob.view(samples.shape[:-1]), sigmoids.view(*samples.shape[:-1], outputs)
+        return log_prob_of_logits(values, logits), torch.sigmoid(logits) if keep_sigmoids else sigmoids
+    return log_prob.view(samples.shape[:-1]), sigmoids.view(*samples.shape[:-1], outputs) if keep_sigmoids else sigmoids
 
 
 @_native_log_prob.register_fake
-def _(samples, weight, bias, values):
-    return samples.new_empty(samples.shape[:-1]), samples.new_empty(*samples.shape[:-1], weight.shape[0])
+def _(samples, weight, bias, values, keep_sigmoids):
+    sigmoids = samples.new_empty(*samples.shape[:-1], weight.shape[0]) if keep_sigmoids else samples.new_empty(0)
+    return samples.new_empty(samples.shape[:-1]), sigmoids
 
 
 @torch.library.custom_op(f"{_OPS}::native_log_prob_weight_grad", mutates_args=())
@@ -332,7 +339,7 @@ def _(samples, sigmoids, values, grad):
 
 
 def _save_log_prob_inputs(ctx, inputs, output):
-    samples, _, _, values = inputs
+    samples, _, _, values, _ = inputs
     ctx.save_for_backward(samples, values, output[1])
     ctx.mark_non_differentiable(output[1])
 
@@ -340,7 +347,7 @@ def _save_log_prob_inputs(ctx, inputs, output):
 def _native_log_prob_backward(ctx, grad, _sigmoids_grad):
     """Gradients for the weight and the bias; none for the samples and values, which are draws or data."""
     samples, values, sigmoids = ctx.saved_tensors
-    return None, *_native_log_prob_weight_grad(samples, sigmoids, values, grad), None
+    return None, *_native_log_prob_weight_grad(samples, sigmoids, values, grad), None, None
 
 
 _native_log_prob.register_autograd(_native_log_prob_backward, setup_context=_save_log_prob_inputs)
@@ -354,34 +361,40 @@ def draw_with_log_prob(
     the log-prob with gradients for `weight` and `bias`. On AMX one kernel does it all, as
     `sample_log_prob` does for given values: Q's middle layer's logits never reach memory. Only
     where `fused_log_prob_applies(samples, weight, bias)`."""
-    draws, log_prob, _ = _native_draw(samples, weight, bias, uniforms)
+    draws, log_prob, _ = _native_draw(samples, weight, bias, uniforms, _gradient_wanted(weight, bias))
     return draws, log_prob
 
 
 @torch.library.custom_op(f"{_OPS}::native_draw", mutates_args=())
 def _native_draw(
-    samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, uniforms: torch.Tensor
+    samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, uniforms: torch.Tensor, keep_sigmoids: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(draws [K, ..., O], their log-prob [K, ...], the logits' sigmoids [K, ..., O], for the backward).
-    Where the kernel file in use has no fused draw, or the samples are not all 0/1, apart."""
+    """(draws [K, ..., O], their log-prob [K, ...], the logits' sigmoids [K, ..., O] for the backward,
+    or an empty tensor without `keep_sigmoids`). Where the kernel file in use has no fused draw, or
+    the samples are not all 0/1, apart."""
     kernels = _kernels()
     flat = samples.reshape(-1, samples.shape[-1]).contiguous()  # [K B, H]
     (rows, units), outputs = flat.shape, weight.shape[0]
     flat_uniforms = uniforms.reshape(rows, outputs).contiguous()  # [K B, O]
-    draws, sigmoids, log_prob = flat.new_empty(rows, outputs), flat.new_empty(rows, outputs), flat.new_empty(rows)
-    pointers = (flat, weight.contiguous(), bias.contiguous(), flat_uniforms, draws, sigmoids, log_prob)
-    if kernels.draw is None or kernels.draw(*(t.data_ptr() for t in pointers), rows, units, outputs, torch.get_num_threads()):
+    draws, log_prob = flat.new_empty(rows, outputs), flat.new_empty(rows)  # [K B, O], [K B]
+    sigmoids = flat.new_empty(rows, outputs) if keep_sigmoids else flat.new_empty(0)  # [K B, O]
+    pointers = (flat, weight.contiguous(), bias.contiguous(), flat_uniforms, draws)
+    if kernels.draw is None or kernels.draw(
+        *(t.data_ptr() for t in pointers), sigmoids.data_ptr() if keep_sigmoids else None, log_prob.data_ptr(),
+        rows, units, outputs, torch.get_num_threads(),
+    ):
         logits = _native_linear(samples, weight, bias)
         draws = bernoulli_draws(logits, uniforms)
-        return draws, log_prob_of_logits(draws, logits), torch.sigmoid(logits)
+        return draws, log_prob_of_logits(draws, logits), torch.sigmoid(logits) if keep_sigmoids else sigmoids
     shape = samples.shape[:-1]
-    return draws.view(*shape, outputs), log_prob.view(shape), sigmoids.view(*shape, outputs)
+    return draws.view(*shape, outputs), log_prob.view(shape), sigmoids.view(*shape, outputs) if keep_sigmoids else sigmoids
 
 
 @_native_draw.register_fake
-def _(samples, weight, bias, uniforms):
+def _(samples, weight, bias, uniforms, keep_sigmoids):
     shape = samples.shape[:-1]
-    return samples.new_empty(*shape, weight.shape[0]), samples.new_empty(shape), samples.new_empty(*shape, weight.shape[0])
+    sigmoids = samples.new_empty(*shape, weight.shape[0]) if keep_sigmoids else samples.new_empty(0)
+    return samples.new_empty(*shape, weight.shape[0]), samples.new_empty(shape), sigmoids
 
 
 def _save_draw_outputs(ctx, inputs, output):
@@ -393,7 +406,7 @@ def _save_draw_outputs(ctx, inputs, output):
 def _native_draw_backward(ctx, _draws_grad, grad, _sigmoids_grad):
     """The log-prob's gradients for the weight and the bias, as `_native_log_prob`'s with the draws as values."""
     samples, draws, sigmoids = ctx.saved_tensors
-    return None, *_native_log_prob_weight_grad(samples, sigmoids, draws, grad), None
+    return None, *_native_log_prob_weight_grad(samples, sigmoids, draws, grad), None, None
 
 
 _native_draw.register_autograd(_native_draw_backward, setup_context=_save_draw_outputs)

@@ -254,3 +254,19 @@ def test_fused_draws_never_take_a_value_less_likely_than_half_a_uniform_step(no_
     bias = torch.tensor([-60.0, 60.0]).repeat(24).requires_grad_()
     draws, _ = draw_with_log_prob(samples, weight, bias, uniforms)
     assert torch.equal(draws, (bias.detach() > 0).float().expand_as(draws))
+
+
+def test_without_a_gradient_the_fused_ops_keep_no_sigmoids(no_separate_ops):
+    """In evaluation nothing reads the logits' sigmoids: the kernels skip writing them, and give the same results."""
+    samples, values = coin_samples((4, 100, 40)), coin_samples((100, 50), seed=2)
+    uniforms = torch.rand(4, 100, 50, generator=torch.Generator().manual_seed(5))
+    weight, bias = weights(50, 40)
+    with torch.no_grad():
+        log_prob, sigmoids = sample_linear_module._native_log_prob(samples, weight, bias, values, False)
+        draws, draw_log_prob, draw_sigmoids = sample_linear_module._native_draw(samples, weight, bias, uniforms, False)
+        assert sigmoids.numel() == 0 and draw_sigmoids.numel() == 0
+        assert torch.equal(log_prob, sample_log_prob(samples, weight, bias, values))
+    kept_log_prob, kept_sigmoids = sample_linear_module._native_log_prob(samples, weight, bias, values, True)
+    kept_draws, kept_draw_log_prob, _ = sample_linear_module._native_draw(samples, weight, bias, uniforms, True)
+    assert torch.equal(log_prob, kept_log_prob.detach()) and kept_sigmoids.shape == (4, 100, 50)
+    assert torch.equal(draws, kept_draws) and torch.equal(draw_log_prob, kept_draw_log_prob.detach())
