@@ -22,14 +22,6 @@
 #define FLUSH 64         /* vectors per lane product: at most 2^64, far from float32's 2^128 */
 #define PAST_END (-100.f) /* logit for lanes past a row's end: relu 0 and e^-100, below exp's cut-off, 0 */
 
-/* The first `count` floats at p, `fill` after (count < LANES: a row's last vector). */
-static inline vec load_filled(const float *p, int count, float fill) {
-    if (count >= LANES) return load(p);
-    float buf[LANES];
-    for (int i = 0; i < LANES; i++) buf[i] = i < count ? p[i] : fill;
-    return load(buf);
-}
-
 /* 1 / d for d in [1, 2], within an ulp: AVX-512's 14-bit estimate and a Newton step, where a
  * division would take several times as long. */
 static inline vec reciprocal(vec d) {

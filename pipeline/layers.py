@@ -140,9 +140,8 @@ class SBNLayer(BernoulliLayer):
         samples of h_1 [K, B, H] in log p(x | h_1)), sum_i h_i l_i = (h W) . cond + h . b: h W is
         computed once per data point ([B, H]), not once per sample ([K, B, D] products). On a CPU
         with AMX, one kernel takes the product and the log-prob together (`sample_log_prob`)."""
-        weight = None if self.cond_weight is None else self.cond_weight.weight
-        if base is None and cond is not None and weight is not None and fused_log_prob_applies(cond, weight, self.bias, h):
-            return sample_log_prob(cond, weight, self.bias, h)
+        if base is None and cond is not None and self._fused(cond, h):
+            return sample_log_prob(cond, self.cond_weight.weight, self.bias, h)
         if base is None and cond is not None and h.dim() < cond.dim():
             linear = (cond * (h @ self.cond_weight.weight)).sum(-1) + h @ self.bias  # [K, B]
             return linear - softplus_sum(self.cond_logits(cond))
@@ -151,10 +150,15 @@ class SBNLayer(BernoulliLayer):
     def sample_with_log_prob(self, cond=None, sample_shape=()):
         """As the base class; on a CPU with AMX, when `cond` holds samples already (Q's layers above
         the first), one kernel takes the product, the draws and their log-prob (`draw_with_log_prob`)."""
-        weight = None if self.cond_weight is None else self.cond_weight.weight
-        if cond is not None and weight is not None and not sample_shape and fused_log_prob_applies(cond, weight, self.bias):
-            return draw_with_log_prob(cond, weight, self.bias, uniform((*cond.shape[:-1], self.size), cond.dtype, cond.device))
+        if cond is not None and not sample_shape and self._fused(cond):
+            uniforms = uniform((*cond.shape[:-1], self.size), cond.dtype, cond.device)
+            return draw_with_log_prob(cond, self.cond_weight.weight, self.bias, uniforms)
         return super().sample_with_log_prob(cond, sample_shape)
+
+    def _fused(self, cond: torch.Tensor, values: torch.Tensor | None = None) -> bool:
+        """Whether this conditional's log-prob of `values` (or of its own draws) given `cond` goes to
+        the fused kernels (`fused_log_prob_applies`)."""
+        return self.cond_weight is not None and fused_log_prob_applies(cond, self.cond_weight.weight, self.bias, values)
 
     def _sample(self, base, cond, sample_shape):
         return _bernoulli(base, sample_shape), base  # base [B, size] is shared by the samples: one softplus pass

@@ -294,22 +294,34 @@ def _native_log_prob(
     flat = samples.reshape(-1, samples.shape[-1]).contiguous()  # [K B, H]
     value_rows = values.reshape(-1, values.shape[-1]).contiguous()  # [B, O] or [K B, O]
     (rows, units), outputs = flat.shape, weight.shape[0]
-    sigmoids = flat.new_empty(rows, outputs) if keep_sigmoids else flat.new_empty(0)  # [K B, O]
-    log_prob = flat.new_empty(rows)  # [K B]
+    log_prob, sigmoids = samples.new_empty(samples.shape[:-1]), _sigmoids(samples, outputs, keep_sigmoids)
     pointers = (flat, weight.contiguous(), bias.contiguous(), value_rows)
     if kernels.log_prob is None or kernels.log_prob(
-        *(t.data_ptr() for t in pointers), value_rows.shape[0], sigmoids.data_ptr() if keep_sigmoids else None,
-        log_prob.data_ptr(), rows, units, outputs, torch.get_num_threads(),
+        *(t.data_ptr() for t in pointers), value_rows.shape[0], _pointer(sigmoids), log_prob.data_ptr(),
+        rows, units, outputs, torch.get_num_threads(),
     ):
-        logits = _native_linear(samples, weight, bias)
-        return log_prob_of_logits(values, logits), torch.sigmoid(logits) if keep_sigmoids else sigmoids
-    return log_prob.view(samples.shape[:-1]), sigmoids.view(*samples.shape[:-1], outputs) if keep_sigmoids else sigmoids
+        return _log_prob_apart(values, _native_linear(samples, weight, bias), keep_sigmoids)
+    return log_prob, sigmoids
 
 
 @_native_log_prob.register_fake
 def _(samples, weight, bias, values, keep_sigmoids):
-    sigmoids = samples.new_empty(*samples.shape[:-1], weight.shape[0]) if keep_sigmoids else samples.new_empty(0)
-    return samples.new_empty(samples.shape[:-1]), sigmoids
+    return samples.new_empty(samples.shape[:-1]), _sigmoids(samples, weight.shape[0], keep_sigmoids)
+
+
+def _sigmoids(samples: torch.Tensor, outputs: int, keep: bool) -> torch.Tensor:
+    """Where the fused ops put the logits' sigmoids: [K, ..., O], or an empty tensor when none are kept."""
+    return samples.new_empty(*samples.shape[:-1], outputs) if keep else samples.new_empty(0)
+
+
+def _pointer(tensor: torch.Tensor) -> int | None:
+    """A tensor's data for the kernels: None (NULL) for an empty one (no sigmoids kept)."""
+    return tensor.data_ptr() if tensor.numel() else None
+
+
+def _log_prob_apart(values: torch.Tensor, logits: torch.Tensor, keep_sigmoids: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused ops' log-prob and sigmoids by separate ops, from the logits."""
+    return log_prob_of_logits(values, logits), torch.sigmoid(logits) if keep_sigmoids else logits.new_empty(0)
 
 
 @torch.library.custom_op(f"{_OPS}::native_log_prob_weight_grad", mutates_args=())
@@ -375,26 +387,23 @@ def _native_draw(
     kernels = _kernels()
     flat = samples.reshape(-1, samples.shape[-1]).contiguous()  # [K B, H]
     (rows, units), outputs = flat.shape, weight.shape[0]
-    flat_uniforms = uniforms.reshape(rows, outputs).contiguous()  # [K B, O]
-    draws, log_prob = flat.new_empty(rows, outputs), flat.new_empty(rows)  # [K B, O], [K B]
-    sigmoids = flat.new_empty(rows, outputs) if keep_sigmoids else flat.new_empty(0)  # [K B, O]
-    pointers = (flat, weight.contiguous(), bias.contiguous(), flat_uniforms, draws)
+    draws, log_prob = samples.new_empty(*samples.shape[:-1], outputs), samples.new_empty(samples.shape[:-1])
+    sigmoids = _sigmoids(samples, outputs, keep_sigmoids)
+    pointers = (flat, weight.contiguous(), bias.contiguous(), uniforms.contiguous(), draws)
     if kernels.draw is None or kernels.draw(
-        *(t.data_ptr() for t in pointers), sigmoids.data_ptr() if keep_sigmoids else None, log_prob.data_ptr(),
-        rows, units, outputs, torch.get_num_threads(),
+        *(t.data_ptr() for t in pointers), _pointer(sigmoids), log_prob.data_ptr(), rows, units, outputs,
+        torch.get_num_threads(),
     ):
         logits = _native_linear(samples, weight, bias)
         draws = bernoulli_draws(logits, uniforms)
-        return draws, log_prob_of_logits(draws, logits), torch.sigmoid(logits) if keep_sigmoids else sigmoids
-    shape = samples.shape[:-1]
-    return draws.view(*shape, outputs), log_prob.view(shape), sigmoids.view(*shape, outputs) if keep_sigmoids else sigmoids
+        return draws, *_log_prob_apart(draws, logits, keep_sigmoids)
+    return draws, log_prob, sigmoids
 
 
 @_native_draw.register_fake
 def _(samples, weight, bias, uniforms, keep_sigmoids):
-    shape = samples.shape[:-1]
-    sigmoids = samples.new_empty(*shape, weight.shape[0]) if keep_sigmoids else samples.new_empty(0)
-    return samples.new_empty(*shape, weight.shape[0]), samples.new_empty(shape), sigmoids
+    shape, outputs = samples.shape[:-1], weight.shape[0]
+    return samples.new_empty(*shape, outputs), samples.new_empty(shape), _sigmoids(samples, outputs, keep_sigmoids)
 
 
 def _save_draw_outputs(ctx, inputs, output):

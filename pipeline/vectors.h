@@ -46,6 +46,15 @@ static inline ivec as_bits(vec x) { return (ivec)x; }
 static inline vec splat(float x) { vec v = {0}; return v + x; }
 static inline vec pick(ivec mask, vec yes, vec no) { return as_floats((as_bits(yes) & mask) | (as_bits(no) & ~mask)); }
 
+/* load_part with `fill` past the first `count` floats (a row's last vector). */
+static inline vec load_filled(const float *p, int count, float fill) {
+    vec v = load_part(p, count);
+    if (count == LANES) return v;
+    ivec lane;
+    for (int i = 0; i < LANES; i++) lane[i] = i;
+    return pick(lane < count, v, splat(fill));
+}
+
 /* e^x for x <= 0; 0 below -87 (where e^x leaves the normal floats), NaN for NaN. */
 static inline vec exp_nonpositive(vec x) {
     ivec n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, ivec); /* round(x / ln 2): truncation of a negative */
