@@ -61,10 +61,7 @@ static inline void split(__m512 x, __m256bh parts[PARTS]) {
 }
 
 /* The first `count` floats of p, up to 16 (zeros after; none read if count <= 0). */
-static inline __m512 load16(const float *p, int64_t count) {
-    if (count >= 16) return _mm512_loadu_ps(p);
-    return _mm512_maskz_loadu_ps(count > 0 ? (__mmask16)((1u << count) - 1) : 0, p);
-}
+static inline __m512 load16(const float *p, int64_t count) { return (__m512)load_part(p, count < 16 ? (int)count : 16); }
 
 /* Which of 16 floats are 1, adding to *bad how many are neither 0 nor 1 (NaN included). */
 static inline __mmask16 ones(__m512 x, int64_t *bad) {
@@ -88,19 +85,9 @@ static void transpose_block(const float *h, int64_t M, int K, int64_t m0, int64_
     }
 }
 
-/* The output gradient [M, N] of a weight gradient: `grad` itself, or where `sigmoids` is given, that
- * of the log-prob rows of amx_linear_log_prob, row_grad[r] (values[r % value_rows] - sigmoids[r]). */
-typedef struct {
-    const float *grad, *sigmoids, *values, *row_grad;
-    int64_t value_rows;
-} output_grad;
-
 /* Entries n .. n + 15 of row r of the output gradient (zeros past N). */
 static inline __m512 output_grad16(const output_grad *g, int64_t r, int64_t n, int64_t N) {
-    int64_t count = N - n;
-    if (!g->sigmoids) return load16(g->grad + r * N + n, count);
-    __m512 values = load16(g->values + r % g->value_rows * N + n, count);
-    return _mm512_mul_ps(_mm512_set1_ps(g->row_grad[r]), _mm512_sub_ps(values, load16(g->sigmoids + r * N + n, count)));
+    return (__m512)output_grad_part(g, r, n, N, N - n < 16 ? (int)(N - n) : 16);
 }
 
 /* out[p] (VNNI, [rows/2][width][2] bfloat16, width a multiple of 16) = part p of rows m0 .. m0 +
@@ -187,15 +174,6 @@ static inline void block_products(const uint16_t *a, int64_t a_stride, uint16_t 
         }                                                                                           \
     } while (0)
 
-/* What amx_linear_log_prob and amx_linear_draw add to the product: the values (row m % value_rows for
- * row m), or uniforms [M, N] to draw them from into draws [M, N]; their log-probs log_prob [M]. */
-typedef struct {
-    const float *values;
-    int64_t value_rows;
-    const float *uniforms;
-    float *draws, *log_prob;
-} bernoulli_rows;
-
 /* Y [M, N] = h [M, K] weight [N, K]^T + bias [N] for 0/1 h; or given `rows_of`, with L those logits,
  * log_prob[m] = sum_n [v[m, n] L[m, n] - softplus(L[m, n])] for the values v (bernoulli.h) and
  * Y = sigmoid(L): each block of 32 rows of L goes to a thread's buffer, which stays in cache, and
@@ -245,7 +223,7 @@ static int64_t products(const float *h, const float *weight, const float *bias, 
                 log_prob[m] = bernoulli_log_prob(block_logits + i * Np, values, uniforms, draws, sigmoids, N);
             }
         }
-        _mm_sfence(); /* the sigmoids' streaming stores, before other threads read them */
+        store_fence(); /* the sigmoids' streaming stores, before other threads read them */
         _tile_release();
     }
     return bad;

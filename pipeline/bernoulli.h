@@ -15,9 +15,6 @@
 #define RWS_BERNOULLI_H
 
 #include "vectors.h"
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 #define FLUSH 64         /* vectors per lane product: at most 2^64, far from float32's 2^128 */
 #define PAST_END (-100.f) /* logit for lanes past a row's end: relu 0 and e^-100, below exp's cut-off, 0 */
@@ -42,34 +39,72 @@ static inline void store_streaming(float *p, int count, vec v) {
     store_part(p, count, v);
 }
 
-/* sum_i [values_i l_i - softplus(l_i)] over a row of `units` logits; writes their sigmoids, the
- * other part of the gradient d/dl_i = values_i - sigmoid(l_i), from the same e^-|l_i|, to `sigmoids`
- * unless it is NULL (streaming: the backward reads them; the writer must fence before others read them).
- * With `uniforms` instead of values, the values are drawn first and written to `draws`: v_i = 1 where
- * [u_i + 2^-25 < sigmoid(-|l_i|)] differs from [l_i > 0], as pipeline/bernoulli.py's
- * `bernoulli_draws` draws from midpoint uniforms. */
+/* Orders the streaming stores before the stores that follow (other threads may then read them). */
+static inline void store_fence(void) {
+#if defined(__AVX512F__)
+    _mm_sfence();
+#endif
+}
+
+/* One vector of a row's units: l holds `count` logits (PAST_END after them), and values, uniforms,
+ * draws and sigmoids point at the same units of their rows. Adds values l - relu(l) to *terms and
+ * multiplies *product by 1 + e^-|l|; writes the sigmoids, the other part of the gradient
+ * d/dl = values - sigmoid(l), from the same e^-|l|, unless `sigmoids` is NULL (streaming: the backward
+ * reads them; the writer must fence before others read them). With `uniforms` instead of values, the
+ * values are drawn first and written to `draws`: v = 1 where [u + 2^-25 < sigmoid(-|l|)] differs from
+ * [l > 0], as pipeline/bernoulli.py's `bernoulli_draws` draws from midpoint uniforms. */
+static inline void bernoulli_vector(vec l, const float *values, const float *uniforms, float *draws, float *sigmoids,
+                                    int count, vec *terms, vec *product) {
+    vec e = exp_nonpositive(-as_floats(as_bits(l) & 0x7fffffff)), factor = 1.f + e;
+    vec inverse = reciprocal(factor), unlikely = e * inverse; /* sigmoid(-|l|) */
+    vec v;
+    if (uniforms) {
+        vec u = load_filled(uniforms, count, 1.f);
+        v = pick((u + 0x1p-25f < unlikely) ^ (l > 0.f), splat(1.f), splat(0.f));
+        store_part(draws, count, v);
+    } else {
+        v = load_filled(values, count, 0.f);
+    }
+    *terms += v * l - pick(l < 0.f, splat(0.f), l); /* v l - relu(l); NaN stays */
+    *product *= factor;
+    if (sigmoids) store_streaming(sigmoids, count, pick(l < 0.f, unlikely, inverse)); /* e / (1 + e) or 1 / (1 + e) */
+}
+
+/* sum_i [values_i l_i - softplus(l_i)] over a row of `units` logits, by `bernoulli_vector`, whose
+ * other arguments point at the row's first unit. */
 static inline float bernoulli_log_prob(const float *logits, const float *values, const float *uniforms, float *draws,
                                        float *sigmoids, int units) {
     vec terms = {0}, logs = {0}, product = splat(1.f);
     for (int i = 0, steps = 0; i < units; i += LANES) {
         int count = units - i < LANES ? units - i : LANES;
-        vec l = load_filled(logits + i, count, PAST_END);
-        vec e = exp_nonpositive(-as_floats(as_bits(l) & 0x7fffffff)), factor = 1.f + e;
-        vec inverse = reciprocal(factor), unlikely = e * inverse; /* sigmoid(-|l|) */
-        vec v;
-        if (uniforms) {
-            vec u = load_filled(uniforms + i, count, 1.f);
-            v = pick((u + 0x1p-25f < unlikely) ^ (l > 0.f), splat(1.f), splat(0.f));
-            store_part(draws + i, count, v);
-        } else {
-            v = load_filled(values + i, count, 0.f);
-        }
-        terms += v * l - pick(l < 0.f, splat(0.f), l); /* v l - relu(l); NaN stays */
-        product *= factor;
+        bernoulli_vector(load_filled(logits + i, count, PAST_END), values ? values + i : NULL, uniforms ? uniforms + i : NULL,
+                         draws ? draws + i : NULL, sigmoids ? sigmoids + i : NULL, count, &terms, &product);
         if (++steps == FLUSH) logs += log_positive(product), product = splat(1.f), steps = 0;
-        if (sigmoids) store_streaming(sigmoids + i, count, pick(l < 0.f, unlikely, inverse)); /* e / (1 + e) or 1 / (1 + e) */
     }
     return horizontal_sum(terms - logs - log_positive(product));
+}
+
+/* What a kernel's log-prob and draw functions add to its product: the values (row m % value_rows for
+ * row m), or uniforms [M, N] to draw them from into draws [M, N]; their log-probs log_prob [M]. */
+typedef struct {
+    const float *values;
+    int64_t value_rows;
+    const float *uniforms;
+    float *draws, *log_prob;
+} bernoulli_rows;
+
+/* The output gradient [M, N] of a weight gradient: `grad` itself, or where `sigmoids` is given, that
+ * of the log-prob rows of a kernel's log-prob function, row_grad[r] (values[r % value_rows] - sigmoids[r]). */
+typedef struct {
+    const float *grad, *sigmoids, *values, *row_grad;
+    int64_t value_rows;
+} output_grad;
+
+/* Entries n .. n + count - 1 of row r of the output gradient g [M, N] (zeros after them). */
+static inline vec output_grad_part(const output_grad *g, int64_t r, int64_t n, int64_t N, int count) {
+    if (!g->sigmoids) return load_part(g->grad + r * N + n, count);
+    vec values = load_part(g->values + r % g->value_rows * N + n, count);
+    return g->row_grad[r] * (values - load_part(g->sigmoids + r * N + n, count));
 }
 
 #endif

@@ -139,7 +139,8 @@ class SBNLayer(BernoulliLayer):
         """As the base class, but when h is shared by all samples of `cond` (x [B, D] against the K
         samples of h_1 [K, B, H] in log p(x | h_1)), sum_i h_i l_i = (h W) . cond + h . b: h W is
         computed once per data point ([B, H]), not once per sample ([K, B, D] products). On a CPU
-        with AMX, one kernel takes the product and the log-prob together (`sample_log_prob`)."""
+        where the C kernels build, one kernel takes the product and the log-prob together
+        (`sample_log_prob`)."""
         if base is None and cond is not None and self._fused(cond, h):
             return sample_log_prob(cond, self.cond_weight.weight, self.bias, h)
         if base is None and cond is not None and h.dim() < cond.dim():
@@ -148,8 +149,9 @@ class SBNLayer(BernoulliLayer):
         return super().log_prob(h, cond, base)
 
     def sample_with_log_prob(self, cond=None, sample_shape=()):
-        """As the base class; on a CPU with AMX, when `cond` holds samples already (Q's layers above
-        the first), one kernel takes the product, the draws and their log-prob (`draw_with_log_prob`)."""
+        """As the base class; on a CPU where the C kernels build, when `cond` holds samples already
+        (Q's layers above the first), one kernel takes the product, the draws and their log-prob
+        (`draw_with_log_prob`)."""
         if cond is not None and not sample_shape and self._fused(cond):
             uniforms = uniform((*cond.shape[:-1], self.size), cond.dtype, cond.device)
             return draw_with_log_prob(cond, self.cond_weight.weight, self.bias, uniforms)

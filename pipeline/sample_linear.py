@@ -24,12 +24,12 @@ sums differs):
   P's bottom product ran 1.8-2.3x as fast as MKL's, and 2.0-2.2x with its backward, on the 2-core
   AMD EPYC of benchmarks/RESULTS.md.
 
-On AMX, an SBN layer's log-prob log p(v | h) = sum_o [v_o l_o - softplus(l_o)] also goes through
-the kernels in one piece (`sample_log_prob`): the product takes the log-prob from each block of
-logits while it is in cache and keeps their sigmoids (pipeline/bernoulli.h), from which the weight
-gradient's kernel forms the logits' gradient v - sigmoid(l) as it packs it. So P's [K, B, 784]
-logits are written once and read once, and each takes one exp. Q's layers above the first draw
-their units in the same epilogue (`draw_with_log_prob`), so their logits never reach memory.
+An SBN layer's log-prob log p(v | h) = sum_o [v_o l_o - softplus(l_o)] also goes through the
+kernels in one piece (`sample_log_prob`): the product takes the log-prob from the logits while they
+are in cache and keeps only their sigmoids (pipeline/bernoulli.h), from which the weight gradient's
+kernel forms the logits' gradient v - sigmoid(l) as it reads it. So P's [K, B, 784] logits never
+reach memory, and each takes one exp. Q's layers above the first draw their units in the same pass
+(`draw_with_log_prob`).
 
 The figures are `python benchmarks/sample_linear.py`'s ("Products of samples by table lookup" in
 benchmarks/RESULTS.md), which times each kernel this machine runs beside the dense products.
@@ -114,14 +114,14 @@ class _NarrowInputLinear(torch.autograd.Function):
 
 class Kernels(NamedTuple):
     """The C functions of one kernel file: Y = h W^T + b, and dW = g^T h with db = sum_n g_n (module
-    docstring); the AMX file also has the two with a Bernoulli log-prob fused in (`sample_log_prob`)."""
+    docstring); the two with a Bernoulli log-prob fused in (`sample_log_prob`), and its draws."""
 
     linear: Callable
     weight_grad: Callable
-    weight_transposed: bool  # whether `linear` takes W^T [H, O] (table lookups) or W [O, H] (AMX)
-    log_prob: Callable | None = None
-    log_prob_weight_grad: Callable | None = None
-    draw: Callable | None = None
+    weight_transposed: bool  # whether the products take W^T [H, O] (table lookups) or W [O, H] (AMX)
+    log_prob: Callable
+    log_prob_weight_grad: Callable
+    draw: Callable
 
 
 # The kernel files in the order they are preferred: AMX tiles where the CPU has them, else table lookups.
@@ -135,20 +135,21 @@ def kernel_functions(name: str) -> Kernels | None:
     library = load_library(name)
     if library is None or (name == "amx_linear" and not library.amx_ready()):
         return None
-    linear, weight_grad = getattr(library, name), getattr(library, f"{name}_weight_grad")
+    return declare(library, name)
+
+
+def declare(library: ctypes.CDLL, name: str) -> Kernels:
+    """A build of pipeline/<name>.c's functions, with their argument types."""
+    suffixes = ("", "_weight_grad", "_log_prob", "_log_prob_weight_grad", "_draw")
+    linear, weight_grad, log_prob, log_prob_weight_grad, draw = (getattr(library, name + suffix) for suffix in suffixes)
     pointer, rows, size = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    linear.argtypes = [pointer] * 4 + [rows, size, size, size]
-    weight_grad.argtypes = [pointer] * 4 + [rows, size, size, size]
-    linear.restype = weight_grad.restype = ctypes.c_int64
-    if name == "lookup_linear":
-        return Kernels(linear, weight_grad, weight_transposed=True)
-    log_prob, log_prob_weight_grad = library.amx_linear_log_prob, library.amx_linear_log_prob_weight_grad
-    draw = library.amx_linear_draw
+    linear.argtypes = weight_grad.argtypes = [pointer] * 4 + [rows, size, size, size]
     log_prob.argtypes = [pointer] * 4 + [rows] + [pointer] * 2 + [rows, size, size, size]
     log_prob_weight_grad.argtypes = [pointer] * 3 + [rows] + [pointer] * 3 + [rows, size, size, size]
     draw.argtypes = [pointer] * 7 + [rows, size, size, size]
-    log_prob.restype = log_prob_weight_grad.restype = draw.restype = ctypes.c_int64
-    return Kernels(linear, weight_grad, False, log_prob, log_prob_weight_grad, draw)
+    for function in (linear, weight_grad, log_prob, log_prob_weight_grad, draw):
+        function.restype = ctypes.c_int64
+    return Kernels(linear, weight_grad, name == "lookup_linear", log_prob, log_prob_weight_grad, draw)
 
 
 @functools.cache
@@ -186,14 +187,18 @@ def _native_linear(samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     Samples that are not all 0/1 get the dense product (the kernel counts them, and its output is dropped)."""
     kernels = _kernels()
     flat = samples.reshape(-1, samples.shape[-1]).contiguous()  # [K B, H]
-    weight_arg = weight.t().contiguous() if kernels.weight_transposed else weight.contiguous()  # [H, O] or [O, H]
-    bias = bias.contiguous()  # [O]
     (rows, units), outputs = flat.shape, weight.shape[0]
     out = flat.new_empty(rows, outputs)  # [K B, O]
-    pointers = (flat.data_ptr(), weight_arg.data_ptr(), bias.data_ptr(), out.data_ptr())
+    operands = (flat, _weight_operand(kernels, weight), bias.contiguous(), out)  # held until the kernel returns
+    pointers = (t.data_ptr() for t in operands)
     if kernels.linear(*pointers, rows, units, outputs, torch.get_num_threads()):  # not all 0/1, or no memory
         return F.linear(samples, weight, bias)
     return out.view(*samples.shape[:-1], outputs)
+
+
+def _weight_operand(kernels: Kernels, weight: torch.Tensor) -> torch.Tensor:
+    """The weight [O, H] as the kernel file takes it: W^T [H, O] (table lookups) or W [O, H] (AMX)."""
+    return weight.t().contiguous() if kernels.weight_transposed else weight.contiguous()
 
 
 @_native_linear.register_fake
@@ -237,8 +242,8 @@ def fused_log_prob_applies(
     samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, values: torch.Tensor | None = None
 ) -> bool:
     """Whether `sample_log_prob` takes these operands: a product that `sample_linear` gives to a C
-    kernel, on a CPU whose kernel file has the log-prob fused in (AMX), and values [..., O] that need
-    no gradient and match the samples' trailing dimensions (x [B, D] against samples [K, B, H]).
+    kernel, and values [..., O] that need no gradient and match the samples' trailing dimensions
+    (x [B, D] against samples [K, B, H]).
     Without values: whether `draw_with_log_prob` takes the others. Not for few outputs (Q's top
     layer, 10 units): padded to the tiles' 32 columns, the step ran 0.25 ms slower fused."""
     if values is None:
@@ -255,7 +260,7 @@ def fused_log_prob_applies(
         and values.shape[:-1] == samples.shape[samples.dim() - values.dim() : -1]
         and values.shape[-1] == weight.shape[0]
         and weight.shape[0] > _MAX_NARROW_UNITS
-        and _have_log_prob_kernels()
+        and _have_kernels()
     )
 
 
@@ -277,26 +282,20 @@ def _gradient_wanted(weight: torch.Tensor, bias: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (weight.requires_grad or bias.requires_grad)
 
 
-@torch.compiler.assume_constant_result
-def _have_log_prob_kernels() -> bool:
-    """Whether the machine's kernel file has the fused log-prob: a constant to torch.compile, like `_have_kernels`."""
-    return _have_kernels() and _kernels().log_prob is not None
-
-
 @torch.library.custom_op(f"{_OPS}::native_log_prob", mutates_args=())
 def _native_log_prob(
     samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, values: torch.Tensor, keep_sigmoids: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(values | samples) [K, ...], the logits' sigmoids [K, ..., O] for the backward, or an
-    empty tensor without `keep_sigmoids`). Where the kernel file in use (`kernel_file`) has no fused
-    log-prob, or the samples are not all 0/1, the product and the log-prob are taken apart."""
+    empty tensor without `keep_sigmoids`). Samples that are not all 0/1 (or a kernel out of memory)
+    get the product and the log-prob apart."""
     kernels = _kernels()
     flat = samples.reshape(-1, samples.shape[-1]).contiguous()  # [K B, H]
     value_rows = values.reshape(-1, values.shape[-1]).contiguous()  # [B, O] or [K B, O]
     (rows, units), outputs = flat.shape, weight.shape[0]
     log_prob, sigmoids = samples.new_empty(samples.shape[:-1]), _sigmoids(samples, outputs, keep_sigmoids)
-    pointers = (flat, weight.contiguous(), bias.contiguous(), value_rows)
-    if kernels.log_prob is None or kernels.log_prob(
+    pointers = (flat, _weight_operand(kernels, weight), bias.contiguous(), value_rows)
+    if kernels.log_prob(
         *(t.data_ptr() for t in pointers), value_rows.shape[0], _pointer(sigmoids), log_prob.data_ptr(),
         rows, units, outputs, torch.get_num_threads(),
     ):
@@ -337,7 +336,7 @@ def _native_log_prob_weight_grad(
     row_grad = grad.reshape(-1).contiguous()  # [K B]
     (rows, units), outputs = flat_samples.shape, flat_sigmoids.shape[1]
     weight_grad, bias_grad = grad.new_empty(outputs, units), grad.new_empty(outputs)  # [O, H], [O]
-    if kernels.log_prob_weight_grad is None or kernels.log_prob_weight_grad(
+    if kernels.log_prob_weight_grad(
         flat_samples.data_ptr(), flat_sigmoids.data_ptr(), value_rows.data_ptr(), value_rows.shape[0], row_grad.data_ptr(),
         weight_grad.data_ptr(), bias_grad.data_ptr(), rows, units, outputs, torch.get_num_threads(),
     ):
@@ -370,7 +369,7 @@ def draw_with_log_prob(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draws h ~ Bernoulli(sigmoid(l)) for an SBN layer's logits l = samples W^T + b, with `uniforms`
     [K, ..., O] by `bernoulli_draws`'s rule, and returns (h, log p(h | samples)),
-    the log-prob with gradients for `weight` and `bias`. On AMX one kernel does it all, as
+    the log-prob with gradients for `weight` and `bias`. One kernel does it all, as
     `sample_log_prob` does for given values: Q's middle layer's logits never reach memory. Only
     where `fused_log_prob_applies(samples, weight, bias)`."""
     draws, log_prob, _ = _native_draw(samples, weight, bias, uniforms, _gradient_wanted(weight, bias))
@@ -382,15 +381,15 @@ def _native_draw(
     samples: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, uniforms: torch.Tensor, keep_sigmoids: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(draws [K, ..., O], their log-prob [K, ...], the logits' sigmoids [K, ..., O] for the backward,
-    or an empty tensor without `keep_sigmoids`). Where the kernel file in use has no fused draw, or
-    the samples are not all 0/1, apart."""
+    or an empty tensor without `keep_sigmoids`). Samples that are not all 0/1 (or a kernel out of
+    memory) get them apart."""
     kernels = _kernels()
     flat = samples.reshape(-1, samples.shape[-1]).contiguous()  # [K B, H]
     (rows, units), outputs = flat.shape, weight.shape[0]
     draws, log_prob = samples.new_empty(*samples.shape[:-1], outputs), samples.new_empty(samples.shape[:-1])
     sigmoids = _sigmoids(samples, outputs, keep_sigmoids)
-    pointers = (flat, weight.contiguous(), bias.contiguous(), uniforms.contiguous(), draws)
-    if kernels.draw is None or kernels.draw(
+    pointers = (flat, _weight_operand(kernels, weight), bias.contiguous(), uniforms.contiguous(), draws)
+    if kernels.draw(
         *(t.data_ptr() for t in pointers), _pointer(sigmoids), log_prob.data_ptr(), rows, units, outputs,
         torch.get_num_threads(),
     ):

@@ -3,13 +3,17 @@
  * LANES: floats per vector, as wide as the target's registers (AVX-512, AVX, else 128 bits: SSE or
  * NEON). A vector wider than the registers takes two registers per value, and GCC spills them:
  * with 16 lanes on AVX2, lookup_linear.c ran 2-3x slower than MKL, with 8 lanes 1.7-1.9x faster
- * (benchmarks/RESULTS.md). GCC's vector extensions keep the kernels free of per-ISA intrinsics.
+ * (benchmarks/RESULTS.md). GCC's vector extensions keep the kernels free of per-ISA intrinsics, but
+ * for the few without a portable form (AVX-512's masked loads and reciprocal estimate).
  * Below the type: the elementwise helpers and functions that more than one kernel uses. */
 #ifndef RWS_VECTORS_H
 #define RWS_VECTORS_H
 
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #if defined(__AVX512F__)
 #define LANES 16
@@ -25,12 +29,17 @@ typedef int32_t ivec __attribute__((vector_size(LANES * sizeof(int32_t))));
 static inline vec load(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
 static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
 
-/* Loads (stores) the first `count` <= LANES floats of a vector through a zero-padded buffer. */
+/* Loads (stores) the first `count` <= LANES floats of a vector: a masked load on AVX-512, else through
+ * a zero-padded buffer. None for count <= 0 (zeros). */
 static inline vec load_part(const float *p, int count) {
     if (count == LANES) return load(p);
+#if defined(__AVX512F__)
+    return (vec)_mm512_maskz_loadu_ps(count > 0 ? (__mmask16)((1u << count) - 1) : 0, p);
+#else
     float buf[LANES] = {0};
-    memcpy(buf, p, count * sizeof(float));
+    if (count > 0) memcpy(buf, p, count * sizeof(float));
     return load(buf);
+#endif
 }
 static inline void store_part(float *p, int count, vec v) {
     if (count == LANES) return store(p, v);
@@ -46,14 +55,16 @@ static inline ivec as_bits(vec x) { return (ivec)x; }
 static inline vec splat(float x) { vec v = {0}; return v + x; }
 static inline vec pick(ivec mask, vec yes, vec no) { return as_floats((as_bits(yes) & mask) | (as_bits(no) & ~mask)); }
 
-/* load_part with `fill` past the first `count` floats (a row's last vector). */
-static inline vec load_filled(const float *p, int count, float fill) {
-    vec v = load_part(p, count);
-    if (count == LANES) return v;
+/* v with `fill` past its first `count` lanes (a row's last vector). */
+static inline vec fill_past(vec v, int count, float fill) {
+    if (count >= LANES) return v;
     ivec lane;
     for (int i = 0; i < LANES; i++) lane[i] = i;
     return pick(lane < count, v, splat(fill));
 }
+
+/* load_part with `fill` past the first `count` floats. */
+static inline vec load_filled(const float *p, int count, float fill) { return fill_past(load_part(p, count), count, fill); }
 
 /* e^x for x <= 0; 0 below -87 (where e^x leaves the normal floats), NaN for NaN. */
 static inline vec exp_nonpositive(vec x) {

@@ -70,7 +70,7 @@ def test_an_edited_header_gets_its_own_build(cache, monkeypatch, tmp_path):
     """The kernels include pipeline/vectors.h: a library built against an older header must not load."""
     sources = tmp_path / "pipeline"
     sources.mkdir()
-    for name in ("lookup_linear.c", "vectors.h", "scratch.h"):
+    for name in ("lookup_linear.c", "bernoulli.h", "vectors.h", "scratch.h"):
         shutil.copy(os.path.join(os.path.dirname(native.__file__), name), sources / name)
     monkeypatch.setattr(native, "__file__", str(sources / "native.py"))  # where load_library looks for sources
     assert native.load_library("lookup_linear") is not None

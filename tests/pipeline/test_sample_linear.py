@@ -110,6 +110,19 @@ def test_kernels_match_the_dense_product_and_gradients(shape, outputs, ones, eac
         assert_float32_close(g, e, sums_of, name)
 
 
+def test_a_nan_weight_makes_its_output_nan_in_every_row(each_kernel, no_dense_product):
+    """As in the dense product, where 0 x NaN is NaN: the rows whose unit is 0 do not hide a NaN
+    weight (the lookup tables carry it into every subset sum), and its gradient stays in its output."""
+    samples = coin_samples((4, 100, 40))
+    weight, bias = weights(50, 40)
+    with torch.no_grad():
+        weight[7, 3] = float("nan")
+    logits, weight_grad, bias_grad = value_and_grads(sample_linear, samples, weight, bias, torch.ones(4, 100, 50))
+    others = torch.arange(50) != 7
+    assert torch.isnan(logits[..., 7]).all() and not torch.isnan(logits[..., others]).any()
+    assert not torch.isnan(weight_grad).any() and not torch.isnan(bias_grad).any()  # g^T h: no NaN in g or h
+
+
 def test_kernels_are_exact_where_each_sum_has_one_term(each_kernel, no_dense_product):
     """With one 1 per sample row and per unit, every logit is one weight (bias 0) and every weight
     gradient one output gradient: no rounding, so the kernels must return them bit for bit. The

@@ -1,10 +1,10 @@
-"""`sample_log_prob`: an SBN layer's log-prob log p(values | samples) with its product, on a CPU with
-AMX one kernel that takes the softplus from each block of logits and the logits' gradient as it packs
-them (pipeline/amx_linear.c, pipeline/bernoulli.h).
+"""`sample_log_prob`: an SBN layer's log-prob log p(values | samples) with its product, one kernel
+that takes the softplus from the logits while they are in cache and the logits' gradient as it reads
+them (pipeline/amx_linear.c, pipeline/lookup_linear.c, pipeline/bernoulli.h).
 
 It must give the float64 log-prob and gradients to float32 rounding for logits small and large, be
-the path that SBN layers take on such a CPU, hand samples that are not 0/1 (and a kernel file
-without the fusion) to the separate ops, and keep NaN visible.
+the path that SBN layers take on a CPU, hand samples that are not 0/1 to the separate ops, and keep
+NaN visible. Every test runs under each kernel file this CPU runs (AMX tiles, table lookups).
 """
 
 import pytest
@@ -13,12 +13,12 @@ import torch
 import pipeline.layers as layers_module
 import pipeline.sample_linear as sample_linear_module
 from pipeline.layers import SBNLayer
-from pipeline.sample_linear import draw_with_log_prob, fused_log_prob_applies, kernel_file, sample_log_prob
+from pipeline.sample_linear import draw_with_log_prob, fused_log_prob_applies, sample_log_prob
+from .kernels import VECTOR_WIDTHS, build_for
 from .test_sample_linear import assert_float32_close, coin_samples, spy, weights
+from .test_sample_linear import each_kernel  # noqa: F401 (the fixture, for every test here)
 
-pytestmark = pytest.mark.skipif(
-    not sample_linear_module._have_log_prob_kernels(), reason="this CPU runs no kernel with the fused log-prob (AMX)"
-)
+pytestmark = pytest.mark.usefixtures("each_kernel")
 
 EPS = torch.finfo(torch.float32).eps
 
@@ -131,16 +131,6 @@ def test_samples_not_zero_or_one_take_the_separate_ops(monkeypatch):
     assert separate, "the fused kernel's output was used for samples that are not all 0/1"
 
 
-def test_a_kernel_file_without_the_fusion_takes_the_separate_ops(monkeypatch):
-    """Under `kernel_file("lookup_linear")` (the benchmarks' side-by-side runs) the op still gives the log-prob."""
-    samples, values = coin_samples((4, 100, 40)), coin_samples((100, 50), seed=2)
-    weight, bias = weights(50, 40)
-    separate = spy(monkeypatch, sample_linear_module, "_native_linear")
-    with kernel_file("lookup_linear"):
-        assert_matches_float64(samples, weight, bias, values, torch.randn(4, 100))
-    assert separate
-
-
 def test_nan_weights_give_nan_log_probs(no_separate_ops):
     samples, values = coin_samples((4, 100, 40)), coin_samples((100, 50), seed=2)
     weight, bias = weights(50, 40)
@@ -216,19 +206,16 @@ def test_fused_draws_follow_the_samplers_rule_and_score_them(logit_scale, no_sep
 
 
 def test_fused_draws_fall_back_to_the_same_rule(monkeypatch):
-    """Under a kernel file without the fusion, and for samples that are not 0/1, the separate ops draw by the same rule."""
+    """For samples that are not 0/1, the separate ops draw by the same rule and score the draws."""
     samples, uniforms = coin_samples((4, 100, 40)), torch.rand(4, 100, 50, generator=torch.Generator().manual_seed(5))
+    samples[0, 0, 0] = 0.5
     weight, bias = weights(50, 40)
     separate = spy(monkeypatch, sample_linear_module, "_native_linear")
-    with kernel_file("lookup_linear"):
-        draws, log_prob = draw_with_log_prob(samples, weight, bias, uniforms)
-    samples[0, 0, 0] = 0.5
-    odd_draws, _ = draw_with_log_prob(samples, weight, bias, uniforms)
-    assert len(separate) == 2
-    for got, the_samples in ((draws, coin_samples((4, 100, 40))), (odd_draws, samples)):
-        expected, undecided = expected_draws(the_samples, weight, bias, uniforms)
-        assert torch.equal(got[~undecided], expected[~undecided])
-    expected_log_prob, *_, terms = float64_log_prob(coin_samples((4, 100, 40)), weight, bias, draws, torch.ones(4, 100))
+    draws, log_prob = draw_with_log_prob(samples, weight, bias, uniforms)
+    assert len(separate) == 1
+    expected, undecided = expected_draws(samples, weight, bias, uniforms)
+    assert torch.equal(draws[~undecided], expected[~undecided])
+    expected_log_prob, *_, terms = float64_log_prob(samples, weight, bias, draws, torch.ones(4, 100))
     assert ((log_prob.double() - expected_log_prob).abs() <= 4 * 40**0.5 * EPS * terms).all()
 
 
@@ -270,3 +257,19 @@ def test_without_a_gradient_the_fused_ops_keep_no_sigmoids(no_separate_ops):
     kept_draws, kept_draw_log_prob, _ = sample_linear_module._native_draw(samples, weight, bias, uniforms, True)
     assert torch.equal(log_prob, kept_log_prob.detach()) and kept_sigmoids.shape == (4, 100, 50)
     assert torch.equal(draws, kept_draws) and torch.equal(draw_log_prob, kept_draw_log_prob.detach())
+
+
+@VECTOR_WIDTHS
+@pytest.mark.parametrize("each_kernel", ["lookup_linear"])  # in place of the module's fixture: this build instead
+def test_every_vector_width_of_the_lookups_matches_float64(march, flag, tmp_path, monkeypatch, no_separate_ops):
+    """The lookup kernels' width follows the compiler's target (vectors.h, LANES), and with it the
+    fused log-prob's lanes past a row's end: check each width this CPU runs."""
+    kernels = sample_linear_module.declare(build_for("lookup_linear", march, flag, tmp_path), "lookup_linear")
+    monkeypatch.setattr(sample_linear_module, "_kernels", lambda: kernels)
+    samples, values = coin_samples((7, 143, 37)), coin_samples((143, 45), seed=2)  # 1001 rows, 45 outputs: no multiple
+    weight, bias = weights(45, 37)
+    assert_matches_float64(samples, weight, bias, values, torch.randn(7, 143))
+    uniforms = torch.rand(7, 143, 45, generator=torch.Generator().manual_seed(5))
+    draws, _ = draw_with_log_prob(samples, weight, bias, uniforms)
+    expected, undecided = expected_draws(samples, weight, bias, uniforms)
+    assert torch.equal(draws[~undecided], expected[~undecided])
