@@ -9,7 +9,9 @@
  * it takes their log: one exp per unit, one log per lane per FLUSH vectors (exp and log: vectors.h).
  * Against float64, a row's log-prob is off by a few float32 ulps of its scale, as torch's float32
  * softplus is, plus the e^-|l| < 2^-25 that 1 + e rounds away (under 3e-8 nats a unit). NaN logits
- * give NaN.
+ * give NaN. The product kernels (amx_linear.c, lookup_linear.c) score their logits with
+ * `bernoulli_vector` as they produce them, and take the rows and their gradient through the two
+ * structs at the end.
  */
 #ifndef RWS_BERNOULLI_H
 #define RWS_BERNOULLI_H
