@@ -48,15 +48,14 @@ static inline void store_fence(void) {
 #endif
 }
 
-/* One vector of a row's units: l holds `count` logits (PAST_END after them), and values, uniforms,
- * draws and sigmoids point at the same units of their rows. Adds values l - relu(l) to *terms and
- * multiplies *product by 1 + e^-|l|; writes the sigmoids, the other part of the gradient
- * d/dl = values - sigmoid(l), from the same e^-|l|, unless `sigmoids` is NULL (streaming: the backward
- * reads them; the writer must fence before others read them). With `uniforms` instead of values, the
- * values are drawn first and written to `draws`: v = 1 where [u + 2^-25 < sigmoid(-|l|)] differs from
+/* One vector of a row's units: l holds `count` logits (PAST_END after them), and values, uniforms
+ * and draws point at the same units of their rows. Adds values l - relu(l) to *terms, multiplies
+ * *product by 1 + e^-|l|, and returns the sigmoids, the other part of the gradient
+ * d/dl = values - sigmoid(l), from the same e^-|l|. With `uniforms` instead of values, the values
+ * are drawn first and written to `draws`: v = 1 where [u + 2^-25 < sigmoid(-|l|)] differs from
  * [l > 0], as pipeline/bernoulli.py's `bernoulli_draws` draws from midpoint uniforms. */
-static inline void bernoulli_vector(vec l, const float *values, const float *uniforms, float *draws, float *sigmoids,
-                                    int count, vec *terms, vec *product) {
+static inline vec bernoulli_vector(vec l, const float *values, const float *uniforms, float *draws, int count, vec *terms,
+                                   vec *product) {
     vec e = exp_nonpositive(-as_floats(as_bits(l) & 0x7fffffff)), factor = 1.f + e;
     vec inverse = reciprocal(factor), unlikely = e * inverse; /* sigmoid(-|l|) */
     vec v;
@@ -69,18 +68,21 @@ static inline void bernoulli_vector(vec l, const float *values, const float *uni
     }
     *terms += v * l - pick(l < 0.f, splat(0.f), l); /* v l - relu(l); NaN stays */
     *product *= factor;
-    if (sigmoids) store_streaming(sigmoids, count, pick(l < 0.f, unlikely, inverse)); /* e / (1 + e) or 1 / (1 + e) */
+    return pick(l < 0.f, unlikely, inverse); /* e / (1 + e) or 1 / (1 + e) */
 }
 
 /* sum_i [values_i l_i - softplus(l_i)] over a row of `units` logits, by `bernoulli_vector`, whose
- * other arguments point at the row's first unit. */
+ * other arguments point at the row's first unit; writes the sigmoids unless `sigmoids` is NULL,
+ * streaming (whole rows at once: the backward reads them much later; the writer must fence before
+ * others read them). */
 static inline float bernoulli_log_prob(const float *logits, const float *values, const float *uniforms, float *draws,
                                        float *sigmoids, int units) {
     vec terms = {0}, logs = {0}, product = splat(1.f);
     for (int i = 0, steps = 0; i < units; i += LANES) {
         int count = units - i < LANES ? units - i : LANES;
-        bernoulli_vector(load_filled(logits + i, count, PAST_END), values ? values + i : NULL, uniforms ? uniforms + i : NULL,
-                         draws ? draws + i : NULL, sigmoids ? sigmoids + i : NULL, count, &terms, &product);
+        vec s = bernoulli_vector(load_filled(logits + i, count, PAST_END), values ? values + i : NULL,
+                                 uniforms ? uniforms + i : NULL, draws ? draws + i : NULL, count, &terms, &product);
+        if (sigmoids) store_streaming(sigmoids + i, count, s);
         if (++steps == FLUSH) logs += log_positive(product), product = splat(1.f), steps = 0;
     }
     return horizontal_sum(terms - logs - log_positive(product));

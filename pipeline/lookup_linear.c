@@ -162,8 +162,9 @@ static int64_t products(const float *h, const float *weight_t, const float *bias
                         const float *uniforms = rows_of->uniforms ? rows_of->uniforms + m * N + n0 : NULL;
                         float *draws = rows_of->draws ? rows_of->draws + m * N + n0 : NULL;
                         row_sums *row = sums + (m - m_first);
-                        bernoulli_vector(fill_past(acc[r], width, PAST_END), values, uniforms, draws, out, width, &row->terms,
-                                         &row->product);
+                        vec sigmoids = bernoulli_vector(fill_past(acc[r], width, PAST_END), values, uniforms, draws, width,
+                                                        &row->terms, &row->product);
+                        if (out) store_part(out, width, sigmoids); /* through the caches: streaming these strips was slower */
                     }
                 }
                 if (rows_of && (t + 1) % FLUSH == 0) /* the products' logs, before they can overflow */
@@ -173,7 +174,6 @@ static int64_t products(const float *h, const float *weight_t, const float *bias
             for (int64_t i = 0; rows_of && i < m_last - m_first; i++)
                 rows_of->log_prob[m_first + i] = horizontal_sum(sums[i].terms - log_positive(sums[i].product));
         }
-        store_fence(); /* the sigmoids' streaming stores, before other threads read them */
     }
     return failed ? -1 : 0;
 }
