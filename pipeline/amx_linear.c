@@ -229,29 +229,6 @@ static int64_t products(const float *h, const float *weight, const float *bias, 
     return bad;
 }
 
-/* Y [M, N] = h [M, K] weight [N, K]^T + bias [N] for 0/1 h. */
-int64_t amx_linear(const float *h, const float *weight, const float *bias, float *Y, int64_t M, int K, int N,
-                   int threads) {
-    return products(h, weight, bias, Y, M, K, N, threads, NULL);
-}
-
-/* The Bernoulli log-prob of values [value_rows, N] (row m % value_rows for row m) under each row of
- * logits h weight^T + bias: log_prob [M], and the logits' sigmoids in S [M, N] (for the gradient;
- * S NULL: none, when no gradient is wanted). */
-int64_t amx_linear_log_prob(const float *h, const float *weight, const float *bias, const float *values,
-                            int64_t value_rows, float *S, float *log_prob, int64_t M, int K, int N, int threads) {
-    bernoulli_rows rows_of = {.values = values, .value_rows = value_rows, .log_prob = log_prob};
-    return products(h, weight, bias, S, M, K, N, threads, &rows_of);
-}
-
-/* Draws values from the Bernoulli rows of logits h weight^T + bias with uniforms U [M, N] (into draws
- * [M, N]), and returns them as amx_linear_log_prob does with those values. */
-int64_t amx_linear_draw(const float *h, const float *weight, const float *bias, const float *U, float *draws, float *S,
-                        float *log_prob, int64_t M, int K, int N, int threads) {
-    bernoulli_rows rows_of = {.uniforms = U, .draws = draws, .log_prob = log_prob};
-    return products(h, weight, bias, S, M, K, N, threads, &rows_of);
-}
-
 /* dW [N, K] = G [M, N]^T h [M, K] for 0/1 h, and db [N] = G's column sums, for the output gradient G
  * that `g` gives: the weight and bias gradients of amx_linear. dW is taken as its transpose h^T G
  * [K, N] so that h is A and G's parts are B. Each thread sums its chunks of rows into its own [K, N]
@@ -309,20 +286,8 @@ static int64_t weight_grad(const float *h, const output_grad *g, float *dW, floa
     return failed ? -1 : bad;
 }
 
-int64_t amx_linear_weight_grad(const float *h, const float *grad, float *dW, float *db, int64_t M, int K, int N,
-                               int threads) {
-    output_grad g = {.grad = grad};
-    return weight_grad(h, &g, dW, db, M, K, N, threads);
-}
-
-/* The weight and bias gradients of amx_linear_log_prob's log-prob rows, given their gradient row_grad
- * [M] and the sigmoids S it returned: the logits' gradient is row_grad[m] (values - S[m]). */
-int64_t amx_linear_log_prob_weight_grad(const float *h, const float *sigmoids, const float *values, int64_t value_rows,
-                                        const float *row_grad, float *dW, float *db, int64_t M, int K, int N,
-                                        int threads) {
-    output_grad g = {.sigmoids = sigmoids, .values = values, .row_grad = row_grad, .value_rows = value_rows};
-    return weight_grad(h, &g, dW, db, M, K, N, threads);
-}
+/* The exported functions (bernoulli.h), with the layer's weight [N, K]. */
+PRODUCT_KERNEL_FUNCTIONS(amx_linear)
 
 #else
 int amx_ready(void) { return 0; }

@@ -111,4 +111,45 @@ static inline vec output_grad_part(const output_grad *g, int64_t r, int64_t n, i
     return g->row_grad[r] * (values - load_part(g->sigmoids + r * N + n, count));
 }
 
+/* The five functions that a product kernel file exports (pipeline/sample_linear.py's `Kernels`),
+ * over its own
+ *     static int64_t products(h, weight, bias, Y, M, K, N, threads, const bernoulli_rows *rows_of);
+ *     static int64_t weight_grad(h, const output_grad *g, dW, db, M, K, N, threads);
+ * `weight` as the file takes it (W [N, K] or its transpose). Each returns how many entries of h
+ * [M, K] are neither 0 nor 1, or -1 if memory ran out; its outputs are written only on 0.
+ *   NAME: Y [M, N] = h weight^T + bias, for 0/1 h.
+ *   NAME_log_prob: log_prob [M], the Bernoulli log-prob of values [value_rows, N] (row m %
+ *     value_rows for row m) under each row of those logits, and their sigmoids in S [M, N] (for the
+ *     gradient; S NULL: none, when no gradient is wanted).
+ *   NAME_draw: values drawn from those rows with uniforms U [M, N] into draws [M, N], then as
+ *     NAME_log_prob with them.
+ *   NAME_weight_grad: dW [N, K] = grad [M, N]^T h and db [N] = grad's column sums.
+ *   NAME_log_prob_weight_grad: the same for the gradient row_grad [M] of NAME_log_prob's rows,
+ *     whose logits' gradient is row_grad[m] (values - S[m]). */
+#define PRODUCT_KERNEL_FUNCTIONS(NAME)                                                                                   \
+    int64_t NAME(const float *h, const float *weight, const float *bias, float *Y, int64_t M, int K, int N, int threads) { \
+        return products(h, weight, bias, Y, M, K, N, threads, NULL);                                                     \
+    }                                                                                                                    \
+    int64_t NAME##_log_prob(const float *h, const float *weight, const float *bias, const float *values,                 \
+                            int64_t value_rows, float *S, float *log_prob, int64_t M, int K, int N, int threads) {       \
+        bernoulli_rows rows_of = {.values = values, .value_rows = value_rows, .log_prob = log_prob};                   \
+        return products(h, weight, bias, S, M, K, N, threads, &rows_of);                                                 \
+    }                                                                                                                    \
+    int64_t NAME##_draw(const float *h, const float *weight, const float *bias, const float *U, float *draws, float *S,  \
+                        float *log_prob, int64_t M, int K, int N, int threads) {                                         \
+        bernoulli_rows rows_of = {.uniforms = U, .draws = draws, .log_prob = log_prob};                                 \
+        return products(h, weight, bias, S, M, K, N, threads, &rows_of);                                                 \
+    }                                                                                                                    \
+    int64_t NAME##_weight_grad(const float *h, const float *grad, float *dW, float *db, int64_t M, int K, int N,         \
+                               int threads) {                                                                            \
+        output_grad g = {.grad = grad};                                                                                  \
+        return weight_grad(h, &g, dW, db, M, K, N, threads);                                                             \
+    }                                                                                                                    \
+    int64_t NAME##_log_prob_weight_grad(const float *h, const float *sigmoids, const float *values, int64_t value_rows,  \
+                                        const float *row_grad, float *dW, float *db, int64_t M, int K, int N,            \
+                                        int threads) {                                                                   \
+        output_grad g = {.sigmoids = sigmoids, .values = values, .row_grad = row_grad, .value_rows = value_rows};        \
+        return weight_grad(h, &g, dW, db, M, K, N, threads);                                                             \
+    }
+
 #endif

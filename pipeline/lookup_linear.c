@@ -178,30 +178,6 @@ static int64_t products(const float *h, const float *weight_t, const float *bias
     return failed ? -1 : 0;
 }
 
-/* Y [M, N] = h [M, K] weight_t [K, N] + bias [N] for 0/1 h (weight_t: the layer's weight transposed).
- * Returns how many entries of h are neither 0 nor 1, or -1 if memory ran out; Y is written only on 0. */
-int64_t lookup_linear(const float *h, const float *weight_t, const float *bias, float *Y, int64_t M, int K, int N,
-                      int threads) {
-    return products(h, weight_t, bias, Y, M, K, N, threads, NULL);
-}
-
-/* The Bernoulli log-prob of values [value_rows, N] (row m % value_rows for row m) under each row of
- * logits h weight_t + bias: log_prob [M], and the logits' sigmoids in S [M, N] (for the gradient;
- * S NULL: none, when no gradient is wanted). Returns as lookup_linear does. */
-int64_t lookup_linear_log_prob(const float *h, const float *weight_t, const float *bias, const float *values,
-                               int64_t value_rows, float *S, float *log_prob, int64_t M, int K, int N, int threads) {
-    bernoulli_rows rows_of = {.values = values, .value_rows = value_rows, .log_prob = log_prob};
-    return products(h, weight_t, bias, S, M, K, N, threads, &rows_of);
-}
-
-/* Draws values from the Bernoulli rows of logits h weight_t + bias with uniforms U [M, N] (into draws
- * [M, N]), and returns them as lookup_linear_log_prob does with those values. */
-int64_t lookup_linear_draw(const float *h, const float *weight_t, const float *bias, const float *U, float *draws,
-                           float *S, float *log_prob, int64_t M, int K, int N, int threads) {
-    bernoulli_rows rows_of = {.uniforms = U, .draws = draws, .log_prob = log_prob};
-    return products(h, weight_t, bias, S, M, K, N, threads, &rows_of);
-}
-
 /* dW [N, K] = G [M, N]^T h [M, K] for 0/1 h, and db [N] = G's column sums, for the output gradient G
  * that `g` gives (bernoulli.h). Returns how many entries of h are neither 0 nor 1, or -1 if memory ran
  * out; dW and db are written only on 0. */
@@ -252,18 +228,5 @@ static int64_t weight_grad(const float *h, const output_grad *g, float *dW, floa
     return failed ? -1 : 0;
 }
 
-/* The weight and bias gradients of lookup_linear for the output's gradient grad [M, N]. */
-int64_t lookup_linear_weight_grad(const float *h, const float *grad, float *dW, float *db, int64_t M, int K, int N,
-                                  int threads) {
-    output_grad g = {.grad = grad};
-    return weight_grad(h, &g, dW, db, M, K, N, threads);
-}
-
-/* The weight and bias gradients of lookup_linear_log_prob's log-prob rows, given their gradient
- * row_grad [M] and the sigmoids S it returned: the logits' gradient is row_grad[m] (values - S[m]). */
-int64_t lookup_linear_log_prob_weight_grad(const float *h, const float *sigmoids, const float *values, int64_t value_rows,
-                                           const float *row_grad, float *dW, float *db, int64_t M, int K, int N,
-                                           int threads) {
-    output_grad g = {.sigmoids = sigmoids, .values = values, .row_grad = row_grad, .value_rows = value_rows};
-    return weight_grad(h, &g, dW, db, M, K, N, threads);
-}
+/* The exported functions (bernoulli.h), with weight_t [K, N]: the layer's weight transposed. */
+PRODUCT_KERNEL_FUNCTIONS(lookup_linear)
