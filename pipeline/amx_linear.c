@@ -216,12 +216,8 @@ static int64_t products(const float *h, const float *weight, const float *bias, 
                 STORE_TILE(2, out + 16 * ld, ld, rows - 16, N - n0);
                 STORE_TILE(3, out + 16 * ld + 16, ld, rows - 16, N - n0 - 16);
             }
-            for (int64_t i = 0, m = m0; log_prob && i < rows; i++, m++) {
-                const float *values = rows_of->values ? rows_of->values + m % rows_of->value_rows * N : NULL;
-                const float *uniforms = rows_of->uniforms ? rows_of->uniforms + m * N : NULL;
-                float *draws = rows_of->draws ? rows_of->draws + m * N : NULL, *sigmoids = Y ? Y + m * N : NULL;
-                log_prob[m] = bernoulli_log_prob(block_logits + i * Np, values, uniforms, draws, sigmoids, N);
-            }
+            for (int64_t i = 0, m = m0; log_prob && i < rows; i++, m++)
+                log_prob[m] = bernoulli_log_prob(block_logits + i * Np, rows_of, m, Y ? Y + m * N : NULL, N);
         }
         store_fence(); /* the sigmoids' streaming stores, before other threads read them */
         _tile_release();

@@ -48,46 +48,6 @@ static inline void store_fence(void) {
 #endif
 }
 
-/* One vector of a row's units: l holds `count` logits (PAST_END after them), and values, uniforms
- * and draws point at the same units of their rows. Adds values l - relu(l) to *terms, multiplies
- * *product by 1 + e^-|l|, and returns the sigmoids, the other part of the gradient
- * d/dl = values - sigmoid(l), from the same e^-|l|. With `uniforms` instead of values, the values
- * are drawn first and written to `draws`: v = 1 where [u + 2^-25 < sigmoid(-|l|)] differs from
- * [l > 0], as pipeline/bernoulli.py's `bernoulli_draws` draws from midpoint uniforms. */
-static inline vec bernoulli_vector(vec l, const float *values, const float *uniforms, float *draws, int count, vec *terms,
-                                   vec *product) {
-    vec e = exp_nonpositive(-as_floats(as_bits(l) & 0x7fffffff)), factor = 1.f + e;
-    vec inverse = reciprocal(factor), unlikely = e * inverse; /* sigmoid(-|l|) */
-    vec v;
-    if (uniforms) {
-        vec u = load_filled(uniforms, count, 1.f);
-        v = pick((u + 0x1p-25f < unlikely) ^ (l > 0.f), splat(1.f), splat(0.f));
-        store_part(draws, count, v);
-    } else {
-        v = load_filled(values, count, 0.f);
-    }
-    *terms += v * l - pick(l < 0.f, splat(0.f), l); /* v l - relu(l); NaN stays */
-    *product *= factor;
-    return pick(l < 0.f, unlikely, inverse); /* e / (1 + e) or 1 / (1 + e) */
-}
-
-/* sum_i [values_i l_i - softplus(l_i)] over a row of `units` logits, by `bernoulli_vector`, whose
- * other arguments point at the row's first unit; writes the sigmoids unless `sigmoids` is NULL,
- * streaming (whole rows at once: the backward reads them much later; the writer must fence before
- * others read them). */
-static inline float bernoulli_log_prob(const float *logits, const float *values, const float *uniforms, float *draws,
-                                       float *sigmoids, int units) {
-    vec terms = {0}, logs = {0}, product = splat(1.f);
-    for (int i = 0, steps = 0; i < units; i += LANES) {
-        int count = units - i < LANES ? units - i : LANES;
-        vec s = bernoulli_vector(load_filled(logits + i, count, PAST_END), values ? values + i : NULL,
-                                 uniforms ? uniforms + i : NULL, draws ? draws + i : NULL, count, &terms, &product);
-        if (sigmoids) store_streaming(sigmoids + i, count, s);
-        if (++steps == FLUSH) logs += log_positive(product), product = splat(1.f), steps = 0;
-    }
-    return horizontal_sum(terms - logs - log_positive(product));
-}
-
 /* What a kernel's log-prob and draw functions add to its product: the values (row m % value_rows for
  * row m), or uniforms [M, N] to draw them from into draws [M, N]; their log-probs log_prob [M]. */
 typedef struct {
@@ -96,6 +56,58 @@ typedef struct {
     const float *uniforms;
     float *draws, *log_prob;
 } bernoulli_rows;
+
+/* Row m of `rows_of` from column n of N: its values, or its uniforms and draws (NULL: none). */
+typedef struct {
+    const float *values, *uniforms;
+    float *draws;
+} bernoulli_row;
+
+static inline bernoulli_row row_at(const bernoulli_rows *rows_of, int64_t m, int64_t n, int64_t N) {
+    return (bernoulli_row){
+        .values = rows_of->values ? rows_of->values + m % rows_of->value_rows * N + n : NULL,
+        .uniforms = rows_of->uniforms ? rows_of->uniforms + m * N + n : NULL,
+        .draws = rows_of->draws ? rows_of->draws + m * N + n : NULL,
+    };
+}
+
+/* One vector of a row's units: l holds `count` logits (PAST_END after them), and `row` points at the
+ * same units of the row's values, or uniforms and draws. Adds values l - relu(l) to *terms, multiplies
+ * *product by 1 + e^-|l|, and returns the sigmoids, the other part of the gradient
+ * d/dl = values - sigmoid(l), from the same e^-|l|. With `uniforms` instead of values, the values
+ * are drawn first and written to `draws`: v = 1 where [u + 2^-25 < sigmoid(-|l|)] differs from
+ * [l > 0], as pipeline/bernoulli.py's `bernoulli_draws` draws from midpoint uniforms. */
+static inline vec bernoulli_vector(vec l, bernoulli_row row, int count, vec *terms, vec *product) {
+    vec e = exp_nonpositive(-as_floats(as_bits(l) & 0x7fffffff)), factor = 1.f + e;
+    vec inverse = reciprocal(factor), unlikely = e * inverse; /* sigmoid(-|l|) */
+    vec v;
+    if (row.uniforms) {
+        vec u = load_filled(row.uniforms, count, 1.f);
+        v = pick((u + 0x1p-25f < unlikely) ^ (l > 0.f), splat(1.f), splat(0.f));
+        store_part(row.draws, count, v);
+    } else {
+        v = load_filled(row.values, count, 0.f);
+    }
+    *terms += v * l - pick(l < 0.f, splat(0.f), l); /* v l - relu(l); NaN stays */
+    *product *= factor;
+    return pick(l < 0.f, unlikely, inverse); /* e / (1 + e) or 1 / (1 + e) */
+}
+
+/* sum_i [values_i l_i - softplus(l_i)] over row m of `rows_of`, whose `units` logits are at
+ * `logits`, by `bernoulli_vector`; writes the sigmoids unless `sigmoids` is NULL, streaming (whole
+ * rows at once: the backward reads them much later; the writer must fence before others read them). */
+static inline float bernoulli_log_prob(const float *logits, const bernoulli_rows *rows_of, int64_t m, float *sigmoids,
+                                       int units) {
+    vec terms = {0}, logs = {0}, product = splat(1.f);
+    for (int i = 0, steps = 0; i < units; i += LANES) {
+        int count = units - i < LANES ? units - i : LANES;
+        vec s = bernoulli_vector(load_filled(logits + i, count, PAST_END), row_at(rows_of, m, i, units), count, &terms,
+                                 &product);
+        if (sigmoids) store_streaming(sigmoids + i, count, s);
+        if (++steps == FLUSH) logs += log_positive(product), product = splat(1.f), steps = 0;
+    }
+    return horizontal_sum(terms - logs - log_positive(product));
+}
 
 /* The output gradient [M, N] of a weight gradient: `grad` itself, or where `sigmoids` is given, that
  * of the log-prob rows of a kernel's log-prob function, row_grad[r] (values[r % value_rows] - sigmoids[r]). */

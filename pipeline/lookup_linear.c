@@ -160,11 +160,8 @@ static int64_t products(const float *h, const float *weight_t, const float *bias
                             store_part(out, width, acc[r]);
                             continue;
                         }
-                        const float *values = rows_of->values ? rows_of->values + m % rows_of->value_rows * N + n0 : NULL;
-                        const float *uniforms = rows_of->uniforms ? rows_of->uniforms + m * N + n0 : NULL;
-                        float *draws = rows_of->draws ? rows_of->draws + m * N + n0 : NULL;
                         row_sums *row = sums + (m - m_first);
-                        vec sigmoids = bernoulli_vector(fill_past(acc[r], width, PAST_END), values, uniforms, draws, width,
+                        vec sigmoids = bernoulli_vector(fill_past(acc[r], width, PAST_END), row_at(rows_of, m, n0, N), width,
                                                         &row->terms, &row->product);
                         if (out) store_part(out, width, sigmoids); /* through the caches: streaming these strips was slower */
                     }

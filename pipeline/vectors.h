@@ -49,7 +49,7 @@ static inline void store_part(float *p, int count, vec v) {
 }
 
 /* Bit casts, broadcasts, lane selection (mask: all ones or zeros per lane), and Cephes'
- * single-precision exp and log polynomials (within 2 ulp), for bernoulli.h and nade_hidden.c. */
+ * single-precision exp and log polynomials (within 2 ulp). */
 static inline vec as_floats(ivec bits) { return (vec)bits; }
 static inline ivec as_bits(vec x) { return (ivec)x; }
 static inline vec splat(float x) { vec v = {0}; return v + x; }
