@@ -57,36 +57,36 @@ typedef struct {
     float *draws, *log_prob;
 } bernoulli_rows;
 
-/* Row m of `rows_of` from column n of N: its values, or its uniforms and draws (NULL: none). */
+/* Row m of `rows_of`, of N columns: its values, or its uniforms and draws (NULL: none). */
 typedef struct {
     const float *values, *uniforms;
     float *draws;
 } bernoulli_row;
 
-static inline bernoulli_row row_at(const bernoulli_rows *rows_of, int64_t m, int64_t n, int64_t N) {
+static inline bernoulli_row row_at(const bernoulli_rows *rows_of, int64_t m, int64_t N) {
     return (bernoulli_row){
-        .values = rows_of->values ? rows_of->values + m % rows_of->value_rows * N + n : NULL,
-        .uniforms = rows_of->uniforms ? rows_of->uniforms + m * N + n : NULL,
-        .draws = rows_of->draws ? rows_of->draws + m * N + n : NULL,
+        .values = rows_of->values ? rows_of->values + m % rows_of->value_rows * N : NULL,
+        .uniforms = rows_of->uniforms ? rows_of->uniforms + m * N : NULL,
+        .draws = rows_of->draws ? rows_of->draws + m * N : NULL,
     };
 }
 
-/* One vector of a row's units: l holds `count` logits (PAST_END after them), and `row` points at the
- * same units of the row's values, or uniforms and draws. Adds values l - relu(l) to *terms, multiplies
+/* One vector of a row's units: l holds `count` logits (PAST_END after them) of the units from n on,
+ * and `row` is the row's values, or uniforms and draws. Adds values l - relu(l) to *terms, multiplies
  * *product by 1 + e^-|l|, and returns the sigmoids, the other part of the gradient
  * d/dl = values - sigmoid(l), from the same e^-|l|. With `uniforms` instead of values, the values
  * are drawn first and written to `draws`: v = 1 where [u + 2^-25 < sigmoid(-|l|)] differs from
  * [l > 0], as pipeline/bernoulli.py's `bernoulli_draws` draws from midpoint uniforms. */
-static inline vec bernoulli_vector(vec l, bernoulli_row row, int count, vec *terms, vec *product) {
+static inline vec bernoulli_vector(vec l, bernoulli_row row, int64_t n, int count, vec *terms, vec *product) {
     vec e = exp_nonpositive(-as_floats(as_bits(l) & 0x7fffffff)), factor = 1.f + e;
     vec inverse = reciprocal(factor), unlikely = e * inverse; /* sigmoid(-|l|) */
     vec v;
     if (row.uniforms) {
-        vec u = load_filled(row.uniforms, count, 1.f);
+        vec u = load_filled(row.uniforms + n, count, 1.f);
         v = pick((u + 0x1p-25f < unlikely) ^ (l > 0.f), splat(1.f), splat(0.f));
-        store_part(row.draws, count, v);
+        store_part(row.draws + n, count, v);
     } else {
-        v = load_filled(row.values, count, 0.f);
+        v = load_filled(row.values + n, count, 0.f);
     }
     *terms += v * l - pick(l < 0.f, splat(0.f), l); /* v l - relu(l); NaN stays */
     *product *= factor;
@@ -99,10 +99,10 @@ static inline vec bernoulli_vector(vec l, bernoulli_row row, int count, vec *ter
 static inline float bernoulli_log_prob(const float *logits, const bernoulli_rows *rows_of, int64_t m, float *sigmoids,
                                        int units) {
     vec terms = {0}, logs = {0}, product = splat(1.f);
+    bernoulli_row row = row_at(rows_of, m, units);
     for (int i = 0, steps = 0; i < units; i += LANES) {
         int count = units - i < LANES ? units - i : LANES;
-        vec s = bernoulli_vector(load_filled(logits + i, count, PAST_END), row_at(rows_of, m, i, units), count, &terms,
-                                 &product);
+        vec s = bernoulli_vector(load_filled(logits + i, count, PAST_END), row, i, count, &terms, &product);
         if (sigmoids) store_streaming(sigmoids + i, count, s);
         if (++steps == FLUSH) logs += log_positive(product), product = splat(1.f), steps = 0;
     }

@@ -161,7 +161,7 @@ static int64_t products(const float *h, const float *weight_t, const float *bias
                             continue;
                         }
                         row_sums *row = sums + (m - m_first);
-                        vec sigmoids = bernoulli_vector(fill_past(acc[r], width, PAST_END), row_at(rows_of, m, n0, N), width,
+                        vec sigmoids = bernoulli_vector(fill_past(acc[r], width, PAST_END), row_at(rows_of, m, N), n0, width,
                                                         &row->terms, &row->product);
                         if (out) store_part(out, width, sigmoids); /* through the caches: streaming these strips was slower */
                     }
