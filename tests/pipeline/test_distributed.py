@@ -48,17 +48,11 @@ from pipeline.estimators import Q_UPDATES, log_likelihood, rws_surrogates
 from pipeline.models import HelmholtzMachine
 
 from .enumeration import (
-    exact_log_marginal,
-    exact_posterior,
     flat_grad,
-    log_joint_table,
-    log_q_table,
     randomize_,
-    self_normalized_error_scale,
     single_thread,  # noqa: F401  (autouse fixture)
-    table_grads,
 )
-from .test_oracles import _check_gradient, all_x, make_model
+from .test_oracles import _check_gradient, all_x, make_model, p_gradient_oracle, sleep_q_oracle, wake_q_oracle
 from ..ports import free_port
 
 WORLD = 2
@@ -241,10 +235,13 @@ def _worker(rank: int, port: int, out_dir: str):
             entry = {"log_likelihood": {}}
             model = small_model(p_layer, q_layer)
             model.load_state_dict(inputs["state"])
-            for chunk_size in (K, 2):
-                cursors = serve(model, bank, q_block, p_block)
-                entry["log_likelihood"][chunk_size] = log_likelihood(model, bank["x"], K, chunk_size, group)
-                assert cursors["q"] == q_block[1], "log_likelihood did not draw this rank's share of K"
+            # One sample between two ranks: rank 1 draws none, as validation allows (only training's K must divide).
+            for num_samples, chunk_size in ((K, K), (K, 2), (1, K)):
+                share = block(num_samples, WORLD, rank)
+                cursors = serve(model, bank, share, p_block)
+                estimate = log_likelihood(model, bank["x"], num_samples, chunk_size, group)
+                entry["log_likelihood"][num_samples, chunk_size] = estimate
+                assert cursors["q"] == share[1], "log_likelihood did not draw this rank's share of K"
             for q_update in Q_UPDATES:
                 # 1 data group x 2 sample ranks: DDP over the world, the sample group splits K and B.
                 model = small_model(p_layer, q_layer)
@@ -370,11 +367,14 @@ def test_sharded_log_likelihood_equals_single_process(ranks, model_key):
     bank = all_inputs[model_key]["sample_parallel"]
     model = small_model(*next((p, q) for p, q in SMALL_MODELS if (_name(p), _name(q)) == model_key))
     model.load_state_dict(all_inputs[model_key]["state"])
+    for result in results:
+        for (num_samples, chunk_size), got in result["same_samples"][model_key]["log_likelihood"].items():
+            serve(model, bank, (0, num_samples), (0, B))
+            expected = log_likelihood(model, bank["x"], num_samples, chunk_size=K)
+            what = f"K = {num_samples}, chunk {chunk_size}"
+            torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
     serve(model, bank, (0, K), (0, B))
     expected = log_likelihood(model, bank["x"], K, chunk_size=K)
-    for result in results:
-        for chunk_size, got in result["same_samples"][model_key]["log_likelihood"].items():
-            torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"chunk {chunk_size}: {m}")
     # The plausible mistake: each rank's own K_r samples, averaged as if each were the whole estimate.
     per_rank = []
     for rank in range(WORLD):
@@ -462,28 +462,12 @@ def test_sample_parallel_gradient_matches_exact_enumeration(ranks, model_key):
     grads = results[0]["oracle"][model_key]
     p_layer, q_layer = next((p, q) for p, q in ORACLE_MODELS if (_name(p), _name(q)) == model_key)
     model = make_model(p_layer, q_layer)
-    x = all_x()
-    p_params, q_params = model.p_parameters(), model.q_parameters()
-    posterior = exact_posterior(model, x)
-    log_q = log_q_table(model, x)
-
-    exact_p = flat_grad(-exact_log_marginal(model, x).mean(), p_params)
-    error_p = self_normalized_error_scale(posterior, log_q.detach(), table_grads(model, "log_p", x, p_params), ORACLE_K)
-    unweighted = flat_grad(-(log_q.detach().exp() * log_joint_table(model, x)).sum(0).mean(), p_params)
-    _check_gradient(grads["p"], exact_p, error_p, unweighted, "S=2 P gradient")
-
-    exact_wake = flat_grad(-(posterior * log_q).sum(0).mean(), q_params)
-    error_wake = self_normalized_error_scale(posterior, log_q.detach(), table_grads(model, "log_q", x, q_params), ORACLE_K)
-    _check_gradient(grads["wake_q"], exact_wake, error_wake, torch.zeros_like(exact_wake), "S=2 wake Q gradient")
-
-    with torch.no_grad():
-        joint = log_joint_table(model, x).exp()
-    exact_sleep = flat_grad(-(joint * log_q).sum(), q_params)
-    scores = table_grads(model, "log_q", x, q_params)
-    mean_score = (joint.unsqueeze(-1) * scores).sum((0, 1))
-    error_sleep = math.sqrt((joint * ((scores - mean_score) ** 2).sum(-1)).sum().item() / ORACLE_SLEEP_DRAWS)
-    wake_for_x6 = flat_grad(-(exact_posterior(model, x[6:7]) * log_q_table(model, x[6:7])).sum(), q_params)
-    _check_gradient(grads["sleep_q"], exact_sleep, error_sleep, wake_for_x6, "S=2 sleep Q gradient")
-    # A missing factor S would halve every gradient: 0.5 g is 0.5 |g| away, far beyond these tolerances.
-    for exact, scale in [(exact_p, error_p), (exact_wake, error_wake), (exact_sleep, error_sleep)]:
-        assert 0.5 * exact.norm() > 2 * 5 * scale
+    oracles = {
+        "P": (grads["p"], p_gradient_oracle(model, all_x(), ORACLE_K)),
+        "wake Q": (grads["wake_q"], wake_q_oracle(model, all_x(), ORACLE_K)),
+        "sleep Q": (grads["sleep_q"], sleep_q_oracle(model, ORACLE_SLEEP_DRAWS)),
+    }
+    for name, (estimate, oracle) in oracles.items():
+        _check_gradient(estimate, oracle, f"S=2 {name} gradient")
+        # A missing factor S would halve the gradient: 0.5 g is 0.5 |g| away, far beyond the tolerance.
+        assert 0.5 * oracle.exact.norm() > 2 * 5 * oracle.error_scale
