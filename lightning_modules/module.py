@@ -124,7 +124,9 @@ class RWSModule(pl.LightningModule):
             784-200-200-10 step is about 1.4-1.7x faster (benchmarks/RESULTS.md). The first step pays
             the compilation (about 15 s there), so short runs and tests leave it off.
         matmul_precision: `torch.set_float32_matmul_precision` for the run: 'high' lets GPUs use
-            TF32 for the matmuls (float32 accumulation; the log-probs stay float32). Lower-precision
+            TF32 for the matmuls (float32 accumulation; the log-probs stay float32), in validation as
+            in training, so `val/log_likelihood` may differ slightly from `rws eval`'s, which always
+            multiplies in full float32. Lower-precision
             trainer settings (`--trainer.precision bf16-mixed`, ...) are refused: a log-weight of
             about -100 nats has a resolution of 0.5 nats in bfloat16.
     """
