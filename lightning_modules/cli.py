@@ -72,6 +72,11 @@ class ConciseParser(LightningArgumentParser):
         pass  # argparse calls this only on errors; --help prints the whole help, usage included
 
 
+def within(path: str | Path, directory: str | Path) -> bool:
+    """Whether `path` lies in `directory`, both resolved (so neither `..` nor a symlink fools it)."""
+    return Path(path).resolve().is_relative_to(Path(directory).resolve())
+
+
 def lightning_resolves(ckpt_path: str) -> bool:
     """Whether `--ckpt_path` is one of Lightning's own names (last, best, hpc, registry:...), not a path."""
     return str(ckpt_path).split(":")[0] in LIGHTNING_CKPT_NAMES
@@ -213,13 +218,21 @@ class RWSLightningCLI(LightningCLI):
         check_schedule(self.model.hparams.lr_schedule, self.trainer.max_epochs)
         config = self.config_init[self.subcommand]
         callback = next(cb for cb in self.trainer.callbacks if isinstance(cb, DistributedCheckpoint))
+        dirpath, ckpt_path = callback.resolve_dirpath(self.trainer), config.get("ckpt_path")
         if config.get("resume") is not None:
-            if config.get("ckpt_path") is not None:
+            if ckpt_path is not None:
                 raise ValueError("give either --resume or --ckpt_path, not both")
-            config["ckpt_path"] = resolve_resume(config["resume"], callback.resolve_dirpath(self.trainer))
-        elif config.get("ckpt_path") is None and callback.saves:
-            refuse_foreign_checkpoints(callback.resolve_dirpath(self.trainer))
+            config["ckpt_path"] = resolve_resume(config["resume"], dirpath)
+        elif callback.saves and not (ckpt_path is not None and self.continues_this_run(ckpt_path, dirpath)):
+            # A fresh run, or one branching from another run's checkpoint: either would mix its
+            # checkpoints with those already there.
+            refuse_foreign_checkpoints(dirpath)
         self.continue_checkpoint_dirs(config.get("ckpt_path"))
+
+    def continues_this_run(self, ckpt_path: str, dirpath: Path) -> bool:
+        """Whether --ckpt_path names a checkpoint of the run this fit writes: Lightning's own names
+        (last, best, ...), or a path inside its root or checkpoint directory."""
+        return lightning_resolves(ckpt_path) or any(within(ckpt_path, root) for root in (self.trainer.default_root_dir, dirpath))
 
     def before_validate(self) -> None:
         self.check_data("validate")
@@ -231,7 +244,9 @@ class RWSLightningCLI(LightningCLI):
 
     def continue_checkpoint_dirs(self, ckpt_path: str | None) -> None:
         """Lightning's ModelCheckpoint callbacks of a run continued from a checkpoint write where they
-        wrote before, if that directory is still there and no --checkpoint.dirpath says otherwise.
+        wrote before, if that directory is still there, lies inside this fit's root directory, and no
+        --checkpoint.dirpath says otherwise. A fit branching from another run's checkpoint (or from a
+        copy of a run) writes into its own version directory, with a fresh best score.
 
         Why: by default they write into the new run's logger version (`lightning_logs/version_N`),
         and a callback whose directory changed restores neither its best score nor its top k, so the
@@ -241,9 +256,13 @@ class RWSLightningCLI(LightningCLI):
         if ckpt_path is None or lightning_resolves(ckpt_path) or not Path(ckpt_path).exists():
             return
         saved = saved_checkpoint_dirs(Path(ckpt_path))
+        root = self.trainer.default_root_dir
         for callback in self.trainer.checkpoint_callbacks:
             dirpath = saved.get(callback.state_key) if isinstance(callback, ModelCheckpoint) else None
-            if dirpath is not None and callback.dirpath is None and Path(dirpath).is_dir():
+            # Only a directory of this run's own: the saved path may be relative (to where that run was
+            # started), and a copy of a run, or a fit branching from another run's checkpoint, must not
+            # write (and prune its best) there.
+            if dirpath is not None and callback.dirpath is None and Path(dirpath).is_dir() and within(dirpath, root):
                 callback.dirpath = dirpath
                 # Lightning's warning about a non-empty directory is meant for new runs; this one continues there.
                 warnings.filterwarnings("ignore", message=f"Checkpoint directory {re.escape(dirpath)} exists and is not empty")

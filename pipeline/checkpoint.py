@@ -310,8 +310,6 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: unreadable or corrupt ({type(error).__name__}: {error})") from error
 
 
-
-
 def read_marker(path: str | os.PathLike) -> dict:
     """The COMPLETE marker of checkpoint directory `path`; CheckpointError if missing or invalid."""
     path = Path(path)
@@ -324,7 +322,15 @@ def read_marker(path: str | os.PathLike) -> dict:
     for key, kind in (("step", int), ("world_size", int), ("files", dict)):
         if not isinstance(marker.get(key), kind):
             raise CheckpointError(f"{marker_path}: field {key!r} is missing or invalid")
+    for name, entry in marker["files"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)):
+            raise CheckpointError(f"{marker_path}: the entry of file {name!r} is invalid")
     return marker
+
+
+def _data_files(directory: Path) -> list[Path]:
+    """The files of a checkpoint directory that its COMPLETE marker lists: all but the marker and temporaries."""
+    return [f for f in sorted(directory.rglob("*")) if f.is_file() and f.name != MARKER and not f.name.endswith(".tmp")]
 
 
 def verify(path: str | os.PathLike) -> dict:
@@ -335,6 +341,7 @@ def verify(path: str | os.PathLike) -> dict:
     path = Path(path)
     marker = read_marker(path)
     required = {".metadata", SHARED_TREE} | {_RANK_TREE.format(r) for r in range(marker["world_size"])}
+    required |= {file.relative_to(path).as_posix() for file in _data_files(path)}  # a file it holds is checked too
     for name in sorted(required - set(marker["files"])):
         raise CheckpointError(f"{path / MARKER}: does not list {name}")
     for name, expected in sorted(marker["files"].items()):
@@ -344,9 +351,9 @@ def verify(path: str | os.PathLike) -> dict:
         if not file.is_file():
             raise CheckpointError(f"{file}: missing from checkpoint {path}")
         size = file.stat().st_size
-        if size != expected.get("size"):
-            raise CheckpointError(f"{file}: {size} bytes, the checkpoint recorded {expected.get('size')} (truncated or corrupt)")
-        if sha256_file(file) != expected.get("sha256"):
+        if size != expected["size"]:
+            raise CheckpointError(f"{file}: {size} bytes, the checkpoint recorded {expected['size']} (truncated or corrupt)")
+        if sha256_file(file) != expected["sha256"]:
             raise CheckpointError(f"{file}: sha256 differs from the one recorded at save time (corrupt)")
     return marker
 
@@ -665,10 +672,10 @@ def _next_seq(root: Path) -> int:
 
 
 def _commit(root, partial, final, world_size, step, epoch, meta, score, when, fault_hook) -> None:
-    files = {}
-    for file in sorted(partial.rglob("*")):
-        if file.is_file() and file.name != MARKER and not file.name.endswith(".tmp"):
-            files[file.relative_to(partial).as_posix()] = {"size": file.stat().st_size, "sha256": sha256_file(file)}
+    files = {
+        file.relative_to(partial).as_posix(): {"size": file.stat().st_size, "sha256": sha256_file(file)}
+        for file in _data_files(partial)
+    }
     marker = {
         "format": FORMAT,
         "name": final.name,

@@ -1,5 +1,6 @@
 """End-to-end: `rws fit` -> `rws eval` -> `rws sample` through the real command line, and its errors."""
 
+import hashlib
 import json
 import logging
 import re
@@ -346,6 +347,39 @@ def test_a_resumed_fit_keeps_its_best_checkpoint_where_it_was(tmp_path):
     assert saved == ["lightning_logs/version_0/checkpoints/best-epoch=0-step=4.ckpt", "lightning_logs/version_0/checkpoints/last.ckpt"]
     validated = rws("validate", *args[1:], "--ckpt_path", str(runs), cwd=tmp_path)
     assert validated.returncode == 0 and "dirpath has changed" not in validated.stderr, validated.stderr[-3000:]
+
+
+def test_a_fit_from_another_runs_checkpoint_never_writes_into_that_run(tmp_path):
+    """A copy of a run resumed, or a fit branching from a run's checkpoint with --ckpt_path, writes its
+    best/last checkpoints under its own root: the saved (relative) directory of the source run used to be
+    reused, so the branch replaced the source's last.ckpt and deleted its best. A branch into a directory
+    that already holds another run's checkpoints is refused, as a fresh run there is."""
+    args = ("fit", "--config", str(CONFIGS / "debug.yaml"), "--trainer.limit_train_batches", "2",
+            "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false")  # fmt: skip
+    first = rws(*args, "--trainer.max_epochs", "1", "--trainer.default_root_dir", "one", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    def saved(root: str) -> dict[str, str]:
+        """Every .ckpt under `root`, by path: its sha256."""
+        files = (tmp_path / root).rglob("*.ckpt")
+        return {path.relative_to(tmp_path / root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest() for path in files}
+
+    source = saved("one")
+    assert len(source) == 2, source.keys()  # setup: last.ckpt and a best
+    shutil.copytree(tmp_path / "one", tmp_path / "copy")
+    resumed = rws(*args, "--trainer.max_epochs", "2", "--trainer.default_root_dir", "copy", "--resume", "auto", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    branched = rws(*args, "--trainer.max_epochs", "2", "--trainer.default_root_dir", "branch", "--ckpt_path", "one",
+                   "--model.p_lr", "0.001", cwd=tmp_path)  # fmt: skip
+    assert branched.returncode == 0, branched.stderr[-3000:]
+    assert saved("one") == source
+    for root in ("copy", "branch"):
+        assert any(path.endswith("/last.ckpt") and data not in source.values() for path, data in saved(root).items()), root
+
+    refused = rws(*args, "--trainer.max_epochs", "3", "--trainer.default_root_dir", "copy", "--ckpt_path", "branch", cwd=tmp_path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert f"checkpoint directory {Path('copy') / 'checkpoints'} already holds 2 complete checkpoint(s)" in refused.stderr
+    assert saved("one") == source
 
 
 @pytest.mark.parametrize("schedule", ["constant", "exponential"])

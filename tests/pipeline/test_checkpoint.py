@@ -149,6 +149,32 @@ def test_corrupt_marker_and_json_are_named(two_checkpoints):
         ckpt.verify(tree.parent)
 
 
+@pytest.mark.parametrize("entry", [None, "abc", {"size": 10}, {"size": "10", "sha256": "0" * 64}])
+def test_a_marker_with_an_invalid_file_entry_is_named_and_skipped(two_checkpoints, entry):
+    """A marker that parses but holds a bad entry for a file: an error naming the marker and the file, and
+    `latest_complete` falls back (it used to end in an AttributeError traceback)."""
+    marker = two_checkpoints / "step000000020" / ckpt.MARKER
+    data = json.loads(marker.read_text())
+    data["files"]["__0_0.distcp"] = entry
+    marker.write_text(json.dumps(data))
+    with pytest.raises(ckpt.CheckpointError, match=rf"{marker}: the entry of file '__0_0.distcp' is invalid"):
+        ckpt.verify(marker.parent)
+    skipped = []
+    assert ckpt.latest_complete(two_checkpoints, on_skip=lambda *args: skipped.append(args)).step == 10
+    assert [path for path, _ in skipped] == [marker.parent]
+
+
+def test_verify_checks_every_file_the_checkpoint_holds(two_checkpoints):
+    """A marker that does not list one of the directory's data files is damaged: that file would go unchecked."""
+    marker = two_checkpoints / "step000000020" / ckpt.MARKER
+    data = json.loads(marker.read_text())
+    del data["files"]["__0_0.distcp"]
+    marker.write_text(json.dumps(data))
+    with pytest.raises(ckpt.CheckpointError, match=rf"{marker}: does not list __0_0.distcp"):
+        ckpt.verify(marker.parent)
+    assert ckpt.verify(two_checkpoints / "step000000010")["step"] == 10
+
+
 def test_retention_keeps_last_n_and_the_best(tmp_path):
     scores = {10: -100.0, 20: -80.0, 30: -95.0, 40: -90.0, 50: -85.0}
     for step, score in scores.items():
