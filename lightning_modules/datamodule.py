@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from pipeline.data import load_binarized_mnist
 from pipeline.shards import ShardError, ShardLocation, check_local_shards, locate_shards, read_split
-from pipeline.stream import StreamingLoader, batches_per_rank, warn_if_order_changed
+from pipeline.stream import StreamingLoader, batches_per_rank, loader_generator, warn_if_order_changed
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,11 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
             # draws its own importance samples), but they must see the same minibatches.
             # Lightning calls its set_epoch, so each epoch has its own order.
             sampler = ResumableSampler(dataset, size, rank, seed=sampler_seed(self._seed()), batch_size=batch_size)
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None:
+                # Lightning starts the first epoch's iterator before it sets the epoch, and worker
+                # processes prefetch from it at once: a fit resumed at epoch 1 trained on epoch 0's order.
+                sampler.set_epoch(trainer.current_epoch)
             if self._resume is not None:
                 sampler.resume(self._resume)
                 self._resume = None
@@ -241,6 +246,7 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
             drop_last=shuffle,  # equal batch shapes in training; evaluation keeps every point
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
+            generator=loader_generator(self._seed()),
         )
 
     def _rank_share(self, split: str, rank: int, size: int) -> torch.Tensor:

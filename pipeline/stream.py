@@ -68,6 +68,17 @@ def warn_if_order_changed(saved: dict, current: dict, keys: tuple[str, ...], wha
         )
 
 
+def loader_generator(seed: int) -> torch.Generator:
+    """A DataLoader's own generator, seeded: the base seed of its worker processes comes from it.
+
+    Why: without one, every iterator a DataLoader starts draws that seed from torch's global RNG, the
+    one the importance samples come from, so a resumed fit, which starts its iterators at other
+    points, drew other samples than the fit it continues. The workers here only read and slice data,
+    so their seed changes nothing.
+    """
+    return torch.Generator().manual_seed(seed)
+
+
 def batches_per_rank(total: int, dp_size: int, batch_size: int) -> int:
     """floor(total / (dp_size * batch_size)): the same on every rank, as DDP requires."""
     return total // (dp_size * batch_size)
@@ -350,7 +361,9 @@ class StreamingLoader:
         )  # fmt: skip
         # batch_size=None: the stream yields whole packed batches (one bytes object per batch crosses
         # the worker pipe); they are unpacked here, which costs ~50 us per batch of 100.
-        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=_no_collate)
+        loader = DataLoader(
+            stream, batch_size=None, num_workers=self.num_workers, collate_fn=_no_collate, generator=loader_generator(self.seed)
+        )
         skipped_this_epoch = 0
         for packed, skipped, error in loader:
             for url, reason in skipped:

@@ -139,6 +139,23 @@ def test_checkpoints_every_n_train_steps_inside_epochs_resume_bitwise(straight, 
     assert_same_state(training_state(checkpoints(straight)[-1].path, 1), training_state(checkpoints(run)[-1].path, 1))
 
 
+def test_resume_with_worker_processes_is_bitwise_identical(straight, tmp_path):
+    """--data.num_workers 2: the loaders keep their worker processes from epoch to epoch, so an
+    uninterrupted fit starts each loader's iterator once, and a resumed fit starts them again. Those
+    starts used to draw a seed from torch's RNG (the samples' RNG), and the first epoch's iterator,
+    started before Lightning sets the sampler's epoch, prefetched epoch 0's order: other batches,
+    other weights, another validation estimate. Resumed inside epoch 1, the run must end bitwise where
+    one without worker processes ends (the workers only slice rows), with the same score."""
+    run, workers = tmp_path / "run", ("--data.num_workers", "2", "--dcp.every_n_train_steps", "4")
+    killed = fit(run, "--trainer.max_epochs", "2", *workers, env={"RWS_FAULT_KILL_AT_STEP": str(N + 4)})
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
+    resumed = fit(run, "--trainer.max_epochs", "2", *workers, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"resuming from {run / 'checkpoints' / 'epoch0001-step000000012'}" in resumed.stdout
+    assert_same_state(training_state(checkpoints(straight)[-1].path, 1), training_state(checkpoints(run)[-1].path, 1))
+    assert checkpoints(run)[-1].score == checkpoints(straight)[-1].score
+
+
 def _recorded_batches(out_dir: Path) -> list[str]:
     return json.loads((out_dir / "rank0.json").read_text())["digests"]
 
