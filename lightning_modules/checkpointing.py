@@ -292,6 +292,8 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         _RESUME_ASKED.discard(key)  # asked for this fit only
         if self.saves and trainer.ckpt_path is None and not resume_asked:
             refuse_foreign_checkpoints(dirpath)
+        if self.saves:
+            check_directory_path(dirpath)
 
     # -- resuming
 
@@ -507,6 +509,16 @@ class DistributedCheckpoint(ValidationEpoch, Checkpoint):
         return {}
 
 
+def check_directory_path(dirpath: Path) -> None:
+    """ValueError if a file stands where `dirpath` or one of its parents must be a directory: checked
+    before training, as the first save (an epoch later) would fail there."""
+    for path in (dirpath, *dirpath.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ValueError(f"checkpoint directory {dirpath}: {path} is a file, not a directory")
+            return
+
+
 def refuse_foreign_checkpoints(dirpath: Path) -> None:
     """ValueError if `dirpath` holds complete checkpoints: a fresh run writing there would replace
     same-named ones and leave `--resume auto` to pick from two runs."""
@@ -539,18 +551,24 @@ def resolve_resume(resume: str | None, dirpath: Path) -> str | None:
 def _resume_path(resume: str, dirpath: Path) -> str | None:
     if resume == "auto":
 
+        damaged = []
+
         def skipped(path: Path, error: ckpt.CheckpointError) -> None:
-            rank_zero_warn(f"--resume auto: skipping damaged checkpoint {path} ({error}); falling back to the previous complete one")
+            damaged.append(path)
+            rank_zero_warn(f"--resume auto: skipping damaged checkpoint {path} ({error}); trying the previous complete one")
 
         info = ckpt.latest_complete(dirpath, check=True, on_skip=skipped)
         if info is None:
-            rank_zero_info(f"--resume auto: no complete checkpoint under {dirpath}; starting fresh")
+            what = "undamaged complete checkpoint" if damaged else "complete checkpoint"
+            rank_zero_info(f"--resume auto: no {what} under {dirpath}; starting fresh")
             return None
         rank_zero_info(f"--resume auto: resuming from {info.path} (epoch {info.epoch}, step {info.step})")
         _VERIFIED.add(str(info.path.resolve()))
         return str(info.path)
     path = Path(resume)
-    if path.is_dir() and not (path / ckpt.MARKER).exists() and not path.name.endswith(ckpt.PARTIAL):
+    if path.name.endswith(ckpt.PARTIAL):
+        raise ValueError(f"--resume {path}: an interrupted save, not a complete checkpoint; give the checkpoint before it")
+    if path.is_dir() and not (path / ckpt.MARKER).exists():
         infos = ckpt.list_complete(path) or ckpt.list_complete(path / "checkpoints")
         if not infos:
             raise FileNotFoundError(f"--resume {path}: no complete checkpoint in this directory")

@@ -6,10 +6,15 @@ COMPLETE marker; verified with sha256 before loading). Nothing is unpickled beyo
 plain values (torch.load(weights_only=True), and DCP's metadata through an allow-list).
 """
 
+import sys
 from pathlib import Path
 
 from lightning_modules.module import NonFiniteError, RWSModule, nonfinite_names
 from pipeline import checkpoint as ckpt
+
+
+def _warn_skipped(path: Path, error: ckpt.CheckpointError) -> None:
+    print(f"warning: skipping damaged checkpoint {path} ({error})", file=sys.stderr)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -21,7 +26,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if (path / ckpt.MARKER).is_file():
             return path
         candidates = [(p.stat().st_mtime, p) for p in path.rglob("last*.ckpt")]
-        sharded = ckpt.find_checkpoints(path)
+        sharded = ckpt.find_checkpoints(path, on_skip=_warn_skipped)
         if sharded:
             # Why the marker's time and not the write order: a .ckpt file has no sequence number.
             candidates.append((sharded[-1].time, sharded[-1].path))
@@ -44,9 +49,12 @@ def _saved_value(path: Path, key: str, tensors_as_none: bool = False):
 
 
 def read_hyperparameters(path: Path) -> dict:
-    """The model hyperparameters saved in a checkpoint file or sharded checkpoint directory ({} if
-    none); for a directory, without reading its tensors."""
-    return _saved_value(path, "hyper_parameters") or {}
+    """The model hyperparameters saved in a checkpoint file or sharded checkpoint directory (for a
+    directory, without reading its tensors); a ValueError naming the file if it holds none."""
+    saved = _saved_value(path, "hyper_parameters")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} is not an rws checkpoint: key 'hyper_parameters' is missing")
+    return saved
 
 
 def saved_checkpoint_dirs(path: Path) -> dict[str, str]:

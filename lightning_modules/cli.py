@@ -223,6 +223,8 @@ class RWSLightningCLI(LightningCLI):
             if ckpt_path is not None:
                 raise ValueError("give either --resume or --ckpt_path, not both")
             config["ckpt_path"] = resolve_resume(config["resume"], dirpath)
+            if config["ckpt_path"] is not None:
+                read_hyperparameters(Path(config["ckpt_path"]))  # Lightning's KeyError for another file names neither
         elif callback.saves and not (ckpt_path is not None and self.continues_this_run(ckpt_path, dirpath)):
             # A fresh run, or one branching from another run's checkpoint: either would mix its
             # checkpoints with those already there.
@@ -408,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             return dry_run(argv)
         RWSLightningCLI(args=args, **cli_kwargs())  # args None: LightningCLI reads sys.argv itself
         leave_process_group()
-    except (FileNotFoundError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError) as error:  # OSError: a path that cannot be read or written
         if os.environ.get("RWS_TRACEBACK"):
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error

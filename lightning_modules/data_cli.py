@@ -35,6 +35,9 @@ examples:
   rws fit --config configs/sbn_200_200_10.yaml --data.shards shards"""
 
 
+DEFAULTS = {"threshold": 0.5, "seed": 0}  # of --threshold and --seed, which are refused without their --binarize mode
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rws data", description="Dataset tools.")
     commands = parser.add_subparsers(dest="command", metavar="{prepare}")
@@ -58,8 +61,8 @@ def _parser() -> argparse.ArgumentParser:
         "or IDX file, the split it holds, from its name)",
     )
     add("--binarize", choices=("threshold", "stochastic"), help="IDX input: how to binarize the greyscale pixels")
-    add("--threshold", type=float, default=0.5, help="--binarize threshold: 1 where grey / 255 > THRESHOLD (default 0.5)")
-    add("--seed", type=int, default=0, help="--binarize stochastic: the seed of the Bernoulli draws (default 0)")
+    add("--threshold", type=float, help=f"--binarize threshold: 1 where grey / 255 > THRESHOLD (default {DEFAULTS['threshold']})")
+    add("--seed", type=int, help=f"--binarize stochastic: the seed of the Bernoulli draws (default {DEFAULTS['seed']})")
     add("--valid-size", type=int, default=0, metavar="N", help="IDX input: move the last N images into a 'valid' split")
     add("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -76,6 +79,11 @@ def data_main(argv: list[str]) -> int:
         parser.print_help(sys.stderr)
         return 2
     check_shard_size(args.shard_size)  # before reading the input, which can take a while
+    for option, mode in (("threshold", "threshold"), ("seed", "stochastic")):
+        if getattr(args, option) is None:
+            setattr(args, option, DEFAULTS[option])
+        elif args.binarize != mode:  # it would be ignored: the shards would not be what was asked for
+            raise ValueError(f"--{option} applies only with --binarize {mode}" + (f", not {args.binarize}" if args.binarize else ""))
     return _prepare(args)
 
 

@@ -21,7 +21,7 @@ from pipeline.allocator import retain_freed_memory
 from pipeline.data import SPLITS
 from pipeline.distributed import rank_seed
 from pipeline.estimators import default_chunk_size, log_likelihood
-from pipeline.fileio import atomic_write
+from pipeline.fileio import atomic_write, check_writable
 from pipeline.images import image_extensions, image_grid, save_image, square_shape
 from pipeline.shards import locate_shards
 
@@ -112,8 +112,13 @@ def eval_main(argv: list[str]) -> int:
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     # Checked before the evaluation, which can take hours, rather than when its result is written.
-    if args.per_point is not None and (args.per_point.is_dir() or not args.per_point.parent.is_dir()):
-        parser.error(f"--per-point {args.per_point}: not a file in an existing directory")
+    if args.per_point is not None:
+        if args.per_point.is_dir() or not args.per_point.parent.is_dir():
+            parser.error(f"--per-point {args.per_point}: not a file in an existing directory")
+        try:
+            check_writable(args.per_point)
+        except OSError as error:
+            parser.error(f"--per-point {args.per_point}: cannot write there ({error.strerror or error})")
 
     device = _device(args.device)
     ignore_inductor_tf32_hint()  # the estimates keep exact float32 products on purpose

@@ -191,7 +191,7 @@ def check_layout(layout: WorldLayout, num_samples: int) -> None:
 def world_layout(config: Mapping, environment: str, env: Mapping[str, str]) -> WorldLayout:
     """The checked layout of a resolved `fit` config (a dict with trainer, model, ...)."""
     trainer, model = config["trainer"], config["model"]
-    num_nodes = int(trainer.get("num_nodes") or 1)
+    num_nodes = 1 if trainer.get("num_nodes") is None else int(trainer["num_nodes"])
     if num_nodes < 1:
         raise LayoutError(f"trainer.num_nodes must be >= 1, got {num_nodes}")
     devices, source = resolve_devices(trainer.get("devices", "auto"), trainer.get("accelerator"), num_nodes, env)

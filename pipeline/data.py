@@ -17,6 +17,8 @@ Nothing here downloads anything.
 """
 
 import os
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -162,6 +164,8 @@ def _read_npz(file: Path, splits: tuple[str, ...]) -> dict[str, np.ndarray]:
     except Exception as error:  # np.load raises EOFError, BadZipFile, ValueError... for bad files
         problem = "is empty" if file.stat().st_size == 0 else f"is not a readable .npz file ({load_error_reason(error)})"
         raise ValueError(f"{file} {problem}") from error
+    if not isinstance(archive, np.lib.npyio.NpzFile):  # an .npy array under an .npz name
+        raise ValueError(f"{file} holds a single array, not an .npz archive of arrays {', '.join(map(repr, splits))}")
     with archive:
         missing = [split for split in splits if split not in archive.files]
         if missing:
@@ -175,8 +179,11 @@ def _read_npz(file: Path, splits: tuple[str, ...]) -> dict[str, np.ndarray]:
 def _load_array(archive: np.lib.npyio.NpzFile, key: str, file: Path) -> np.ndarray:
     try:
         return archive[key]
-    except ValueError as error:  # e.g. an object array, refused because pickles are disallowed
-        raise ValueError(f"{file} [{key!r}] cannot be read: {error}") from error
+    # ValueError: e.g. an object array, refused because pickles are disallowed. The archive reads each
+    # array when it is asked for, so a damaged member fails here: a bad CRC (BadZipFile), a broken
+    # compressed stream (zlib.error, an OSError), a truncated member (EOFError).
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise ValueError(f"{file} [{key!r}] cannot be read: {load_error_reason(error)}") from error
 
 
 def _to_pixels(array: np.ndarray, where: str) -> np.ndarray:

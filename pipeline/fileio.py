@@ -3,6 +3,7 @@
 import hashlib
 import os
 import pickle
+import tempfile
 from pathlib import Path
 
 _HASH_CHUNK = 1 << 20
@@ -26,6 +27,12 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_writable(path: Path) -> None:
+    """OSError if no file can be created beside `path`, as `atomic_write` will: for a check before long work."""
+    with tempfile.TemporaryFile(dir=path.parent):
+        pass
 
 
 def sha256_file(path: Path) -> str:

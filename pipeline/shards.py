@@ -263,6 +263,8 @@ _JSON_TYPES = {int: "an integer", str: "a string", list: "a list"}
 def _check_split(entry, where: str) -> None:
     """Raise ShardError naming the index, split and shard entry if `entry` is not a valid split."""
     _check_fields(entry, _SPLIT_FIELDS, where)
+    if not entry["shards"]:  # it would fail later as "no readable shard among 0", naming neither index nor split
+        raise ShardError(f"{where}.shards: the split lists no shards")
     names = set()
     for number, shard in enumerate(entry["shards"]):
         at = f"{where}.shards[{number}]"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,6 +115,8 @@ def _is_idx(path: Path) -> bool:
     try:
         with _open_maybe_gzip(path) as file:
             magic = file.read(4)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:  # gzipped but damaged: not a question of its format
+        raise ValueError(f"{path} cannot be read: {load_error_reason(error)} (a truncated or damaged download?)") from error
     except OSError:
         return False
     return len(magic) == 4 and int.from_bytes(magic, "big") in (_IDX_IMAGES_MAGIC, _IDX_LABELS_MAGIC)
@@ -122,8 +125,11 @@ def _is_idx(path: Path) -> bool:
 def read_idx_images(path: str | os.PathLike) -> np.ndarray:
     """Read a (possibly gzipped) MNIST IDX images file as greyscale uint8 [N, 784] in 0..255."""
     path = Path(path)
-    with _open_maybe_gzip(path) as file:
-        data = file.read()
+    try:
+        with _open_maybe_gzip(path) as file:
+            data = file.read()
+    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path} cannot be read: {load_error_reason(error)} (a truncated or damaged download?)") from error
     magic = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
     if magic == _IDX_LABELS_MAGIC:
         raise ValueError(f"{path} is an IDX labels file; pass the images file (e.g. train-images-idx3-ubyte)")

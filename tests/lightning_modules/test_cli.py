@@ -98,6 +98,15 @@ def test_eval_per_point_into_a_missing_directory_fails_before_evaluating(trained
     assert "rws eval K=" not in result.stderr  # no progress bar: it stopped before evaluating
 
 
+def test_eval_per_point_where_no_file_can_be_made_fails_before_evaluating(trained_run, tmp_path):
+    """A directory the OS refuses files in (here /proc, even for root): it used to fail after the whole evaluation."""
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc")
+    result = rws("eval", "--checkpoint", "runs", "--num-samples", "20", "--per-point", "/proc/points.txt", cwd=trained_run)
+    assert result.returncode == 2 and "--per-point /proc/points.txt: cannot write there" in result.stderr, result.stderr
+    assert "rws eval K=" not in result.stderr
+
+
 def test_eval_compiled_agrees_with_eager(trained_run):
     """`--compile` draws other samples (its own generator), so the two runs agree within Monte Carlo error."""
     args = ("eval", "--checkpoint", "runs", "--num-samples", "200", "--max-points", "50", "--json")
@@ -174,6 +183,39 @@ def test_commands_refuse_a_damaged_checkpoint(trained_run, tmp_path, command, da
     )  # fmt: skip
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("command, option", [("validate", "--ckpt_path"), ("fit", "--ckpt_path"), ("fit", "--resume")])
+def test_commands_refuse_a_torch_file_that_is_no_checkpoint(tmp_path, command, option):
+    """A torch file of other contents: one line naming it (Lightning's KeyError named only the key it missed)."""
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"weights": torch.ones(3)}, foreign)
+    result = rws(command, "--config", str(CONFIGS / "debug.yaml"), option, str(foreign), "--trainer.default_root_dir", "runs",
+                 cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"{foreign} is not an rws checkpoint: key 'hyper_parameters' is missing" in result.stderr
+
+
+def test_a_checkpoint_directory_under_a_file_is_refused_before_training(tmp_path):
+    """--dcp.dirpath under a file: the first save, an epoch later, used to be where it failed."""
+    (tmp_path / "file").write_text("")
+    result = rws("fit", "--config", str(CONFIGS / "debug.yaml"), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                 "--dcp.dirpath", str(tmp_path / "file" / "ckpts"), cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"checkpoint directory {tmp_path / 'file' / 'ckpts'}: {tmp_path / 'file'} is a file" in result.stderr
+    assert "val/log_likelihood" not in result.stdout + result.stderr  # refused before the epoch
+
+
+def test_outputs_that_cannot_be_written_are_one_line_naming_them(trained_run, tmp_path):
+    """An output path under a file (or anywhere the OS refuses): rws's one-line error, exit 2, not a traceback."""
+    (tmp_path / "file").write_text("")
+    for args, path in [
+        (("sample", "--checkpoint", "runs", "--out", str(tmp_path / "file" / "s.png")), tmp_path / "file"),
+        (("checkpoint", "consolidate", "runs/checkpoints", str(tmp_path / "file" / "m.pt")), tmp_path / "file"),
+    ]:
+        result = rws(*args, cwd=trained_run)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert result.stderr.startswith(f"rws {args[0]}: error: ") and str(path) in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("command", ["validate", "test", "fit"])

@@ -157,6 +157,7 @@ def test_dry_run_under_torchrun_resolves_auto_devices(capsys):
         (["--trainer.num_nodes", "2", "--trainer.devices", "3", "--model.sample_parallel", "4"], "world size 6"),
         (["--trainer.devices", "3", "--model.sample_parallel", "3", "--model.num_samples", "4"], "K = 4"),
         (["--model.num_samples", "0"], "num_samples"),  # the model's own check still runs
+        (["--trainer.num_nodes", "0"], "trainer.num_nodes must be >= 1, got 0"),  # as the real run refuses it
         (["--trainer.devices", "[0, 1]"], "lists device ids, which need GPUs"),  # the CPU accelerator of debug.yaml
     ],
 )

@@ -372,6 +372,16 @@ def test_resume_auto_with_only_damaged_checkpoints_may_start_fresh_there(tmp_pat
     callback.on_fit_start(trainer, None)  # --resume auto found nothing usable: a fresh start, as asked
 
 
+def test_resume_refuses_an_interrupted_save(tmp_path):
+    """A `.partial` directory that a crash left with its marker written (see test_checkpoint's crash
+    test) verifies, but is not a finished checkpoint: --resume names it instead of training from it."""
+    partial = tmp_path / f"epoch0000-step000000010{ckpt.PARTIAL}"
+    ckpt.save(tmp_path, "epoch0000-step000000010", {"w": torch.zeros(3)}, step=10, epoch=0)
+    (tmp_path / "epoch0000-step000000010").rename(partial)
+    with pytest.raises(ValueError, match=rf"--resume {partial}: an interrupted save, not a complete checkpoint"):
+        resolve_resume(str(partial), tmp_path)
+
+
 def test_resume_auto_says_so_when_a_marker_is_damaged(straight, tmp_path):
     root = tmp_path / "checkpoints"
     shutil.copytree(straight / "checkpoints", root)

@@ -265,6 +265,12 @@ def test_rws_data_prepare_command(tmp_path, embedded, capsys):
     assert index == json.loads((tmp_path / "out" / "index.json").read_text())
     assert data_main(["prepare", "--help"]) == 0
     assert data_main(["prepare", "--input", str(source)]) == 2
+    capsys.readouterr()
+    # Options the source's binarization would ignore: refused rather than shards other than asked for.
+    for option, value, message in [("--threshold", "0.3", "--threshold applies only with --binarize threshold"),
+                                   ("--seed", "5", "--seed applies only with --binarize stochastic")]:  # fmt: skip
+        assert cli_main(["data", "prepare", "--input", str(source), "--output", "y", "--shard-size", "5", option, value]) == 2
+        assert capsys.readouterr().err.strip() == f"rws data: error: {message}"
 
 
 def test_rws_data_prepare_reports_a_bad_output_in_one_line(tmp_path, embedded, capsys):

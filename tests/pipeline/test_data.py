@@ -254,6 +254,27 @@ def test_empty_and_corrupt_npz(tmp_path):
     assert "allow_pickle" not in str(refused.value) and "\n" not in str(refused.value)
 
 
+@pytest.mark.parametrize("compressed", [False, True], ids=["stored", "compressed"])
+def test_npz_with_a_damaged_array_names_file_and_array(tmp_path, pixels, compressed):
+    """An .npz reads each array when asked for it, so a damaged member failed there with numpy's or
+    zlib's traceback (a bad CRC, a broken compressed stream) instead of an error naming the file."""
+    path = tmp_path / "d.npz"
+    (np.savez_compressed if compressed else np.savez)(path, **pixels)
+    data = bytearray(path.read_bytes())
+    data[300:360] = bytes(60)  # inside the first member's data: the archive still opens
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"d\.npz \['train'\] cannot be read: "):
+        load_binarized_mnist(path)
+
+
+def test_npy_array_named_npz_is_named(tmp_path, pixels):
+    path = tmp_path / "one.npz"
+    with open(path, "wb") as stream:
+        np.save(stream, pixels["train"])
+    with pytest.raises(ValueError, match=r"one\.npz holds a single array, not an \.npz archive of arrays 'train'"):
+        load_binarized_mnist(path)
+
+
 # --- the full data set, when this machine has it ----------------------------------------------
 
 

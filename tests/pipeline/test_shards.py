@@ -198,6 +198,22 @@ def _truncated_idx(d: Path) -> Path:
     return path
 
 
+def _cut_gzip_idx(d: Path) -> Path:
+    """A gzipped IDX file cut in half, as an interrupted download leaves it."""
+    path = write_idx(d / "train-images-idx3-ubyte.gz", np.zeros((20, 784)), compress=True)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def _damaged_gzip_idx(d: Path) -> Path:
+    """A gzipped IDX file whose compressed stream is overwritten after its header."""
+    path = write_idx(d / "train-images-idx3-ubyte.gz", np.zeros((20, 784)), compress=True)
+    data = bytearray(path.read_bytes())
+    data[12:40] = bytes(28)
+    path.write_bytes(bytes(data))
+    return path
+
+
 def _binary_npz(d: Path) -> Path:
     np.savez(d / "p.npz", train=np.zeros((2, 784)))
     return d / "p.npz"
@@ -209,6 +225,8 @@ def _binary_npz(d: Path) -> Path:
         (_unbinarized_idx, {}, "choose --binarize"),
         (_labels_idx, {"binarize": "threshold"}, "labels file"),
         (_truncated_idx, {"binarize": "threshold"}, "truncated"),
+        (_cut_gzip_idx, {"binarize": "threshold"}, r"idx3-ubyte\.gz cannot be read: .*truncated or damaged download"),
+        (_damaged_gzip_idx, {"binarize": "threshold"}, r"idx3-ubyte\.gz cannot be read: .*truncated or damaged download"),
         (_binary_npz, {"binarize": "threshold"}, "already binary"),
         (lambda d: d / "nope.npz", {}, "does not exist"),
     ],
@@ -273,6 +291,7 @@ def _negative_count(index):
         (lambda index: index["splits"].__setitem__("train", []), r"splits.train: expected an object with keys count, .*got \[\]"),
         (lambda index: index["splits"]["train"].pop("shards"), r"splits.train: the key 'shards' is missing"),
         (lambda index: index["splits"]["train"].__setitem__("shards", {}), r"splits.train.shards: expected a list, got \{\}"),
+        (lambda index: index["splits"]["train"].update(shards=[], count=0), r"splits.train.shards: the split lists no shards"),
         (lambda index: index["splits"]["train"]["shards"].__setitem__(1, 1), r"splits.train.shards\[1\]: expected an object"),
         (_drop_key("sha256"), r"splits.train.shards\[1\]: the key 'sha256' is missing"),
         (_set("count", "10"), r"splits.train.shards\[1\].count: expected an integer, got \"10\""),
@@ -282,7 +301,7 @@ def _negative_count(index):
         (_duplicate, r"splits.train.shards\[3\]: shard 'train-000000.tar' is listed twice"),
         (_set("count", 9), r"splits.train.count: 25 differs from the sum of its shards' counts, 24"),
     ],
-    ids=["split-list", "no-shards", "shards-object", "shard-int", "no-sha256", "count-string", "bytes-bool",
+    ids=["split-list", "no-shards", "shards-object", "empty-shards", "shard-int", "no-sha256", "count-string", "bytes-bool",
          "negative-count", "name-path", "duplicate", "count-sum"],
 )  # fmt: skip
 def test_malformed_index_is_rejected_naming_file_split_entry_and_key(tmp_path, damage, message):
