@@ -83,7 +83,8 @@ def data_main(argv: list[str]) -> int:
         if getattr(args, option) is None:
             setattr(args, option, DEFAULTS[option])
         elif args.binarize != mode:  # it would be ignored: the shards would not be what was asked for
-            raise ValueError(f"--{option} applies only with --binarize {mode}" + (f", not {args.binarize}" if args.binarize else ""))
+            other = f", not {args.binarize}" if args.binarize else ""
+            raise ValueError(f"--{option} applies only with --binarize {mode}{other}")
     return _prepare(args)
 
 

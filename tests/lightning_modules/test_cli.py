@@ -199,8 +199,8 @@ def test_commands_refuse_a_torch_file_that_is_no_checkpoint(tmp_path, command, o
 def test_a_checkpoint_directory_under_a_file_is_refused_before_training(tmp_path):
     """--dcp.dirpath under a file: the first save, an epoch later, used to be where it failed."""
     (tmp_path / "file").write_text("")
-    result = rws("fit", "--config", str(CONFIGS / "debug.yaml"), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
-                 "--dcp.dirpath", str(tmp_path / "file" / "ckpts"), cwd=tmp_path)  # fmt: skip
+    result = rws("fit", "--config", str(CONFIGS / "debug.yaml"), "--trainer.max_epochs", "1",
+                 "--trainer.limit_train_batches", "2", "--dcp.dirpath", str(tmp_path / "file" / "ckpts"), cwd=tmp_path)  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"checkpoint directory {tmp_path / 'file' / 'ckpts'}: {tmp_path / 'file'} is a file" in result.stderr
     assert "val/log_likelihood" not in result.stdout + result.stderr  # refused before the epoch
