@@ -270,12 +270,16 @@ class RWSLightningCLI(LightningCLI):
                 warnings.filterwarnings("ignore", message=f"Checkpoint directory {re.escape(dirpath)} exists and is not empty")
 
     def check_data(self, stage: str) -> None:
-        """Set up the data now and check that the model's first layer fits its width.
+        """Set up the data now and check that the model's first layer fits its width (and, to fit,
+        that every data-parallel group gets a full training batch).
 
         Why here: such a model fails in the first matmul with shapes that name no setting.
         Lightning's own setup call later keeps the loaded data.
         """
         self.datamodule.setup(stage)
+        if stage == "fit":  # the loader checks it too, but only after the sanity check, in a new log directory
+            sample_parallel = int(self.model.hparams.get("sample_parallel", 1))
+            self.datamodule.check_batch_size(max(1, self.trainer.world_size // sample_parallel))
         width = next(iter(self.datamodule.splits.values()))[0].numel()
         sizes = list(self.model.hparams.layer_sizes)
         if sizes[0] != width:

@@ -208,16 +208,22 @@ class BinarizedMNISTDataModule(pl.LightningDataModule):
         # Why the global seed, not torch's: every rank must shuffle alike, and rank RNGs may differ.
         return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
+    def check_batch_size(self, dp_size: int) -> None:
+        """ValueError unless each of `dp_size` data-parallel groups gets a full training batch: an
+        epoch without one would train nothing and exit 0. After `setup("fit")`."""
+        total = self._location.train().total if self.streaming else len(self.splits["train"])
+        batch_size = self.hparams.batch_size
+        if batches_per_rank(total, dp_size, batch_size) == 0:
+            raise ValueError(
+                f"data.batch_size={batch_size} is larger than the {total // dp_size} training points of each "
+                f"of the {dp_size} data-parallel group(s) ({total} in all): no full training batch"
+            )
+
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         rank, size = self.data_parallel_layout()
         if shuffle:
             dataset = TensorDataset(self.splits[split])
-            if batches_per_rank(len(dataset), size, batch_size) == 0:
-                # As StreamingLoader for shards: an epoch without a batch would train nothing and exit 0.
-                raise ValueError(
-                    f"data.batch_size={batch_size} is larger than the {len(dataset) // size} training points of each "
-                    f"of the {size} data-parallel group(s) ({len(dataset)} in all): no full training batch"
-                )
+            self.check_batch_size(size)
             # Why a seeded sampler even for one data-parallel group: DataLoader(shuffle=True) draws
             # from the rank's torch RNG, which differs between the ranks of a sample group (each
             # draws its own importance samples), but they must see the same minibatches.

@@ -320,6 +320,7 @@ def test_fit_rejects_bad_config_values(tmp_path, override, message):
         (["fit", "--model.lr_schedule", "cosine", "--trainer.max_epochs", "-1", "--trainer.max_steps", "2"], "cosine"),
         (["fit", "--trainer.max_epochs", "1"], "already holds 1 complete checkpoint(s)"),  # the directory holds a run
         (["validate", "--ckpt_path", "missing.ckpt"], "--ckpt_path missing.ckpt: no such file or directory"),
+        (["fit", "--data.batch_size", "20000"], "data.batch_size=20000 is larger than the 10000 training points"),
     ],
 )
 def test_refusals_leave_no_log_directory(tmp_path, args, message):
