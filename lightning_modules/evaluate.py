@@ -95,7 +95,7 @@ def eval_main(argv: list[str]) -> int:
         help="run each chunk of samples through torch.compile: about 2x the throughput on a CPU, "
         "after 10-30 s of compiling (worth it for K in the thousands and up)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the importance samples (default 0)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument(
@@ -171,7 +171,7 @@ def eval_main(argv: list[str]) -> int:
 def sample_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rws sample", description="Write a grid image of samples x ~ P.")
     parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    parser.add_argument("--num", type=int, default=64, help="number of samples")
+    parser.add_argument("--num", type=int, default=64, help="number of samples (default 64)")
     parser.add_argument(
         "--out", type=Path, default=Path("samples.png"),
         help="output image (default samples.png); its extension picks the format, e.g. .png or .jpg",

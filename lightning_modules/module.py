@@ -155,8 +155,9 @@ class RWSModule(pl.LightningModule):
         if num_samples < 1 or val_num_samples < 1:
             raise ValueError(f"model.num_samples and model.val_num_samples must be >= 1, got {num_samples}, {val_num_samples}")
         for name, lr in (("model.p_lr", p_lr), ("model.q_lr", q_lr)):
-            if not (lr > 0 and math.isfinite(lr)):
-                raise ValueError(f"{name} must be a positive number, got {lr}")
+            # Below float32's largest value: the optimizers' float32 state cannot hold a larger step.
+            if not 0 < lr <= torch.finfo(torch.float32).max:
+                raise ValueError(f"{name} must be a positive number within float32's range, got {lr}")
         if not 0 <= momentum < 1:
             raise ValueError(f"model.momentum must be in [0, 1), got {momentum}")
         if not (lr_decay > 0 and math.isfinite(lr_decay)):

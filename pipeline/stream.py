@@ -364,7 +364,7 @@ class StreamingLoader:
         loader = DataLoader(
             stream, batch_size=None, num_workers=self.num_workers, collate_fn=_no_collate, generator=loader_generator(self.seed)
         )
-        skipped_this_epoch = 0
+        skipped_this_epoch, remaining = 0, self.num_batches - skip
         for packed, skipped, error in loader:
             for url, reason in skipped:
                 skipped_this_epoch += 1
@@ -375,10 +375,13 @@ class StreamingLoader:
                 raise ShardError(error)
             if self.count_on_yield:
                 self.consumed += 1
+            remaining -= 1
+            if remaining == 0 and skipped_this_epoch:
+                # Before the epoch's last batch, not after the loop: Lightning takes len(loader)
+                # batches and never resumes this generator, so code after the loop does not run.
+                log.warning(
+                    "rank %d, epoch %d: %d bad shard read(s) skipped; their samples were replaced by samples of the "
+                    "following shards",
+                    self.dp_rank, epoch, skipped_this_epoch,
+                )  # fmt: skip
             yield unpack_rows(packed)  # [B, 784]
-        if skipped_this_epoch:
-            log.warning(
-                "rank %d, epoch %d: %d bad shard read(s) skipped; their samples were replaced by samples of the "
-                "following shards",
-                self.dp_rank, epoch, skipped_this_epoch,
-            )  # fmt: skip

@@ -283,6 +283,7 @@ def test_eval_errors_name_the_file(trained_run, tmp_path):
     [
         (["--model.num_samples", "0"], "num_samples"),
         (["--model.q_update", "dream"], "q_update"),
+        (["--model.p_lr", "1e39"], "model.p_lr must be a positive number within float32's range, got 1e+39"),
         (["--model.p_layer", "rbm"], "p_layer: unknown layer type 'rbm'"),
         (["--data.path", "/nonexistent/mnist.npz"], "/nonexistent/mnist.npz"),
         (["--trainer.precision", "bf16-mixed"], "trainer.precision='bf16-mixed'"),

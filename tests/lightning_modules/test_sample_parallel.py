@@ -128,7 +128,8 @@ def _first_epoch_indices(rank: int, layout: tuple[int, int], monkeypatch) -> lis
     module.setup("fit")
     datamodule = BinarizedMNISTDataModule(batch_size=50)
     datamodule.splits = {"train": torch.arange(1000).unsqueeze(1)}  # the data are the indices
-    datamodule.trainer = _Stub(lightning_module=_Stub(data_parallel_layout=lambda: layout), global_rank=rank, world_size=2)
+    module_stub = _Stub(data_parallel_layout=lambda: layout)
+    datamodule.trainer = _Stub(lightning_module=module_stub, global_rank=rank, world_size=2, current_epoch=0)
     loader = datamodule.train_dataloader()
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(0)  # what Lightning's fit loop does
