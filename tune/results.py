@@ -33,7 +33,8 @@ def checkpoint_dir(result: tune.Result) -> str | None:
 
 def trial_rows(results: tune.ResultGrid, spec: SearchSpec) -> list[dict[str, Any]]:
     """One row per started trial: score, epochs, status, sampled values, checkpoint; best first,
-    trials without a score last.
+    then the failed trials (best first: a trial that diverged may have scored well before), then
+    the trials without a score.
 
     All from each trial's last result (`ReportToRay` puts the best so far into each report):
     Ray saves it with the experiment state, while the result history is synced to storage later
@@ -55,7 +56,7 @@ def trial_rows(results: tune.ResultGrid, spec: SearchSpec) -> list[dict[str, Any
             "checkpoint": str(Path(checkpoint) / CHECKPOINT_FILE) if (checkpoint := checkpoint_dir(result)) else "",
         }
         rows.append(row)
-    rows.sort(key=lambda row: -row[METRIC] if not math.isnan(row[METRIC]) else math.inf)
+    rows.sort(key=lambda row: (math.isnan(row[METRIC]), row["status"] == "error", -row[METRIC]))
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank
     return [{key: row[key] for key in (*COLUMNS, *spec.space, "checkpoint")} for row in rows]
@@ -75,7 +76,8 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None)
 
 
 def write_results(rows: list[dict[str, Any]], spec: SearchSpec, directory: Path) -> dict[str, Path]:
-    """Write trials.csv, trials.md and (when a trial reported a score) best.yaml; returns their paths."""
+    """Write trials.csv, trials.md and, when a trial that did not fail reported a score, best.yaml
+    (else remove an earlier one); returns their paths."""
     paths = {"csv": directory / "trials.csv", "markdown": directory / "trials.md"}
     with paths["csv"].open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n")  # not csv's \r\n: cut and awk read it
@@ -83,7 +85,9 @@ def write_results(rows: list[dict[str, Any]], spec: SearchSpec, directory: Path)
         writer.writerows(rows)
     paths["markdown"].write_text(markdown_table(rows))
     best = rows[0]
-    if not math.isnan(best[METRIC]):
+    if math.isnan(best[METRIC]) or best["status"] == "error":
+        (directory / "best.yaml").unlink(missing_ok=True)  # from before a --resume: no trial stands behind it now
+    else:
         sampled = {key: best[key] for key in spec.space}
         header = (
             f"# Best of {len(rows)} trials of `rws tune` experiment {spec.name!r}: trial {best['trial']},\n"

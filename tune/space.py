@@ -33,6 +33,7 @@ class SearchConfigError(ValueError):
 # Derived keys: they set model.layer_sizes = [D, width, ..., width, top_width] (`depth` latent layers).
 DERIVED = ("depth", "width", "top_width")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")  # randint: both bounds included
+EPOCH_KEYS = ("trainer.max_epochs", "trainer.check_val_every_n_epoch")  # set ASHA's rungs: the same in every trial
 SECTIONS = ("fixed", "space")  # their keys are whole dotted fit keys, not nested YAML paths
 
 # Every top-level key of the search YAML, with its default.
@@ -223,9 +224,9 @@ def apply_override(raw: dict, key: str, value: Any) -> None:
         raise SearchConfigError(f"--{key}: unknown setting {section!r}; known: {', '.join(SETTINGS)}")
     if section in SECTIONS and rest:
         entries = dict(raw.get(section) or {})
-        if value is None:
+        if value is None and section == "space":  # no longer searched: the base config's value
             entries.pop(rest, None)
-        else:
+        else:  # `--fixed.KEY null` sets null, as `fixed: {KEY: null}` in the file does
             entries[rest] = value
         raw[section] = entries
     elif rest:
@@ -270,13 +271,29 @@ def load_spec(path: str | Path, overrides: list[tuple[str, Any]] = ()) -> Search
         settings["fixed"]["data.path"] = absolute_data_path(settings["fixed"]["data.path"], "fixed.data.path")
     if isinstance(settings["fixed"].get("data.shards"), str):
         settings["fixed"]["data.shards"] = absolute_shards(settings["fixed"]["data.shards"])
+    # The same for the choices of a searched data set, which each trial would look for in its own directory.
+    _map_choices(settings["space"], "data.path", lambda value: absolute_data_path(value, "space.data.path"))
+    _map_choices(settings["space"], "data.shards", absolute_shards)
     spec = SearchSpec(settings, read_base_config(settings["base_config"]))
+    every = spec.fixed_setting("trainer.check_val_every_n_epoch")
+    if spec.max_epochs and _is_positive_int(every) and every < spec.max_epochs and spec.max_epochs % every:
+        raise SearchConfigError(
+            f"trainer.max_epochs ({spec.max_epochs}) must be a multiple of trainer.check_val_every_n_epoch ({every}) "
+            "in a search: ASHA counts validations, and would stop every trial at the last one"
+        )
     if settings["scheduler"]["grace_period"] > spec.last_rung:  # Ray would only assert it once the search started
         raise SearchConfigError(
             f"scheduler.grace_period ({settings['scheduler']['grace_period']}) must be <= ASHA's last rung, "
             f"{spec.last_rung}: the validated epochs of a trial (trainer.max_epochs / check_val_every_n_epoch)"
         )
     return spec
+
+
+def _map_choices(space: dict, key: str, function) -> None:
+    """Apply `function` to the string values of `space[key]`'s choice list, if it has one."""
+    entry = space.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("choice"), list):
+        entry["choice"] = [function(value) if isinstance(value, str) else value for value in entry["choice"]]
 
 
 def parse_yaml(text: str, where: str) -> Any:
@@ -312,6 +329,18 @@ def check_settings(settings: dict, path: Path) -> dict:
             raise SearchConfigError(f"{section} must be a mapping of dotted rws fit keys, got {settings[section]!r}")
     if not settings["space"]:
         raise SearchConfigError("space is empty: nothing to search")
+    for key, value in settings["fixed"].items():
+        if "." not in key and isinstance(value, dict):  # set_dotted would replace the base config's whole section
+            raise SearchConfigError(
+                f"fixed.{key}: give dotted keys, e.g. fixed: {{{key}.{next(iter(value), 'KEY')}: ...}}; a mapping would "
+                f"replace the base config's whole {key!r} section"
+            )
+    for key in EPOCH_KEYS:
+        if key in settings["space"]:
+            raise SearchConfigError(
+                f"space.{key}: not searchable, as ASHA needs the same number of validated epochs in every trial; "
+                "put it in fixed"
+            )
     both = sorted(set(settings["fixed"]) & set(settings["space"]))
     if both:
         raise SearchConfigError(f"{both[0]!r} is both in fixed and in space")
@@ -390,6 +419,8 @@ def read_base_config(path: Any) -> dict:
         )
     if isinstance(get_dotted(base, "data.path"), str):
         set_dotted(base, "data.path", absolute_data_path(get_dotted(base, "data.path"), f"{path}: data.path"))
+    if isinstance(get_dotted(base, "data.shards"), str):
+        set_dotted(base, "data.shards", absolute_shards(get_dotted(base, "data.shards")))
     return base
 
 

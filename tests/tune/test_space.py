@@ -75,6 +75,9 @@ def test_command_line_overrides(tmp_path):
     assert spec.fixed == {"trainer.max_epochs": 5} and spec.max_epochs == 5
     assert spec.scheduler == {"grace_period": 3, "reduction_factor": 2}  # merged with the defaults
     assert spec.num_trials == 7
+    # `--fixed.KEY null` sets null (here: the embedded data instead of the base config's file), as in the file.
+    nulled = load_spec(write_search(tmp_path), [("fixed.data.path", None)])
+    assert nulled.fixed["data.path"] is None and nulled.fit_config({})["data"]["path"] is None
 
 
 def test_randint_includes_its_upper_bound(tmp_path):
@@ -189,6 +192,14 @@ def test_existing_experiment_needs_resume_or_a_new_name(tmp_path, capsys):
             "scheduler.grace_period (2) must be <= ASHA's last rung, 1",  # one report per validated epoch
         ),
         (["--space.width", "{choice: [1,"], "--space.width '{choice: [1,': not valid YAML"),
+        # ASHA's rungs: a searched or non-dividing number of epochs silently cut trials short
+        (["--space.trainer.max_epochs", "{choice: [3, 4]}"], "space.trainer.max_epochs: not searchable"),
+        (
+            ["--fixed.trainer.max_epochs", "5", "--fixed.trainer.check_val_every_n_epoch", "2"],
+            "trainer.max_epochs (5) must be a multiple of trainer.check_val_every_n_epoch (2)",
+        ),
+        # a mapping replaced the base config's whole section
+        (["--fixed.model", "{val_num_samples: 20}"], "fixed.model: give dotted keys, e.g. fixed: {model.val_num_samples: ...}"),
         (["--fixed.trainer.limit_val_batches", "0"], "fixed.trainer.limit_val_batches = 0: trainer.limit_val_batches=0"),
         (["--fixed.trainer.check_val_every_n_epoch", "4"], "trainer.check_val_every_n_epoch=4 is more than trainer.max_epochs=3"),
         (["--fixed.trainer.devices", "2"], "fixed.trainer.devices = 2: trainer.devices=2: Ray starts a trial's processes"),
@@ -224,6 +235,13 @@ def test_relative_shards_are_made_absolute_for_the_trials(tmp_path, monkeypatch)
     assert spec.fixed["data.shards"] == str(tmp_path / "shards")  # trials run in their own directories
     url = load_spec(write_search(tmp_path), [("fixed.data.shards", "pipe:cat x/train-{0..3}.tar")])
     assert url.fixed["data.shards"] == "pipe:cat x/train-{0..3}.tar"
+    # In the base config and in the space too: each trial looked for them in its own directory.
+    base = tmp_path / "fit.yaml"
+    base.write_text(yaml.safe_dump({**yaml.safe_load((CONFIGS / "debug.yaml").read_text()), "data": {"shards": "shards"}}))
+    assert load_spec(write_search(tmp_path, base_config=str(base))).base["data"]["shards"] == str(tmp_path / "shards")
+    (tmp_path / "a.npz").touch()
+    searched = load_spec(write_search(tmp_path), [("space.data.path", {"choice": ["a.npz", None]})])
+    assert searched.space["data.path"] == ("choice", [str(tmp_path / "a.npz"), None])
 
 
 def test_bad_fixed_key_is_blamed_not_the_first_space_key(tmp_path, capsys):

@@ -362,7 +362,7 @@ def test_report_to_ray_carries_the_best_score_so_far_through_a_retry():
 def test_results_table_reads_each_trial_from_its_last_result(tmp_path):
     """The table needs no result history (an interrupted search may have lost it): score, epochs and checkpoint come
     from the last result; a trial without a score goes last."""
-    from tune.results import trial_rows
+    from tune.results import trial_rows, write_results
     from tune.space import load_spec
     from tune.trial import BEST_METRIC
 
@@ -375,16 +375,23 @@ def test_results_table_reads_each_trial_from_its_last_result(tmp_path):
             checkpoint=SimpleNamespace(path=str(tmp_path / trial)),
         )  # fmt: skip
 
+    diverged = result("d", **{METRIC: -900.0, BEST_METRIC: -200.0, "best_epoch": 0, "epoch": 3})
+    diverged.error = RuntimeError("the training losses are NaN")
     rows = trial_rows([
         result("a", **{METRIC: -300.0, BEST_METRIC: -250.0, "best_epoch": 0, "epoch": 1}),
         result("b"),
+        diverged,  # the best score, but it failed: ranked after the trials that did not
         result("c", **{METRIC: -240.0, BEST_METRIC: -240.0, "best_epoch": 2, "epoch": 2}),
     ], spec)  # fmt: skip
-    assert [(row["trial"], row["rank"], row["best_epoch"], row["epochs"]) for row in rows] == [
-        ("c", 1, 2, 3), ("a", 2, 0, 2), ("b", 3, None, 0),
+    assert [(row["trial"], row["rank"], row["status"], row["best_epoch"], row["epochs"]) for row in rows] == [
+        ("c", 1, "ok", 2, 3), ("a", 2, "ok", 0, 2), ("d", 3, "error", 0, 4), ("b", 4, "ok", None, 0),
     ]  # fmt: skip
-    assert [row[METRIC] for row in rows[:2]] == [-240.0, -250.0] and math.isnan(rows[2][METRIC])
+    assert [row[METRIC] for row in rows[:3]] == [-240.0, -250.0, -200.0] and math.isnan(rows[3][METRIC])
     assert rows[0]["checkpoint"] == str(tmp_path / "c" / "checkpoint.ckpt")
+    assert "trial c," in write_results(rows, spec, tmp_path)["best"].read_text()
+    # Only failed trials and trials without a score: no best.yaml, and none left from before.
+    assert "best" not in write_results([row for row in rows if row["trial"] in ("d", "b")], spec, tmp_path)
+    assert not (tmp_path / "best.yaml").exists()
 
 
 @pytest.mark.parametrize("finished, failed, code", [(2, 0, 0), (1, 1, 0), (0, 2, 1)])
