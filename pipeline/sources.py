@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import gzip
 import os
-import zlib
 import struct
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
