@@ -139,6 +139,7 @@ def test_checkpoints_every_n_train_steps_inside_epochs_resume_bitwise(straight, 
     assert_same_state(training_state(checkpoints(straight)[-1].path, 1), training_state(checkpoints(run)[-1].path, 1))
 
 
+@pytest.mark.slow  # two fits with worker processes, 20 s
 def test_resume_with_worker_processes_is_bitwise_identical(straight, tmp_path):
     """--data.num_workers 2: the loaders keep their worker processes from epoch to epoch, so an
     uninterrupted fit starts each loader's iterator once, and a resumed fit starts them again. Those
