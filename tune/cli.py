@@ -17,13 +17,17 @@ from typing import Any
 
 from tune.space import SearchConfigError, load_spec, parse_yaml
 
-EPILOG = """Any setting of the search YAML can be overridden as --KEY VALUE (VALUE is YAML), with dotted
+EPILOG = """Any setting of the search YAML can be overridden as --KEY VALUE (VALUE is YAML; a name or path as given), with dotted
 keys inside sections: --space.depth '{choice: [1, 2]}', --space.model.q_lr null (drop from the
 space), --fixed.trainer.max_epochs 5, --scheduler.grace_period 2, --searcher random."""
 
 
+# Settings that are names and paths, taken as given: as YAML, `--name 2024` would be a number.
+TEXT_SETTINGS = ("name", "storage_path", "base_config")
+
+
 def parse_overrides(rest: list[str]) -> list[tuple[str, Any]]:
-    """`--KEY VALUE` pairs after the known options -> [(KEY, YAML value)]."""
+    """`--KEY VALUE` pairs after the known options -> [(KEY, YAML value, or the text for TEXT_SETTINGS)]."""
     overrides = []
     items = iter(rest)
     for item in items:
@@ -34,7 +38,8 @@ def parse_overrides(rest: list[str]) -> list[tuple[str, Any]]:
             value = next(items, None)
             if value is None:
                 raise SearchConfigError(f"--{key} needs a value")
-        overrides.append((key.replace("-", "_"), parse_yaml(value, f"--{key} {value!r}")))  # --storage-path = --storage_path
+        key = key.replace("-", "_")  # --storage-path = --storage_path
+        overrides.append((key, value if key in TEXT_SETTINGS else parse_yaml(value, f"--{key} {value!r}")))
     return overrides
 
 

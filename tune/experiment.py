@@ -120,12 +120,15 @@ class ProgressLines(tune.Callback):
             )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        epochs = trial.last_result.get("training_iteration", 0)
+        # The epoch, not training_iteration, which counts reports (one per validated epoch).
+        epoch = trial.last_result.get("epoch")
+        epochs = epoch + 1 if isinstance(epoch, int) else 0
         print(f"{self._status(trials)} trial {trial.trial_id} finished after {epochs} epoch(s)", flush=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         print(
-            f"{self._status(trials)} trial {trial.trial_id} failed ({trial.path}/error.txt); retrying from its last checkpoint",
+            f"{self._status(trials)} trial {trial.trial_id} failed ({trial.path}/error.txt); "
+            "retrying from its last checkpoint, if it saved one",
             flush=True,
         )
 

@@ -9,7 +9,7 @@ import ray
 import yaml
 
 from lightning_modules.cli import main
-from tune.cli import check_address
+from tune.cli import check_address, parse_overrides
 from tune.experiment import param_space
 from tune.space import apply_override, load_spec, parse_distribution
 from tune.trial import check_fit_configs
@@ -78,6 +78,12 @@ def test_command_line_overrides(tmp_path):
     # `--fixed.KEY null` sets null (here: the embedded data instead of the base config's file), as in the file.
     nulled = load_spec(write_search(tmp_path), [("fixed.data.path", None)])
     assert nulled.fixed["data.path"] is None and nulled.fit_config({})["data"]["path"] is None
+
+
+def test_names_and_paths_on_the_command_line_are_text():
+    """As YAML, `--name 2024` was the number 2024, refused as "not a directory name", and `--name yes` was True."""
+    overrides = parse_overrides(["--name", "2024", "--storage-path", "0755", "--num-trials", "3", "--name=yes"])
+    assert overrides == [("name", "2024"), ("storage_path", "0755"), ("num_trials", 3), ("name", "yes")]
 
 
 def test_randint_includes_its_upper_bound(tmp_path):
