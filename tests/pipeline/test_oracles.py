@@ -377,22 +377,22 @@ def _sleep_batch(model: HelmholtzMachine) -> torch.Tensor:
     return all_binary(model.layer_sizes[0])[-1].expand(SLEEP_DRAWS, model.layer_sizes[0])
 
 
-def test_p_gradient_matches_exact_gradient_of_log_likelihood(model, backend):
+def _check_wake_gradients(surrogates, estimator: HelmholtzMachine, model: HelmholtzMachine, x: torch.Tensor,
+                          num_samples: int, what: str = ""):  # fmt: skip
+    """P's and Q's gradients of a wake step of `estimator` (`model` on some backend) against their oracles."""
+    p_estimate = flat_grad(surrogates.p_loss, estimator.p_parameters())
+    _check_gradient(p_estimate, p_gradient_oracle(model, x, num_samples), f"{what}P gradient")
+    q_estimate = flat_grad(surrogates.q_loss, estimator.q_parameters())
+    _check_gradient(q_estimate, wake_q_oracle(model, x, num_samples), f"{what}wake Q gradient")
+
+
+def test_wake_gradients_match_exact_values(model, backend):
+    """One wake step: P's gradient ~ -grad mean_x log p(x), Q's ~ -mean_x E_P(h|x)[grad log q(h|x)]."""
     torch.manual_seed(5)
     x = all_x()
     estimator = backend.model(model)
     surrogates = rws_surrogates(estimator, backend.data(x), GRADIENT_SAMPLES, q_update="wake")
-    estimate = flat_grad(surrogates.p_loss, estimator.p_parameters())
-    _check_gradient(estimate, p_gradient_oracle(model, x, GRADIENT_SAMPLES), "P gradient")
-
-
-def test_wake_q_gradient_matches_exact_posterior_expectation(model, backend):
-    torch.manual_seed(6)
-    x = all_x()
-    estimator = backend.model(model)
-    surrogates = rws_surrogates(estimator, backend.data(x), GRADIENT_SAMPLES, q_update="wake")
-    estimate = flat_grad(surrogates.q_loss, estimator.q_parameters())
-    _check_gradient(estimate, wake_q_oracle(model, x, GRADIENT_SAMPLES), "wake Q gradient")
+    _check_wake_gradients(surrogates, estimator, model, x, GRADIENT_SAMPLES)
 
 
 def test_sleep_q_gradient_matches_exact_expectation_under_p(model, backend):
@@ -446,10 +446,7 @@ def test_compiled_step_gradients_match_exact_gradients(p_layer, q_layer, device)
     model32 = backend.model(model)
     step = torch.compile(rws_surrogates, dynamic=False)
     surrogates = step(model32, backend.data(x), GRADIENT_SAMPLES, "wake")
-    p_estimate = flat_grad(surrogates.p_loss, model32.p_parameters())
-    _check_gradient(p_estimate, p_gradient_oracle(model, x, GRADIENT_SAMPLES), "compiled P gradient")
-    q_estimate = flat_grad(surrogates.q_loss, model32.q_parameters())
-    _check_gradient(q_estimate, wake_q_oracle(model, x, GRADIENT_SAMPLES), "compiled wake Q gradient")
+    _check_wake_gradients(surrogates, model32, model, x, GRADIENT_SAMPLES, "compiled ")
     _check_log_likelihood(exact_dtype(surrogates.log_likelihood), model, x, GRADIENT_SAMPLES)
     sleep = step(model32, backend.data(_sleep_batch(model)), 1, "sleep")
     sleep_estimate = flat_grad(sleep.q_loss, model32.q_parameters())
@@ -469,9 +466,6 @@ def test_estimators_match_exact_values_at_other_depths(layer_sizes, p_layer, q_l
     _check_log_likelihood(log_likelihood(model, x, 50_000), model, x, 50_000)
     num_samples = 4 * GRADIENT_SAMPLES  # x has only 8 values here, and the deeper model's gradients are smaller
     surrogates = rws_surrogates(model, x, num_samples, q_update="wake")
-    p_estimate = flat_grad(surrogates.p_loss, model.p_parameters())
-    _check_gradient(p_estimate, p_gradient_oracle(model, x, num_samples), "P gradient")
-    q_estimate = flat_grad(surrogates.q_loss, model.q_parameters())
-    _check_gradient(q_estimate, wake_q_oracle(model, x, num_samples), "wake Q gradient")
+    _check_wake_gradients(surrogates, model, model, x, num_samples)
     sleep = rws_surrogates(model, _sleep_batch(model), 1, q_update="sleep")
     _check_gradient(flat_grad(sleep.q_loss, model.q_parameters()), sleep_q_oracle(model, SLEEP_DRAWS), "sleep Q gradient")
