@@ -108,6 +108,10 @@ def _open_maybe_gzip(path: Path):
     return gzip.open(path, "rb") if gzipped else open(path, "rb")
 
 
+def _unreadable(path: Path, error: BaseException) -> ValueError:
+    return ValueError(f"{path} cannot be read: {load_error_reason(error)} (a truncated or damaged download?)")
+
+
 def _is_idx(path: Path) -> bool:
     # Why sniff the magic number: IDX files come named `train-images-idx3-ubyte`, `*.idx`, gzipped or not.
     if path.suffix.lower() in (".npz", ".amat"):
@@ -116,7 +120,7 @@ def _is_idx(path: Path) -> bool:
         with _open_maybe_gzip(path) as file:
             magic = file.read(4)
     except (gzip.BadGzipFile, EOFError, zlib.error) as error:  # gzipped but damaged: not a question of its format
-        raise ValueError(f"{path} cannot be read: {load_error_reason(error)} (a truncated or damaged download?)") from error
+        raise _unreadable(path, error) from error
     except OSError:
         return False
     return len(magic) == 4 and int.from_bytes(magic, "big") in (_IDX_IMAGES_MAGIC, _IDX_LABELS_MAGIC)
@@ -129,7 +133,7 @@ def read_idx_images(path: str | os.PathLike) -> np.ndarray:
         with _open_maybe_gzip(path) as file:
             data = file.read()
     except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
-        raise ValueError(f"{path} cannot be read: {load_error_reason(error)} (a truncated or damaged download?)") from error
+        raise _unreadable(path, error) from error
     magic = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
     if magic == _IDX_LABELS_MAGIC:
         raise ValueError(f"{path} is an IDX labels file; pass the images file (e.g. train-images-idx3-ubyte)")

@@ -33,6 +33,7 @@ class SearchConfigError(ValueError):
 # Derived keys: they set model.layer_sizes = [D, width, ..., width, top_width] (`depth` latent layers).
 DERIVED = ("depth", "width", "top_width")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")  # randint: both bounds included
+DATA_KEYS = ("data.path", "data.shards")  # relative paths in them are made absolute (`absolute_data`)
 EPOCH_KEYS = ("trainer.max_epochs", "trainer.check_val_every_n_epoch")  # set ASHA's rungs: the same in every trial
 SECTIONS = ("fixed", "space")  # their keys are whole dotted fit keys, not nested YAML paths
 
@@ -201,12 +202,16 @@ class SearchSpec:
         return epochs if isinstance(epochs, int) and epochs > 0 else None
 
     @property
+    def validation_interval(self) -> int:
+        """trainer.check_val_every_n_epoch of every trial (1 where unset)."""
+        every = self.fixed_setting("trainer.check_val_every_n_epoch")
+        return every if _is_positive_int(every) else 1
+
+    @property
     def last_rung(self) -> int:
         """ASHA's max_t: the reports of a full trial, one per validated epoch (trainer.max_epochs /
         trainer.check_val_every_n_epoch), or 100 where max_epochs is unset."""
-        every = self.fixed_setting("trainer.check_val_every_n_epoch")
-        every = every if isinstance(every, int) and every > 0 else 1
-        return max(1, self.max_epochs // every) if self.max_epochs else 100
+        return max(1, self.max_epochs // self.validation_interval) if self.max_epochs else 100
 
     def to_dict(self) -> dict[str, Any]:
         """Self-contained (the base config inlined): stored with an experiment, compared on --resume."""
@@ -267,16 +272,13 @@ def load_spec(path: str | Path, overrides: list[tuple[str, Any]] = ()) -> Search
     settings["storage_path"] = str(Path(settings["storage_path"]).expanduser().resolve())
     if Path(settings["storage_path"]).exists() and not Path(settings["storage_path"]).is_dir():
         raise SearchConfigError(f"storage_path {settings['storage_path']} is a file, not a directory")
-    if isinstance(settings["fixed"].get("data.path"), str):
-        settings["fixed"]["data.path"] = absolute_data_path(settings["fixed"]["data.path"], "fixed.data.path")
-    if isinstance(settings["fixed"].get("data.shards"), str):
-        settings["fixed"]["data.shards"] = absolute_shards(settings["fixed"]["data.shards"])
-    # The same for the choices of a searched data set, which each trial would look for in its own directory.
-    _map_choices(settings["space"], "data.path", lambda value: absolute_data_path(value, "space.data.path"))
-    _map_choices(settings["space"], "data.shards", absolute_shards)
+    for key in DATA_KEYS:  # fixed, and the choices of a searched data set (the base config's: read_base_config)
+        if key in settings["fixed"]:
+            settings["fixed"][key] = absolute_data(key, settings["fixed"][key], f"fixed.{key}")
+        _map_choices(settings["space"], key, lambda value, key=key: absolute_data(key, value, f"space.{key}"))
     spec = SearchSpec(settings, read_base_config(settings["base_config"]))
-    every = spec.fixed_setting("trainer.check_val_every_n_epoch")
-    if spec.max_epochs and _is_positive_int(every) and every < spec.max_epochs and spec.max_epochs % every:
+    every = spec.validation_interval
+    if spec.max_epochs and every < spec.max_epochs and spec.max_epochs % every:
         raise SearchConfigError(
             f"trainer.max_epochs ({spec.max_epochs}) must be a multiple of trainer.check_val_every_n_epoch ({every}) "
             "in a search: ASHA counts validations, and would stop every trial at the last one"
@@ -290,10 +292,18 @@ def load_spec(path: str | Path, overrides: list[tuple[str, Any]] = ()) -> Search
 
 
 def _map_choices(space: dict, key: str, function) -> None:
-    """Apply `function` to the string values of `space[key]`'s choice list, if it has one."""
+    """Apply `function` to the values of `space[key]`'s choice list, if it has one."""
     entry = space.get(key)
     if isinstance(entry, dict) and isinstance(entry.get("choice"), list):
-        entry["choice"] = [function(value) if isinstance(value, str) else value for value in entry["choice"]]
+        entry["choice"] = [function(value) for value in entry["choice"]]
+
+
+def absolute_data(key: str, value: Any, where: str) -> Any:
+    """A `data.path` or `data.shards` value (DATA_KEYS) as an absolute path, as `rws fit` would read it
+    from here; other values (null, a URL) as given. Why: trials run in their own directories."""
+    if not isinstance(value, str):
+        return value
+    return absolute_data_path(value, where) if key == "data.path" else absolute_shards(value)
 
 
 def parse_yaml(text: str, where: str) -> Any:
@@ -417,10 +427,9 @@ def read_base_config(path: Any) -> dict:
         raise SearchConfigError(
             f"base_config {path}: expected a mapping (an rws fit config), got {type(base).__name__}"
         )
-    if isinstance(get_dotted(base, "data.path"), str):
-        set_dotted(base, "data.path", absolute_data_path(get_dotted(base, "data.path"), f"{path}: data.path"))
-    if isinstance(get_dotted(base, "data.shards"), str):
-        set_dotted(base, "data.shards", absolute_shards(get_dotted(base, "data.shards")))
+    for key in DATA_KEYS:
+        if isinstance(get_dotted(base, key), str):
+            set_dotted(base, key, absolute_data(key, get_dotted(base, key), f"{path}: {key}"))
     return base
 
 
